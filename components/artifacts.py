@@ -1,0 +1,63 @@
+"""Model directories and small files, written atomically.
+
+A model directory explains itself: `model.safetensors` (weights), `config.json` (the resolved
+ModelConfig: loading needs nothing else) and `meta.json` (stage, parents, hashes, tokens seen).
+
+    model, cfg, meta = load_model_dir("models/parallel")
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_model, save_model
+
+from components.config import ModelConfig
+from components.model import TransformerLM
+from components.params import ParamsError
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
+def short_hash(obj) -> str:
+    """A stable 16-hex-digit hash of a JSON-able object."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def save_model_dir(dst: str | Path, model: TransformerLM, meta: dict, files: dict[str, str] | None = None):
+    """Write model + config + meta (+ extra text files) to a temp dir, then swap it into place."""
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(dumps(model.cfg.to_dict()))
+    (tmp / "meta.json").write_text(dumps(meta))
+    for name, text in (files or {}).items():
+        (tmp / name).write_text(text)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+
+
+def load_model_dir(path: str | Path) -> tuple[TransformerLM, dict]:
+    """(model in eval mode, meta) from a model directory."""
+    path = Path(path)
+    if not (path / "model.safetensors").exists():
+        raise ParamsError(f"no model at {path}: build it first (dvc repro, or the stage that makes it)")
+    cfg = ModelConfig.from_dict(json.loads((path / "config.json").read_text()))
+    model = TransformerLM(cfg)
+    load_model(model, str(path / "model.safetensors"))
+    return model.eval(), json.loads((path / "meta.json").read_text())

@@ -1,0 +1,139 @@
+"""The thin Lightning layer: LM loss, AdamW with warmup + cosine, the training-curve callback
+and the data module.
+
+The model itself (components/model.py) knows nothing of Lightning.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import lightning.pytorch as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from components.config import ModelConfig
+from components.data import EpochOfSteps, StepBatches, eval_offsets, load_tokens, window_batch
+from components.model import TransformerLM
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def lr_factor(step: int, warmup: int, max_steps: int, lr: float, min_lr: float) -> float:
+    """Multiplier of lr at `step`: linear warmup, then cosine from lr down to min_lr at max_steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return (min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))) / lr
+
+
+class LitLM(L.LightningModule):
+    def __init__(self, cfg: ModelConfig, train: dict, key: str = ""):
+        super().__init__()
+        self.cfg, self.train_params, self.key = cfg, train, key
+        self.model = TransformerLM(cfg)
+        self._rng_state = None
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch                                   # (B, T), (B, T)
+        loss = lm_loss(self.model(x), y)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        t = self.train_params
+        decay = [p for p in self.parameters() if p.dim() >= 2]    # matmuls and embeddings
+        no_decay = [p for p in self.parameters() if p.dim() < 2]  # norms and biases
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": t["weight_decay"]},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=t["lr"], betas=(t["beta1"], t["beta2"]))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_factor(s, t["warmup_steps"], t["max_steps"], t["lr"], t["min_lr"]))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # Resume bit-identically: the global RNG (dropout) travels with the checkpoint.
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+        checkpoint["archflow_key"] = self.key
+
+    def on_load_checkpoint(self, checkpoint):
+        self._rng_state = checkpoint["torch_rng_state"]
+
+    def on_train_start(self):
+        if self._rng_state is not None:
+            torch.set_rng_state(self._rng_state)
+
+
+class TrainingCurve(L.Callback):
+    """Every `eval_every` steps and at the last step: one row of the training curve with the
+    validation loss on fixed windows, the mean train loss since the previous row, the lr and
+    the training tokens/s (validation time excluded). Rows, partial sums and train seconds survive
+    resume."""
+
+    def __init__(self, val_tokens: np.ndarray, block_size: int, batch_size: int, eval_batches: int,
+                 eval_every: int, max_steps: int):
+        self.val_tokens, self.block_size, self.batch_size = val_tokens, block_size, batch_size
+        self.offsets = eval_offsets(len(val_tokens), block_size, eval_batches * batch_size)
+        self.eval_every, self.max_steps = eval_every, max_steps
+        self.tokens_per_step = batch_size * block_size
+        self.rows, self.seconds = [], 0.0
+        self._loss_sum, self._steps, self._t0 = 0.0, 0, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._loss_sum += outputs["loss"].item()
+        self._steps += 1
+        step = trainer.global_step
+        if step % self.eval_every and step != self.max_steps:
+            return
+        dt = time.perf_counter() - self._t0
+        self.seconds += dt
+        row = {"step": step, "tokens": step * self.tokens_per_step,
+               "train_loss": self._loss_sum / self._steps, "val_loss": self.val_loss(pl_module.model),
+               "lr": trainer.optimizers[0].param_groups[0]["lr"],
+               "tokens_per_s": self._steps * self.tokens_per_step / dt}
+        self.rows.append(row)
+        if trainer.logger:
+            trainer.logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+        self._loss_sum, self._steps, self._t0 = 0.0, 0, time.perf_counter()
+
+    @torch.no_grad()
+    def val_loss(self, model: TransformerLM) -> float:
+        was_training = model.training
+        model.eval()
+        losses = []
+        for i in range(0, len(self.offsets), self.batch_size):
+            x, y = window_batch(self.val_tokens, self.offsets[i:i + self.batch_size], self.block_size)
+            device = next(model.parameters()).device
+            losses.append(lm_loss(model(x.to(device)), y.to(device)).item())
+        model.train(was_training)
+        return float(np.mean(losses))
+
+    def state_dict(self):
+        return {"rows": self.rows, "seconds": self.seconds, "loss_sum": self._loss_sum, "steps": self._steps}
+
+    def load_state_dict(self, state):
+        self.rows, self.seconds, self._loss_sum, self._steps = (
+            state["rows"], state["seconds"], state["loss_sum"], state["steps"])
+
+
+class LMDataModule(L.LightningDataModule):
+    """Training batches by step; an epoch is `steps_per_epoch` steps (the checkpoint interval)."""
+
+    def __init__(self, prepared, block_size, batch_size, seed, steps_per_epoch):
+        super().__init__()
+        self.prepared, self.block_size, self.batch_size = prepared, block_size, batch_size
+        self.seed, self.steps_per_epoch = seed, steps_per_epoch
+
+    def train_dataloader(self):
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        ds = StepBatches(load_tokens(self.prepared, "train"), self.block_size, self.batch_size, self.seed,
+                         rank, world)
+        return DataLoader(ds, batch_size=None, sampler=EpochOfSteps(self.steps_per_epoch), num_workers=0)

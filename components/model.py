@@ -1,0 +1,362 @@
+"""TransformerLM: a decoder-only language model built from a ModelConfig, in plain PyTorch.
+
+Serial (GPT-2/Llama), parallel (PaLM, one fused input matmul) and parallel-unfused (GPT-J)
+blocks; LayerNorm or RMSNorm; GELU or SwiGLU FFN; learned or rotary positions; MHA/GQA/MQA;
+a preallocated KV cache for generation. The model returns logits; the loss lives in the
+training module.
+
+    python -c "from components.config import ModelConfig; from components.model import TransformerLM; import torch; print(TransformerLM(ModelConfig(vocab_size=100))(torch.zeros(1, 8, dtype=torch.long)).shape)"
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from components.config import ModelConfig
+
+Rope = tuple[torch.Tensor, torch.Tensor]    # (cos, sin), each (T, hs), for this call's positions
+KV = tuple[torch.Tensor, torch.Tensor]      # one layer's cache buffers, each (B, nkv, max_len, hs)
+
+
+# ---------------------------------------------------------------------------------------------
+# norms, positions, activations
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+    return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+
+
+def rope_tables(head_size: int, n_pos: int, base: float) -> Rope:
+    """cos/sin of position * frequency for the rotate-half form, each (n_pos, hs)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    angles = torch.outer(torch.arange(n_pos, dtype=torch.float32), inv_freq)   # (n_pos, hs/2)
+    angles = torch.cat([angles, angles], dim=-1)                               # (n_pos, hs)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    cos, sin = rope                                         # (T, hs), broadcast over (B, nh)
+    return (x * cos + rotate_half(x) * sin).type_as(x)      # (B, nh, T, hs)
+
+
+def swiglu(z: torch.Tensor) -> torch.Tensor:
+    gate, up = z.chunk(2, dim=-1)                           # (..., 2*d_ff) -> 2 x (..., d_ff)
+    return F.silu(gate) * up
+
+
+ACTIVATIONS = {"gelu": F.gelu, "swiglu": swiglu}            # F.gelu is the exact (erf) GELU
+
+
+def ffn_in_dim(cfg: ModelConfig) -> int:
+    """Width of the FFN input matmul: swiglu computes gate and up in one matrix."""
+    return 2 * cfg.d_ff if cfg.ffn == "swiglu" else cfg.d_ff
+
+
+def qkv_dim(cfg: ModelConfig) -> int:
+    return (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_size
+
+
+# ---------------------------------------------------------------------------------------------
+# attention core, shared by CausalSelfAttention and the fused ParallelBlock
+
+
+def split_heads(qkv: torch.Tensor, n_head: int, n_kv_head: int):
+    """(B, T, (nh + 2*nkv)*hs) -> q (B, nh, T, hs), k and v (B, nkv, T, hs)."""
+    B, T, _ = qkv.shape
+    hs = qkv.size(-1) // (n_head + 2 * n_kv_head)
+    q, k, v = qkv.split([n_head * hs, n_kv_head * hs, n_kv_head * hs], dim=-1)
+    return (q.view(B, T, n_head, hs).transpose(1, 2),
+            k.view(B, T, n_kv_head, hs).transpose(1, 2),
+            v.view(B, T, n_kv_head, hs).transpose(1, 2))
+
+
+def causal_mask(T: int, pos: int, device) -> torch.Tensor | None:
+    """Boolean (T, pos+T) mask, True where query pos+i may see key j; None when SDPA needs none."""
+    if pos == 0 or T == 1:      # pos == 0: is_causal does it; T == 1: the new token sees everything
+        return None
+    return torch.arange(pos + T, device=device)[None, :] <= torch.arange(pos, pos + T, device=device)[:, None]
+
+
+def attend(qkv: torch.Tensor, n_head: int, n_kv_head: int, rope: Rope | None = None,
+           kv: KV | None = None, pos: int = 0, dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention from the flat projection qkv (B, T, q_dim + 2*kv_dim) to (B, T, q_dim).
+
+    With a cache `kv`, this call's keys/values are written at pos..pos+T and the queries
+    attend to all pos+T keys so far.
+    """
+    B, T, _ = qkv.shape
+    q, k, v = split_heads(qkv, n_head, n_kv_head)           # (B, nh, T, hs), (B, nkv, T, hs) x2
+    if rope is not None:
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+    if kv is not None:
+        kv[0][:, :, pos:pos + T] = k
+        kv[1][:, :, pos:pos + T] = v
+        k, v = kv[0][:, :, :pos + T].to(q.dtype), kv[1][:, :, :pos + T].to(q.dtype)  # (B, nkv, S, hs)
+    if n_kv_head != n_head:                                 # GQA/MQA: each kv head serves a group
+        k = k.repeat_interleave(n_head // n_kv_head, dim=1)  # (B, nh, S, hs)
+        v = v.repeat_interleave(n_head // n_kv_head, dim=1)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, pos, q.device),
+                                       dropout_p=dropout_p, is_causal=pos == 0)  # (B, nh, T, hs)
+    return y.transpose(1, 2).reshape(B, T, -1)              # (B, T, nh*hs)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.dropout = cfg.n_head, cfg.n_kv_head, cfg.dropout
+        self.qkv = nn.Linear(cfg.n_embd, qkv_dim(cfg), bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_size, cfg.n_embd, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, kv=None, pos=0):
+        p = self.dropout if self.training else 0.0
+        y = attend(self.qkv(x), self.n_head, self.n_kv_head, rope, kv, pos, p)  # (B, T, q_dim)
+        return self.drop(self.proj(y))                                          # (B, T, C)
+
+
+class MLP(nn.Module):
+    """gelu: proj(gelu(fc(x))); swiglu: proj(silu(gate) * up) with [gate; up] = fc(x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, ffn_in_dim(cfg), bias=cfg.bias)
+        self.act = ACTIVATIONS[cfg.ffn]
+        self.proj = nn.Linear(cfg.d_ff, cfg.n_embd, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.drop(self.proj(self.act(self.fc(x))))   # (B, T, C) -> (B, T, d_ff) -> (B, T, C)
+
+
+# ---------------------------------------------------------------------------------------------
+# blocks: forward(x, rope, kv, pos) -> x, all (B, T, C)
+
+
+class SerialBlock(nn.Module):
+    """Pre-norm serial block (GPT-2/Llama):
+
+        x --+-- ln_1 -- attn --(+)--+-- ln_2 -- mlp --(+)--> y
+            |                   ^   |                  ^
+            +-------------------+   +------------------+
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1, self.attn = make_norm(cfg), CausalSelfAttention(cfg)
+        self.ln_2, self.mlp = make_norm(cfg), MLP(cfg)
+
+    def forward(self, x, rope=None, kv=None, pos=0):
+        x = x + self.attn(self.ln_1(x), rope, kv, pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+class UnfusedParallelBlock(nn.Module):
+    """Parallel block (GPT-J/PaLM), one shared norm, attention and FFN as separate modules:
+
+                  +-- attn --+
+        x --+- ln-+          +--(+)--> y        y = x + attn(ln(x)) + mlp(ln(x))
+            |     +-- mlp ---+   ^
+            +--------------------+
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln, self.attn, self.mlp = make_norm(cfg), CausalSelfAttention(cfg), MLP(cfg)
+
+    def forward(self, x, rope=None, kv=None, pos=0):
+        h = self.ln(x)
+        return x + self.attn(h, rope, kv, pos) + self.mlp(h)
+
+
+class ParallelBlock(nn.Module):
+    """Fused parallel block (PaLM): one input matmul w_in yields q, k, v and the FFN input.
+
+                         +-- q,k,v -- attend -- attn_proj --+
+        x --+- ln - w_in-+                                  +--(+)--> y
+            |            +-- ffn_in -- act ---- mlp_proj ---+   ^
+            +---------------------------------------------------+
+
+    w_in.weight rows are [q; k; v; ffn input] = cat([attn.qkv.weight, mlp.fc.weight]) of the
+    unfused block, so `fuse_parallel_block` converts one into the other exactly.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.dropout = cfg.n_head, cfg.n_kv_head, cfg.dropout
+        self.split = [qkv_dim(cfg), ffn_in_dim(cfg)]
+        self.ln = make_norm(cfg)
+        self.w_in = nn.Linear(cfg.n_embd, sum(self.split), bias=cfg.bias)
+        self.act = ACTIVATIONS[cfg.ffn]
+        self.attn_proj = nn.Linear(cfg.n_head * cfg.head_size, cfg.n_embd, bias=cfg.bias)
+        self.mlp_proj = nn.Linear(cfg.d_ff, cfg.n_embd, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, kv=None, pos=0):
+        qkv, ffn_in = self.w_in(self.ln(x)).split(self.split, dim=-1)  # (B, T, qkv_dim), (B, T, ffn_in)
+        p = self.dropout if self.training else 0.0
+        att = attend(qkv, self.n_head, self.n_kv_head, rope, kv, pos, p)  # (B, T, q_dim)
+        return x + self.drop(self.attn_proj(att)) + self.drop(self.mlp_proj(self.act(ffn_in)))
+
+
+BLOCKS = {"serial": SerialBlock, "parallel": ParallelBlock, "parallel-unfused": UnfusedParallelBlock}
+
+
+def fuse_parallel_state_dict(sd: dict) -> dict:
+    """Map a parallel-unfused state dict (of a block or a whole model) to the fused layout:
+    w_in = cat([attn.qkv, mlp.fc]), attn.proj -> attn_proj, mlp.proj -> mlp_proj; rest as is."""
+    out = {}
+    for name, t in sd.items():
+        path, _, leaf = name.rpartition(".")                # "blocks.0.attn.qkv", "weight"
+        if (p := module_prefix(path, "attn.qkv")) is not None:
+            out[f"{p}w_in.{leaf}"] = torch.cat([t, sd[f"{p}mlp.fc.{leaf}"]])  # rows [q; k; v; ffn]
+        elif module_prefix(path, "mlp.fc") is not None:
+            continue                                        # consumed with attn.qkv
+        elif (p := module_prefix(path, "attn.proj")) is not None:
+            out[f"{p}attn_proj.{leaf}"] = t
+        elif (p := module_prefix(path, "mlp.proj")) is not None:
+            out[f"{p}mlp_proj.{leaf}"] = t
+        else:
+            out[name] = t
+    return out
+
+
+def module_prefix(path: str, module: str) -> str | None:
+    """"blocks.0.attn.qkv", "attn.qkv" -> "blocks.0."; "attn.qkv" -> ""; no match -> None."""
+    if path == module:
+        return ""
+    return path[: -len(module)] if path.endswith("." + module) else None
+
+
+def fuse_parallel_block(unfused: UnfusedParallelBlock, cfg: ModelConfig) -> ParallelBlock:
+    fused = ParallelBlock(cfg).to(unfused.ln.weight.device, unfused.ln.weight.dtype)
+    fused.load_state_dict(fuse_parallel_state_dict(unfused.state_dict()))
+    return fused
+
+
+# ---------------------------------------------------------------------------------------------
+# the language model
+
+
+@dataclass
+class KVCache:
+    """Keys/values of the tokens seen so far; k[i], v[i] are layer i's (B, nkv, max_len, hs)."""
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    pos: int = 0                                            # number of tokens already stored
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].size(2)
+
+
+RESIDUAL_PROJECTIONS = ("attn.proj.weight", "mlp.proj.weight", "attn_proj.weight", "mlp_proj.weight")
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
+        if cfg.pos == "rope":
+            cos, sin = rope_tables(cfg.head_size, cfg.block_size, cfg.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(BLOCKS[cfg.block](cfg) for _ in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.apply(init_weights)
+        for name, p in self.named_parameters():             # GPT-2: scale the residual branches
+            if name.endswith(RESIDUAL_PROJECTIONS):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, vocab). With a cache, idx continues it."""
+        T = idx.size(1)
+        pos = cache.pos if cache is not None else 0
+        self.check_length(pos + T, cache)
+        x = self.wte(idx)                                   # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(pos, pos + T, device=idx.device))
+        rope = (self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]) if self.cfg.pos == "rope" else None
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            x = block(x, rope, kv, pos)
+        if cache is not None:
+            cache.pos += T
+        return self.lm_head(self.norm_f(x))                 # (B, T, vocab)
+
+    def check_length(self, n: int, cache: KVCache | None):
+        if n > self.cfg.block_size:
+            raise ValueError(f"{n} tokens exceed block_size={self.cfg.block_size}: crop the input "
+                             f"to the last {self.cfg.block_size} tokens or start a new cache")
+        if cache is not None and n > cache.max_len:
+            raise ValueError(f"{n} tokens exceed the cache's max_len={cache.max_len}: "
+                             f"create it with new_cache(batch_size, max_len={n}) or larger")
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        max_len = self.cfg.block_size if max_len is None else max_len
+        if max_len > self.cfg.block_size:
+            raise ValueError(f"max_len={max_len} exceeds block_size={self.cfg.block_size}: "
+                             f"the model cannot attend further back; use max_len <= block_size")
+        w = self.wte.weight
+        shape = (batch_size, self.cfg.n_kv_head, max_len, self.cfg.head_size)
+        zeros = lambda: torch.zeros(shape, device=w.device, dtype=w.dtype)  # noqa: E731
+        return KVCache(k=[zeros() for _ in self.blocks], v=[zeros() for _ in self.blocks])
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy.
+        Call model.eval() first, or dropout stays on. Without the cache the context slides
+        (cropped to block_size); with it, T + max_new_tokens - 1 must fit in block_size."""
+        need = idx.size(1) + max_new_tokens - 1             # the last sampled token is never fed
+        if use_cache and need > self.cfg.block_size:
+            raise ValueError(f"generating to {need + 1} tokens needs a cache of {need} > "
+                             f"block_size={self.cfg.block_size}: use use_cache=False to slide the context")
+        cache = self.new_cache(idx.size(0), max(need, 1)) if use_cache else None
+        for i in range(max_new_tokens):
+            if not use_cache:
+                logits = self(idx[:, -self.cfg.block_size:])
+            else:
+                logits = self(idx if i == 0 else idx[:, -1:], cache)
+            idx = torch.cat([idx, sample(logits[:, -1], temperature, top_k, generator)], dim=1)
+        return idx
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())   # parameters() yields a tied weight once
+
+
+def init_weights(module: nn.Module):
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None,
+           generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, vocab) -> next token ids (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)

@@ -1,0 +1,243 @@
+"""The study schema: params.yaml, strictly validated, every problem reported at once.
+
+Every stage calls `load_study()` first, and the `validate` stage runs it whenever params.yaml
+changes at all, so a typo anywhere stops `dvc repro` before any compute.
+
+    python -m tasks.validate            # prints every problem in params.yaml with its fix
+"""
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated, Literal, Optional, get_args, get_type_hints
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from components.config import ModelConfig
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+class ParamsError(ValueError):
+    """A problem in the user's params.yaml (or another user input); the message says the fix."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StudyParams(Strict):
+    name: str = "archflow"                 # names the MLflow experiment and the report
+    seed: int = 1337                       # model init and batch order derive from it
+
+
+class DataParams(Strict):
+    source: str = "stdlib"                 # "stdlib" (this interpreter's standard library) or a directory
+    include: list[str] = ["*.py"]          # globs relative to source, read in sorted order
+    exclude: list[str] = []
+    domains: dict[str, list[str]] = {}     # name -> globs (relative to source) for branch training
+    tokenizer: Literal["bpe", "char", "byte"] = "bpe"
+    vocab_size: int = Field(4096, ge=258, le=65536)   # bpe only: 256 byte tokens + merges + <|endoftext|>
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)  # tail of each document held out for validation
+
+
+# Every ModelConfig field but vocab_size (which the tokenizer decides), each optional.
+_MODEL_TYPES = get_type_hints(ModelConfig)
+ModelOverrides = create_model(
+    "ModelOverrides", __base__=Strict,
+    **{f.name: (Optional[_MODEL_TYPES[f.name]], None) for f in fields(ModelConfig) if f.name != "vocab_size"},
+)
+
+
+class TrainParams(Strict):
+    max_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(16, ge=1)      # sequences per optimizer step, summed over all devices
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-4, ge=0)      # cosine decays to this
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0)    # 0 disables clipping
+    eval_every: int = Field(100, ge=1)     # steps between validation-loss points of the training curve
+    eval_batches: int = Field(4, ge=1)
+    ckpt_every: int = Field(100, ge=1)     # steps between resumable checkpoints (outside DVC outs)
+    accelerator: str = "auto"              # passed to lightning.pytorch.Trainer as is
+    devices: int | str = "auto"
+    num_nodes: int = Field(1, ge=1)
+    strategy: str = "auto"
+    precision: str = "32-true"             # e.g. bf16-mixed
+    deterministic: bool = True
+
+
+class PretrainParams(Strict):
+    variants: dict[str, ModelOverrides] = Field(min_length=1)
+
+
+class EvaluateParams(Strict):
+    max_tokens: int = Field(65536, ge=1)   # validation tokens scored (non-overlapping windows)
+    batch_size: int = Field(8, ge=1)
+    prompt_tokens: int = Field(64, ge=1)   # prefill length for the speed measurement
+    decode_tokens: int = Field(32, ge=1)
+    speed_warmup: int = Field(1, ge=0)
+    speed_runs: int = Field(5, ge=1)       # the median is reported
+    threads: int = Field(0, ge=0)          # 0: torch's default
+
+
+class ReportParams(Strict):
+    comparisons: list[Annotated[list[str], Field(min_length=2, max_length=2)]] = []  # [model, baseline] pairs
+
+
+class TrackingParams(Strict):
+    experiment: Optional[str] = None       # default: study.name
+
+
+class Study(Strict):
+    study: StudyParams = StudyParams()
+    data: DataParams = DataParams()
+    model: ModelOverrides = ModelOverrides()
+    train: TrainParams = TrainParams()
+    pretrain: PretrainParams
+    evaluate: EvaluateParams = EvaluateParams()
+    report: ReportParams = ReportParams()
+    tracking: TrackingParams = TrackingParams()
+
+    def models(self) -> dict[str, dict]:
+        """Every model of the study: name -> {stage, parents}, in declaration order."""
+        return {name: {"stage": "pretrain", "parents": []} for name in self.pretrain.variants}
+
+    def variant_config(self, name: str, vocab_size: int) -> ModelConfig:
+        """The resolved config of pretrain variant `name`: defaults <- model <- variant."""
+        overrides = {**_set(self.model), **_set(self.pretrain.variants[name])}
+        return ModelConfig(vocab_size=vocab_size, **overrides)
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.study.name
+
+
+def _set(m: BaseModel) -> dict:
+    return {k: v for k, v in m.model_dump().items() if v is not None}
+
+
+def load_study(path: str | Path = "params.yaml") -> Study:
+    """Parse and validate params.yaml; raise ParamsError listing every problem and its fix."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path} not found: run from the project root, or copy tests/smoke/params.yaml there")
+    raw = read_yaml(path)
+    try:
+        study = Study.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(format_problems(path, [describe(err) for err in e.errors()])) from None
+    problems = semantic_problems(study)
+    if problems:
+        raise ParamsError(format_problems(path, problems))
+    return study
+
+
+def read_yaml(path: Path) -> dict:
+    from ruamel.yaml import YAML, YAMLError  # YAML 1.2 like DVC: 1e-3 is a float
+
+    try:
+        raw = YAML(typ="safe", pure=True).load(path.read_text())
+    except YAMLError as e:
+        where = str(e).split("To suppress this check")[0].strip()
+        raise ParamsError(f"{path} is not valid YAML (duplicate key or syntax error):\n{where}\n"
+                          f"Fix the line shown above.") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path} must be a mapping of sections (study, data, model, train, pretrain, ...)")
+    return raw
+
+
+def describe(err: dict) -> str:
+    """One pydantic error -> 'where: what is wrong. How to fix it.'"""
+    loc = ".".join(str(p) for p in err["loc"])
+    kind, value = err["type"], err.get("input")
+    if kind == "extra_forbidden":
+        parent, key = err["loc"][:-1], str(err["loc"][-1])
+        hint = difflib.get_close_matches(key, known_keys(parent), n=1)
+        fix = f"did you mean '{hint[0]}'?" if hint else f"known keys here: {', '.join(known_keys(parent))}."
+        return f"{loc}: unknown key; {fix} Remove it or fix the spelling."
+    if kind == "missing":
+        return f"{loc}: required but missing. Add it."
+    fix = FIXES.get(kind.split("_")[0], "Fix the value.")
+    return f"{loc}: {err['msg'][0].lower()}{err['msg'][1:]}, got {value!r} ({type(value).__name__}). {fix}"
+
+
+FIXES = {"int": "Write a whole number without quotes, e.g. 4.",
+         "float": "Write a number without quotes, e.g. 0.001 or 1.0e-3.",
+         "bool": "Write true or false.",
+         "string": "Write a string (quote it if YAML reads it as something else).",
+         "literal": "Use one of the values listed."}
+
+
+def known_keys(loc: tuple) -> list[str]:
+    """Keys allowed at a location, for 'did you mean' hints."""
+    node = Study
+    for part in loc:
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            field = node.model_fields.get(str(part))
+            node = field.annotation if field else None
+        else:  # inside dict[str, X]: the key is a name, step into X
+            args = get_args(node)
+            node = args[1] if len(args) == 2 else None
+    return sorted(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
+
+
+def semantic_problems(study: Study) -> list[str]:
+    """Problems pydantic cannot see: names, references, impossible shapes."""
+    p = []
+    names = list(study.models())
+    for section, keys in (("pretrain.variants", study.pretrain.variants), ("data.domains", study.data.domains)):
+        for name in keys:
+            if not NAME_RE.match(name):
+                p.append(f"{section}.{name}: the name is unsafe as a path or stage name; "
+                         f"use letters, digits, '-' and '_' (at most 64, starting with a letter or digit)")
+    base = _unchecked_config(_set(study.model)).problems()
+    p += [f"model: {problem}" for problem in base]
+    for name, variant in study.pretrain.variants.items():
+        for problem in _unchecked_config({**_set(study.model), **_set(variant)}).problems():
+            if problem not in base:
+                p.append(f"pretrain.variants.{name}: {problem}")
+    for i, pair in enumerate(study.report.comparisons):
+        for name in pair:
+            if name not in names:
+                hint = difflib.get_close_matches(name, names, n=1)
+                p.append(f"report.comparisons.{i}: unknown model '{name}'"
+                         + (f"; did you mean '{hint[0]}'?" if hint else f"; models are {', '.join(names)}"))
+    ev = study.evaluate
+    for name in names:
+        block_size = _unchecked_config({**_set(study.model), **_set(study.pretrain.variants[name])}).block_size
+        if ev.prompt_tokens + ev.decode_tokens > block_size:
+            p.append(f"evaluate: prompt_tokens + decode_tokens = {ev.prompt_tokens + ev.decode_tokens} exceeds "
+                     f"the block_size {block_size} of '{name}': lower them")
+    if study.train.min_lr > study.train.lr:
+        p.append(f"train.min_lr={study.train.min_lr} exceeds train.lr={study.train.lr}: lower min_lr")
+    return p
+
+
+def _unchecked_config(overrides: dict) -> ModelConfig:
+    """The config these overrides would build, without __post_init__'s checks (to collect problems)."""
+    cfg = ModelConfig.__new__(ModelConfig)
+    for f in fields(ModelConfig):
+        setattr(cfg, f.name, overrides.get(f.name, f.default))
+    return cfg
+
+
+def format_problems(path: Path, problems: list[str]) -> str:
+    n = len(problems)
+    lines = "\n".join(f"  - {p}" for p in problems)
+    return f"{path} is invalid ({n} problem{'s' * (n != 1)}); nothing was run:\n{lines}"
+
+
+def cli(main) -> None:
+    """Run a stage's main(argv); a user error prints one clear message and exits 2."""
+    try:
+        main(sys.argv[1:])
+    except ParamsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,52 @@
+"""MLflow helpers: one run per stage execution, in the study's experiment.
+
+Default backend: `sqlite:///<project root>/mlflow.db` (no server; `mlflow ui --backend-store-uri
+sqlite:///mlflow.db` browses it). `MLFLOW_TRACKING_URI` points it elsewhere, e.g. a server.
+DVC outputs are written before anything is logged: MLflow mirrors them, it never owns them.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from pathlib import Path
+
+import mlflow  # imported once, in the main thread (concurrent first imports crash)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'model': {'n_head': 4}} -> {'model.n_head': 4}: the same key names as params.yaml."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def git_commit() -> str:
+    r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path.cwd())
+    return r.stdout.strip() if r.returncode == 0 else "unknown"
+
+
+@contextlib.contextmanager
+def stage_run(experiment: str, stage: str, model: str | None = None, parents=(),
+              params: dict | None = None, tags: dict | None = None):
+    """Open one MLflow run for a stage execution; yields its run id."""
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(experiment)
+    all_tags = {"stage": stage, "dvc_stage": os.environ.get("DVC_STAGE", ""), "git_commit": git_commit(),
+                **({"model": model, "parents": ",".join(parents)} if model else {}), **(tags or {})}
+    name = f"{stage}@{model}" if model else stage
+    with mlflow.start_run(run_name=name, tags=all_tags) as run:
+        if params:
+            mlflow.log_params({k: ("" if v is None else v) for k, v in flatten(params).items()})
+        yield run.info.run_id

@@ -1,0 +1,115 @@
+"""evaluate@<model>: quality, size and speed of one model -> metrics/<model>.json.
+
+    python -m tasks.evaluate parallel       # what `dvc repro evaluate@parallel` runs
+
+Separate from training, so changing `evaluate` settings never retrains. Quality: mean
+next-token loss over non-overlapping validation windows, its perplexity, and bits per byte
+(tokenizer-independent). Speed: batch-1 prefill and KV-cached decode tokens/s, the median of
+`speed_runs` timed runs after `speed_warmup` untimed ones, with the thread count recorded.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from components import tracking
+from components.artifacts import dumps, load_model_dir, write_atomic
+from components.data import load_tokens, window_batch
+from components.params import ParamsError, cli, load_study
+from components.tokenizer import Tokenizer
+
+PREPARED = Path("data/prepared")
+
+
+@torch.inference_mode()
+def quality(model, tokens: np.ndarray, token_bytes: torch.Tensor, max_tokens: int, batch_size: int) -> dict:
+    """Loss, perplexity and bits per byte over non-overlapping windows of the first max_tokens."""
+    T = model.cfg.block_size
+    n_windows = (min(max_tokens, len(tokens) - 1)) // T
+    if n_windows == 0:
+        raise ParamsError(f"the validation split has {len(tokens)} tokens, fewer than one window of "
+                          f"block_size+1={T + 1}: raise data.val_fraction or use a bigger corpus")
+    offsets = [i * T for i in range(n_windows)]
+    nll, n_bytes = 0.0, 0
+    for i in range(0, n_windows, batch_size):
+        x, y = window_batch(tokens, offsets[i:i + batch_size], T)
+        logits = model(x)
+        nll += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+        n_bytes += int(token_bytes[y].sum())
+    n = n_windows * T
+    return {"val_loss": nll / n, "val_ppl": math.exp(nll / n), "val_bpb": nll / (math.log(2) * n_bytes),
+            "val_tokens": n, "val_bytes": n_bytes}
+
+
+def median_seconds(timed_fn, warmup: int, runs: int) -> float:
+    """Median of `runs` calls of timed_fn (which returns the seconds it measured) after `warmup`."""
+    for _ in range(warmup):
+        timed_fn()
+    return statistics.median(timed_fn() for _ in range(runs))
+
+
+@torch.inference_mode()
+def speed(model, prompt: torch.Tensor, decode_tokens: int, warmup: int, runs: int) -> dict:
+    """Batch-1 tokens/s: prefill of `prompt`, then `decode_tokens` single-token cached steps."""
+    P = prompt.shape[1]
+    if P + decode_tokens > model.cfg.block_size:
+        raise ParamsError(f"evaluate.prompt_tokens + evaluate.decode_tokens = {P + decode_tokens} exceeds the "
+                          f"model's block_size {model.cfg.block_size}: lower them")
+
+    def prefill():
+        cache = model.new_cache(1, P + decode_tokens)
+        t0 = time.perf_counter()
+        logits = model(prompt, cache)
+        return time.perf_counter() - t0, logits, cache
+
+    def decode():
+        _, logits, cache = prefill()
+        t0 = time.perf_counter()
+        for _ in range(decode_tokens):
+            logits = model(logits[:, -1:].argmax(-1), cache)
+        return time.perf_counter() - t0
+
+    return {"prefill_tokens_per_s": P / median_seconds(lambda: prefill()[0], warmup, runs),
+            "decode_tokens_per_s": decode_tokens / median_seconds(decode, warmup, runs)}
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name", help="a model of the study (a directory under models/)")
+    args = parser.parse_args(argv)
+    study = load_study()
+    if args.name not in study.models():
+        raise ParamsError(f"unknown model '{args.name}': the study has {', '.join(study.models())}")
+    ev = study.evaluate
+    if ev.threads:
+        torch.set_num_threads(ev.threads)
+    model, meta = load_model_dir(Path("models") / args.name)
+    tokenizer = Tokenizer.load(PREPARED / "tokenizer.json")
+    val = load_tokens(PREPARED, "val")
+
+    metrics = quality(model, val, torch.tensor(tokenizer.token_bytes()), ev.max_tokens, ev.batch_size)
+    prompt = torch.from_numpy(np.asarray(val[:ev.prompt_tokens], dtype=np.int64))[None]
+    metrics |= speed(model, prompt, ev.decode_tokens, ev.speed_warmup, ev.speed_runs)
+    n_params = model.num_params()
+    metrics |= {"params": n_params, "active_params": n_params,
+                "size_bytes": (Path("models") / args.name / "model.safetensors").stat().st_size,
+                "train_tokens": meta["tokens_seen"], "train_seconds": meta["train_seconds"],
+                "threads": torch.get_num_threads()}
+    write_atomic(Path("metrics") / f"{args.name}.json", dumps(metrics))
+
+    with tracking.stage_run(study.experiment, "evaluate", model=args.name, parents=meta["parents"],
+                            params={"evaluate": ev.model_dump()}):
+        tracking.mlflow.log_metrics(metrics)
+    print(f"evaluate@{args.name}: val_loss {metrics['val_loss']:.4f}, val_bpb {metrics['val_bpb']:.3f}, "
+          f"decode {metrics['decode_tokens_per_s']:.0f} tok/s")
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,115 @@
+"""pretrain@<variant>: train one variant of params.yaml from scratch on data/prepared.
+
+    python -m tasks.pretrain parallel       # what `dvc repro pretrain@parallel` runs
+
+Writes models/<variant>/ (model.safetensors, config.json, meta.json, curve.csv). Resumable:
+an interrupted run leaves checkpoints/<variant>/last.ckpt (outside DVC outs) and the next run
+continues from it to the same weights. Safe to relaunch: DDP re-executes this command on
+every rank, and only global rank 0 writes outputs or talks to MLflow.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import lightning.pytorch as L
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from components import tracking
+from components.artifacts import dumps, save_model_dir, short_hash
+from components.data import load_tokens
+from components.lit import LitLM, LMDataModule, TrainingCurve
+from components.params import ParamsError, cli, load_study
+
+PREPARED = Path("data/prepared")
+
+
+def resume_step(ckpt: Path, key: str) -> int:
+    """The step to resume from: that of a checkpoint made with the same inputs, else 0."""
+    if not ckpt.exists():
+        return 0
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    except Exception as e:  # a checkpoint cut short by the interruption: start over, say so
+        print(f"ignoring unreadable checkpoint {ckpt} ({e}); training from step 0")
+        return 0
+    if state.get("archflow_key") != key:
+        print(f"ignoring {ckpt}: it was made with other params, data or code; training from step 0")
+        return 0
+    print(f"resuming from {ckpt} at step {state['global_step']}")
+    return state["global_step"]
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name", help="a key of pretrain.variants in params.yaml")
+    args = parser.parse_args(argv)
+    study = load_study()
+    if args.name not in study.pretrain.variants:
+        raise ParamsError(f"unknown variant '{args.name}': pretrain.variants has {', '.join(study.pretrain.variants)}")
+    if not (PREPARED / "meta.json").exists():
+        raise ParamsError(f"{PREPARED} is missing: run `dvc repro prepare` first")
+    data_meta = json.loads((PREPARED / "meta.json").read_text())
+    cfg = study.variant_config(args.name, vocab_size=data_meta["vocab_size"])
+    train = study.train.model_dump()
+    seed = study.study.seed
+    key = short_hash({"model": cfg.to_dict(), "train": train, "seed": seed, "data": data_meta["sha256"]})
+
+    # 1. Resume from a checkpoint of the same inputs, if an earlier run was interrupted.
+    ckpt_dir = Path("checkpoints") / args.name
+    start_step = resume_step(ckpt_dir / "last.ckpt", key)
+
+    # 2. Model, data and the curve: all determined by (seed, step).
+    L.seed_everything(seed, verbose=False)
+    lit = LitLM(cfg, train, key)
+    data = LMDataModule(PREPARED, cfg.block_size, train["batch_size"], seed, steps_per_epoch=train["ckpt_every"])
+    curve = TrainingCurve(load_tokens(PREPARED, "val"), cfg.block_size, train["batch_size"],
+                          train["eval_batches"], train["eval_every"], train["max_steps"])
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, save_on_train_epoch_end=True)
+
+    # 3. Train; only rank 0 tracks (DDP runs this file once per rank).
+    rank0 = rank_zero_only.rank == 0
+    run = tracking.stage_run(study.experiment, "pretrain", model=args.name, tags={"variant": args.name},
+                             params={"model": cfg.to_dict(), "train": train, "study": {"seed": seed}}) \
+        if rank0 else contextlib.nullcontext()
+    with run as run_id:
+        logger = MLFlowLogger(tracking_uri=tracking.tracking_uri(), run_id=run_id) if rank0 else False
+        trainer = L.Trainer(
+            max_steps=train["max_steps"], max_epochs=-1, use_distributed_sampler=False, accelerator=train["accelerator"], devices=train["devices"],
+            num_nodes=train["num_nodes"], strategy=train["strategy"], precision=train["precision"],
+            deterministic=train["deterministic"], gradient_clip_val=train["grad_clip"] or None,
+            callbacks=[curve, checkpoint], logger=logger, limit_val_batches=0, num_sanity_val_steps=0,
+            enable_model_summary=False, log_every_n_steps=min(50, train["ckpt_every"]))
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+        trainer.fit(lit, datamodule=data, ckpt_path=ckpt_dir / "last.ckpt" if start_step else None)
+        if not trainer.is_global_zero:
+            return
+
+        # 4. Outputs first (DVC's), then the checkpoint goes, then MLflow mirrors the result.
+        tokens = train["max_steps"] * train["batch_size"] * cfg.block_size
+        meta = {"stage": "pretrain", "variant": args.name, "parents": [], "data_sha256": data_meta["sha256"],
+                "params_hash": key, "tokens_seen": tokens, "steps": train["max_steps"],
+                "train_seconds": round(curve.seconds, 3), "params": lit.model.num_params()}
+        csv = pd.DataFrame(curve.rows).to_csv(index=False)
+        save_model_dir(Path("models") / args.name, lit.model.cpu(), meta, {"curve.csv": csv})
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        final = curve.rows[-1]
+        tracking.mlflow.log_metrics({"final_val_loss": final["val_loss"], "final_train_loss": final["train_loss"],
+                                     "train_seconds": curve.seconds, "tokens_seen": tokens})
+        tracking.mlflow.log_text(dumps(cfg.to_dict()), "config.json")
+        tracking.mlflow.log_text(dumps(meta), "meta.json")
+        tracking.mlflow.log_text(csv, "curve.csv")
+    print(f"pretrain@{args.name}: {meta['params']:,} params, {tokens:,} tokens in {curve.seconds:.1f} s, "
+          f"val_loss {final['val_loss']:.4f}")
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,127 @@
+"""report: one table of every model, the comparisons of params.yaml, and two plots -> reports/.
+
+    python -m tasks.report                  # what `dvc repro report` runs
+
+reports/summary.csv and summary.md (one row per model: metrics and lineage),
+reports/comparisons.csv, reports/val_loss_vs_tokens.png, reports/ppl_vs_decode_speed.png.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from components import tracking  # noqa: E402
+from components.params import ParamsError, cli, load_study  # noqa: E402
+
+OUT = Path("reports")
+ARCH = ["block", "n_layer", "n_embd", "n_head", "n_kv_head", "d_ff", "ffn", "norm", "pos"]
+METRICS = ["val_loss", "val_ppl", "val_bpb", "params", "active_params", "size_bytes",
+           "prefill_tokens_per_s", "decode_tokens_per_s", "train_tokens", "train_seconds"]
+SPEED_NOTE = ("Speeds are batch-1 medians measured one stage at a time; on a shared or thermally "
+              "varying machine they drift by tens of percent between stages, so treat speed ratios "
+              "near 1 as ties. Losses and sizes are exact.")
+
+
+def summary_table(models: dict[str, dict]) -> pd.DataFrame:
+    rows = []
+    for name, info in models.items():
+        metrics_file = Path("metrics") / f"{name}.json"
+        if not metrics_file.exists():
+            raise ParamsError(f"{metrics_file} is missing: run `dvc repro evaluate@{name}` first")
+        config = json.loads((Path("models") / name / "config.json").read_text())
+        meta = json.loads((Path("models") / name / "meta.json").read_text())
+        rows.append({"model": name, "stage": meta["stage"], "parents": ",".join(meta["parents"]),
+                     **{k: config[k] for k in ARCH}, **json.loads(metrics_file.read_text())})
+    df = pd.DataFrame(rows).set_index("model")
+    df["train_tokens_per_s"] = df["train_tokens"] / df["train_seconds"]
+    return df
+
+
+def comparisons(df: pd.DataFrame, pairs: list[tuple[str, str]]) -> pd.DataFrame:
+    """Each pair (model, baseline): quality deltas (model - baseline) and size/speed ratios."""
+    rows = []
+    for a, b in pairs:
+        A, B = df.loc[a], df.loc[b]
+        rows.append({"model": a, "baseline": b,
+                     "d_val_loss": A.val_loss - B.val_loss, "d_val_bpb": A.val_bpb - B.val_bpb,
+                     "params_ratio": A.params / B.params,
+                     "train_speed_ratio": A.train_tokens_per_s / B.train_tokens_per_s,
+                     "prefill_speed_ratio": A.prefill_tokens_per_s / B.prefill_tokens_per_s,
+                     "decode_speed_ratio": A.decode_tokens_per_s / B.decode_tokens_per_s})
+    return pd.DataFrame(rows)
+
+
+def plot_curves(names, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in names:
+        curve = pd.read_csv(Path("models") / name / "curve.csv")
+        ax.plot(curve["tokens"], curve["val_loss"], marker=".", label=name)
+    ax.set(xlabel="training tokens", ylabel="validation loss (nats/token)", title="Validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_quality_vs_speed(df: pd.DataFrame, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter(df["decode_tokens_per_s"], df["val_ppl"])
+    for name, row in df.iterrows():
+        ax.annotate(name, (row["decode_tokens_per_s"], row["val_ppl"]), textcoords="offset points", xytext=(4, 4))
+    ax.set(xlabel="decode tokens/s (batch 1, KV cache)", ylabel="validation perplexity",
+           title="Quality vs decode speed")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(study, df: pd.DataFrame, comp: pd.DataFrame) -> str:
+    table = df[["stage", "parents", "block", "n_kv_head", "ffn"] + METRICS + ["train_tokens_per_s"]]
+    parts = [f"# Study `{study.study.name}`", "", "## Models", "",
+             table.to_markdown(floatfmt=".4g"), ""]
+    if len(comp):
+        parts += ["## Comparisons", "", "Deltas are model - baseline (negative loss is better); "
+                  "ratios are model / baseline.", "", comp.to_markdown(index=False, floatfmt=".4g"), ""]
+    parts += [SPEED_NOTE, "", "![validation loss](val_loss_vs_tokens.png)", "",
+              "![quality vs speed](ppl_vs_decode_speed.png)", ""]
+    return "\n".join(parts)
+
+
+def main(argv: list[str]) -> None:
+    study = load_study()
+    models = study.models()
+    df = summary_table(models)
+    comp = comparisons(df, study.report.comparisons)
+
+    tmp = OUT.with_name(f".{OUT.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    df.to_csv(tmp / "summary.csv")
+    comp.to_csv(tmp / "comparisons.csv", index=False)
+    plot_curves(models, tmp / "val_loss_vs_tokens.png")
+    plot_quality_vs_speed(df, tmp / "ppl_vs_decode_speed.png")
+    (tmp / "summary.md").write_text(markdown(study, df, comp))
+    if OUT.exists():
+        for f in OUT.iterdir():
+            f.unlink()
+        OUT.rmdir()
+    tmp.rename(OUT)
+
+    with tracking.stage_run(study.experiment, "report", params={"report": study.report.model_dump()}):
+        tracking.mlflow.log_artifacts(str(OUT))
+        tracking.mlflow.log_table(df.reset_index(), "summary.json")
+    print((OUT / "summary.md").read_text().split("\n## Comparisons")[0][:3000])
+    if len(comp):
+        print(comp.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+
+
+if __name__ == "__main__":
+    cli(main)

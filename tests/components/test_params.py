@@ -1,0 +1,112 @@
+"""params.yaml validation: every kind of bad input is named with its fix, all at once."""
+from pathlib import Path
+
+import pytest
+
+from components.params import ParamsError, load_study
+
+ROOT = Path(__file__).resolve().parents[2]
+MINIMAL = """
+pretrain:
+  variants:
+    serial: {}
+    parallel: {block: parallel}
+"""
+
+
+def problems(tmp_path, text: str) -> str:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError) as e:
+        load_study(path)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("path", ["params.yaml", "tests/smoke/params.yaml"])
+def test_shipped_studies_are_valid(path):
+    study = load_study(ROOT / path)
+    assert {"serial", "parallel"} <= set(study.models())
+    assert any(study.variant_config(n, 256).n_kv_head < study.variant_config(n, 256).n_head for n in study.models())
+
+
+def test_minimal_study_gets_defaults(tmp_path):
+    (tmp_path / "params.yaml").write_text(MINIMAL)
+    study = load_study(tmp_path / "params.yaml")
+    assert study.data.source == "stdlib" and study.experiment == "archflow"
+    cfg = study.variant_config("parallel", vocab_size=300)
+    assert (cfg.block, cfg.vocab_size, cfg.n_kv_head) == ("parallel", 300, cfg.n_head)
+
+
+def test_unknown_keys_anywhere_are_named_with_a_suggestion(tmp_path):
+    msg = problems(tmp_path, MINIMAL + "bogus: 1\ntrain: {max_stepz: 3}\n"
+                   "tracking: {experimnt: x}\n").replace(MINIMAL, "")
+    assert "3 problems" in msg
+    assert "bogus: unknown key" in msg
+    assert "train.max_stepz: unknown key; did you mean 'max_steps'?" in msg
+    assert "tracking.experimnt: unknown key; did you mean 'experiment'?" in msg
+
+
+def test_unknown_key_inside_a_variant(tmp_path):
+    msg = problems(tmp_path, MINIMAL.replace("{block: parallel}", "{blok: parallel}"))
+    assert "pretrain.variants.parallel.blok: unknown key; did you mean 'block'?" in msg
+
+
+@pytest.mark.parametrize("value", ['"4"', "four", "4.0", "true"])
+def test_wrongly_typed_n_head(tmp_path, value):
+    msg = problems(tmp_path, MINIMAL + f"model:\n  n_head: {value}\n")
+    assert "model.n_head" in msg and "Write a whole number" in msg
+
+
+def test_wrong_types_and_ranges(tmp_path):
+    msg = problems(tmp_path, MINIMAL + "train: {lr: fast, deterministic: maybe, max_steps: 0}\n"
+                   "data: {tokenizer: words, val_fraction: 0.9}\n")
+    for where in ("train.lr", "train.deterministic", "train.max_steps", "data.tokenizer", "data.val_fraction"):
+        assert where in msg
+
+
+def test_impossible_shapes(tmp_path):
+    msg = problems(tmp_path, "model: {n_embd: 96, n_head: 5}\n"
+                   "pretrain:\n  variants:\n    gqa: {n_head: 4, n_kv_head: 3}\n    ok: {n_head: 4}\n")
+    assert "model: n_embd=96 is not divisible by n_head=5" in msg
+    assert "pretrain.variants.gqa: n_head=4 is not divisible by n_kv_head=3" in msg
+    assert "pick n_kv_head among [1, 2, 4]" in msg
+    assert "pretrain.variants.ok" not in msg
+
+
+def test_unknown_component_names(tmp_path):
+    msg = problems(tmp_path, "pretrain:\n  variants:\n    a: {block: paralel, ffn: relu}\n")
+    assert "block='paralel' is unknown: use one of serial, parallel" in msg
+    assert "ffn='relu' is unknown" in msg
+
+
+def test_unsafe_names(tmp_path):
+    msg = problems(tmp_path, "pretrain:\n  variants:\n    'a/b': {}\n    'x y': {}\n    ok: {}\n"
+                   "data:\n  domains:\n    '../up': ['*.py']\n")
+    assert "pretrain.variants.a/b: the name is unsafe" in msg
+    assert "pretrain.variants.x y: the name is unsafe" in msg
+    assert "data.domains.../up: the name is unsafe" in msg
+    assert "pretrain.variants.ok" not in msg
+
+
+def test_duplicate_model_name(tmp_path):
+    msg = problems(tmp_path, "pretrain:\n  variants:\n    a: {}\n    a: {n_layer: 2}\n")
+    assert 'duplicate key "a"' in msg and "line 4" in msg
+
+
+def test_unknown_model_in_comparisons(tmp_path):
+    msg = problems(tmp_path, MINIMAL + "report:\n  comparisons:\n    - [paralel, serial]\n")
+    assert "report.comparisons.0: unknown model 'paralel'; did you mean 'parallel'?" in msg
+    msg = problems(tmp_path, MINIMAL + "report:\n  comparisons:\n    - [parallel, serial, x]\n")
+    assert "report.comparisons.0: list should have at most 2 items" in msg
+
+
+def test_speed_measurement_must_fit_the_context(tmp_path):
+    msg = problems(tmp_path, MINIMAL + "model: {block_size: 32}\nevaluate: {prompt_tokens: 30, decode_tokens: 8}\n")
+    assert "prompt_tokens + decode_tokens = 38 exceeds the block_size 32" in msg
+
+
+def test_not_a_mapping_and_missing_file(tmp_path):
+    assert "must be a mapping" in problems(tmp_path, "- a\n- b\n")
+    with pytest.raises(ParamsError, match="not found"):
+        load_study(tmp_path / "nope.yaml")
+    assert "pretrain: required but missing" in problems(tmp_path, "study: {name: x}\n")
