@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 
 from components.config import ModelConfig
 from components.model import TransformerLM
@@ -43,7 +43,7 @@ def save_model_dir(dst: str | Path, model: TransformerLM, meta: dict, files: dic
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    save_file(weights(model), tmp / "model.safetensors", metadata={"format": "pt"})
     (tmp / "config.json").write_text(dumps(model.cfg.to_dict()))
     (tmp / "meta.json").write_text(dumps(meta))
     for name, text in (files or {}).items():
@@ -59,5 +59,16 @@ def load_model_dir(path: str | Path) -> tuple[TransformerLM, dict]:
         raise ParamsError(f"no model at {path}: build it first (dvc repro, or the stage that makes it)")
     cfg = ModelConfig.from_dict(json.loads((path / "config.json").read_text()))
     model = TransformerLM(cfg)
-    load_model(model, str(path / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+    assert not unexpected and set(missing) == ({"lm_head.weight"} if cfg.tie_embeddings else set()), \
+        (missing, unexpected)
     return model.eval(), json.loads((path / "meta.json").read_text())
+
+
+def weights(model: TransformerLM) -> dict:
+    """The tensors to save. A tied lm_head is the embedding: saved once, as wte.weight, always the
+    same name (safetensors' save_model picks one of the tied names per process: not byte-stable)."""
+    sd = model.state_dict()
+    if model.cfg.tie_embeddings:
+        del sd["lm_head.weight"]
+    return {k: v.contiguous() for k, v in sd.items()}

@@ -11,7 +11,10 @@ import os
 import subprocess
 from pathlib import Path
 
-import mlflow  # imported once, in the main thread (concurrent first imports crash)
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")   # off unless the user turns it on
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+import mlflow  # noqa: E402  imported once, in the main thread (concurrent first imports crash)
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -85,12 +85,14 @@ def plot_quality_vs_speed(df: pd.DataFrame, path: Path) -> None:
 
 
 def markdown(study, df: pd.DataFrame, comp: pd.DataFrame) -> str:
-    table = df[["stage", "parents", "block", "n_kv_head", "ffn"] + METRICS + ["train_tokens_per_s"]]
-    parts = [f"# Study `{study.study.name}`", "", "## Models", "",
-             table.to_markdown(floatfmt=".4g"), ""]
+    table = df[["stage", "parents", "block", "n_kv_head", "ffn"] + METRICS + ["train_tokens_per_s"]].copy()
+    speeds = ["prefill_tokens_per_s", "decode_tokens_per_s", "train_tokens_per_s"]
+    table[speeds] = table[speeds].round().astype(int)
+    table = table.round({"val_loss": 4, "val_ppl": 2, "val_bpb": 4, "train_seconds": 1})
+    parts = [f"# Study `{study.study.name}`", "", "## Models", "", table.to_markdown(floatfmt="g"), ""]
     if len(comp):
         parts += ["## Comparisons", "", "Deltas are model - baseline (negative loss is better); "
-                  "ratios are model / baseline.", "", comp.to_markdown(index=False, floatfmt=".4g"), ""]
+                  "ratios are model / baseline.", "", comp.round(4).to_markdown(index=False, floatfmt="g"), ""]
     parts += [SPEED_NOTE, "", "![validation loss](val_loss_vs_tokens.png)", "",
               "![quality vs speed](ppl_vs_decode_speed.png)", ""]
     return "\n".join(parts)

@@ -1,0 +1,46 @@
+"""bf16-mixed vs fp32 training on CPU: tokens/s, and the loss after the same steps on the same batches.
+
+    python -m benchmarks.bf16 [--n-embd 128 384] [--rounds 5] [--steps 15]
+
+bf16-mixed is torch.autocast("cpu", bfloat16) around the forward, which is what Lightning's
+`precision: bf16-mixed` does; weights and optimizer stay fp32.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from benchmarks.common import batches, median_ratio, plain_trainer, timed_steps
+from components.config import ModelConfig
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n-embd", type=int, nargs="+", default=[128, 384])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--batch-size", type=int, default=16)
+    args = p.parse_args()
+    for d in args.n_embd:
+        cfg = ModelConfig(vocab_size=4096, block_size=128, n_layer=4, n_embd=d, n_head=d // 32,
+                          block="parallel", ffn="swiglu", norm="rmsnorm", pos="rope")
+        data = batches(cfg, args.batch_size)
+        steps = {prec: plain_trainer(cfg, prec)[1] for prec in ("32-true", "bf16-mixed")}
+        seconds, loss = {k: [] for k in steps}, {}
+        for r in range(args.rounds + 1):                        # round 0 is the warm-up
+            for prec in (list(steps) if r % 2 else list(steps)[::-1]):
+                dt, loss[prec] = timed_steps(steps[prec], data, r * args.steps, args.steps)
+                if r:
+                    seconds[prec].append(dt)
+        tokens = args.steps * args.batch_size * cfg.block_size
+        n_steps = (args.rounds + 1) * args.steps
+        print(f"n_embd={d}: fp32 {tokens / statistics.median(seconds['32-true']):.0f} tok/s, "
+              f"bf16-mixed {tokens / statistics.median(seconds['bf16-mixed']):.0f} tok/s, "
+              f"speed-up {median_ratio(seconds['32-true'], seconds['bf16-mixed']):.2f}x; "
+              f"loss after {n_steps} steps: fp32 {loss['32-true']:.4f}, bf16-mixed {loss['bf16-mixed']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

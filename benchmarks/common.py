@@ -1,0 +1,57 @@
+"""Shared pieces of the benchmarks: synthetic batches, a plain training loop, interleaved timing.
+
+The machine's speed drifts (shared cores, power states), so contenders run in interleaved
+rounds and are compared by the median of per-round ratios, never by separate averages.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from components.config import ModelConfig
+from components.data import StepBatches
+from components.lit import LitLM, lm_loss
+
+TRAIN = {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, "max_steps": 10_000, "weight_decay": 0.1,
+         "beta1": 0.9, "beta2": 0.95, "grad_clip": 1.0}
+
+
+def batches(cfg: ModelConfig, batch_size: int, seed: int = 0) -> StepBatches:
+    """Batches by step over random tokens: speed does not depend on the text."""
+    tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, 2_000_000, dtype=np.int64)
+    return StepBatches(tokens, cfg.block_size, batch_size, seed)
+
+
+def plain_trainer(cfg: ModelConfig, precision: str = "32-true", seed: int = 0):
+    """A plain PyTorch loop with the same model, optimizer, schedule and clipping as LitLM."""
+    torch.manual_seed(seed)
+    lit = LitLM(cfg, TRAIN)
+    opt_cfg = lit.configure_optimizers()
+    opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+
+    def step(x, y):
+        with autocast:
+            loss = lm_loss(lit.model(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lit.model.parameters(), TRAIN["grad_clip"])
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+    return lit.model, step
+
+
+def timed_steps(step, data: StepBatches, start: int, n: int) -> tuple[float, float]:
+    """(seconds, last loss) of n training steps from step `start`."""
+    t0 = time.perf_counter()
+    for s in range(start, start + n):
+        loss = step(*data[s])
+    return time.perf_counter() - t0, loss
+
+
+def median_ratio(a: list[float], b: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b))
