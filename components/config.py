@@ -1,19 +1,38 @@
-"""ModelConfig: the one flat description of a model; `TransformerLM(cfg)` builds it.
+"""ModelConfig: the one flat description of a model; `TransformerLM(cfg)` builds it. PRESETS: the
+seed papers' block designs by name.
 
-A variant in params.yaml is a set of overrides of these fields (the `model` section, then
-`pretrain.variants.<name>`). Defaults are the baseline; `__post_init__` derives sizes and
-rejects impossible combinations with a message that says how to fix them.
+A variant in params.yaml is a set of overrides of these fields, resolved as ModelConfig defaults
+<- the `model` section <- the variant's `preset` <- the variant's own keys. Defaults are the
+baseline; `__post_init__` derives sizes and rejects impossible combinations with a message that
+says how to fix them.
 
-    python -c "from components.config import ModelConfig; print(ModelConfig(block='parallel'))"
+    python -c "from components.config import ModelConfig; print(ModelConfig.from_preset('par', n_layer=6))"
 """
 from __future__ import annotations
 
+import difflib
+import math
 from dataclasses import asdict, dataclass, fields
 
-BLOCKS = ("serial", "parallel", "parallel-unfused")
+# serial | parallel (PaLM, fused input matmul) | parallel-unfused (GPT-J) | parallel-2norm (GPT-NeoX)
+# | par (a stack of s/f sublayers, see `layout`) | one-wide-ffn (one FFN shared by all layers)
+# | hybrid (attention heads and SSM heads side by side, Hymba / Falcon-H1)
+BLOCKS = ("serial", "parallel", "parallel-unfused", "parallel-2norm", "par", "one-wide-ffn", "hybrid")
 FFNS = ("gelu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
+
+# The seed papers' designs. A variant says `preset: <name>` and may override any field after it.
+PRESETS = {
+    "serial": {"block": "serial"},                  # pre-norm GPT-2/Llama
+    "parallel": {"block": "parallel"},              # PaLM/GPT-J: x + Attn(LN x) + FFN(LN x), one fused matmul
+    "parallel-2norm": {"block": "parallel-2norm"},  # GPT-NeoX: x + Attn(LN1 x) + FFN(LN2 x)
+    "par": {"block": "par"},                        # arXiv:2009.04534; layout "" -> par_layout(n_layer)
+    "one-wide-ffn": {"block": "one-wide-ffn"},      # arXiv:2309.01826; d_ff 0 -> n_layer * the default
+    "denseformer": {"block": "serial", "dwa": True},  # arXiv:2402.02622, depth-weighted averaging
+    "looped": {"block": "serial", "n_loop": 2},     # the n_layer blocks applied twice, weights shared
+    "hybrid": {"block": "hybrid"},                  # Hymba (arXiv:2411.13676) / Falcon-H1 hybrid heads
+}
 
 
 @dataclass
@@ -25,7 +44,8 @@ class ModelConfig:
     n_kv_head: int = 0            # 0 -> n_head (MHA); 1 -> MQA; in between -> GQA
     n_embd: int = 128
     d_ff: int = 0                 # 0 -> 4*n_embd for gelu, the multiple of 32 nearest 8/3*n_embd for swiglu
-    block: str = "serial"         # serial | parallel (PaLM, fused input matmul) | parallel-unfused
+                                  #      (one-wide-ffn: n_layer times that, the serial model's FFN weights)
+    block: str = "serial"         # one of BLOCKS
     ffn: str = "gelu"             # gelu | swiglu
     norm: str = "layernorm"       # layernorm | rmsnorm
     pos: str = "learned"          # learned | rope
@@ -34,6 +54,12 @@ class ModelConfig:
     bias: bool = False
     dropout: float = 0.0
     norm_eps: float = 1e-5
+    layout: str = ""              # par: sublayers, s = attention, f = FFN, 2*n_layer letters; "" -> par_layout(n_layer)
+    n_loop: int = 1               # apply the stack of blocks n_loop times, weights shared (looped)
+    dwa: bool = False             # DenseFormer depth-weighted average after blocks
+    dwa_dilation: int = 1         # DWA after block i averages the outputs j = i, i-k, i-2k, ... (k = dilation)
+    dwa_period: int = 1           # DWA after every p-th block only
+    d_state: int = 16             # hybrid: SSM state size per head
 
     def __post_init__(self):
         problems = self.problems()
@@ -43,6 +69,17 @@ class ModelConfig:
             self.n_kv_head = self.n_head
         if self.d_ff == 0:
             self.d_ff = 4 * self.n_embd if self.ffn == "gelu" else 32 * round(8 * self.n_embd / 3 / 32)
+            if self.block == "one-wide-ffn":
+                self.d_ff *= self.n_layer
+        if self.block == "par" and not self.layout:
+            self.layout = par_layout(self.n_layer)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        """defaults <- PRESETS[name] <- overrides."""
+        if problems := preset_problems(name):
+            raise ValueError(problems[0])
+        return cls(**{**PRESETS[name], **overrides})
 
     def problems(self) -> list[str]:
         """Every reason this config cannot be built, each with its fix (empty if fine)."""
@@ -50,7 +87,8 @@ class ModelConfig:
         for name, allowed in (("block", BLOCKS), ("ffn", FFNS), ("norm", NORMS), ("pos", POSITIONS)):
             if getattr(self, name) not in allowed:
                 p.append(f"{name}={getattr(self, name)!r} is unknown: use one of {', '.join(allowed)}")
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_loop",
+                     "dwa_dilation", "dwa_period", "d_state"):
             if getattr(self, name) < 1:
                 p.append(f"{name}={getattr(self, name)} must be >= 1")
         for name in ("n_kv_head", "d_ff"):
@@ -66,6 +104,27 @@ class ModelConfig:
             p.append(f"rope needs an even head size, got n_embd/n_head={self.n_embd // self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             p.append(f"dropout={self.dropout} must be in [0, 1)")
+        return p + self.stack_problems()
+
+    def stack_problems(self) -> list[str]:
+        """Problems of the fields only some presets read (layout, dwa_*, d_state); a value nothing
+        reads would be a silent no-op, so it is reported too."""
+        p = []
+        if self.layout and self.block != "par":
+            p.append(f"layout={self.layout!r} is only read by block=par: set it on par variants only")
+        if self.layout and set(self.layout) - {"s", "f"}:
+            p.append(f"layout={self.layout!r} has letters other than s and f: write an attention sublayer "
+                     f"as s and an FFN sublayer as f, e.g. {par_layout(max(self.n_layer, 1))!r}")
+        elif self.layout and len(self.layout) != 2 * self.n_layer:
+            p.append(f"layout={self.layout!r} has {len(self.layout)} sublayers but n_layer={self.n_layer} "
+                     f"needs {2 * self.n_layer} (two per layer), e.g. {par_layout(max(self.n_layer, 1))!r}")
+        if not self.dwa and (self.dwa_dilation, self.dwa_period) != (1, 1):
+            p.append("dwa_dilation and dwa_period are only read with dwa: true: set them on denseformer variants only")
+        if self.dwa and self.n_layer >= 1 and self.n_loop >= 1 and self.dwa_period > self.n_layer * self.n_loop:
+            p.append(f"dwa_period={self.dwa_period} exceeds the {self.n_layer * self.n_loop} block applications: "
+                     f"no DWA would run; pick dwa_period <= {self.n_layer * self.n_loop}")
+        if self.block != "hybrid" and self.d_state != ModelConfig.d_state:
+            p.append(f"d_state={self.d_state} is only read by block=hybrid: set it on hybrid variants only")
         return p
 
     @property
@@ -82,6 +141,21 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config keys {unknown}: known keys are {sorted(known)}")
         return cls(**d)
+
+
+def par_layout(n_layer: int) -> str:
+    """PAR's default: keep ceil(n_layer/3) attention sublayers (PAR replaced ~63% of them), each
+    followed by an FFN, at the start; the rest FFNs. 4 -> 'sfsfffff', 2 -> 'sfff', 6 -> 'sfsf' + 8*'f'."""
+    n_attn = math.ceil(n_layer / 3)
+    return "sf" * n_attn + "f" * (2 * n_layer - 2 * n_attn)
+
+
+def preset_problems(name: str) -> list[str]:
+    if name in PRESETS:
+        return []
+    hint = difflib.get_close_matches(name, PRESETS, n=1)
+    return [f"preset={name!r} is unknown: " + (f"did you mean {hint[0]!r}? " if hint else "")
+            + f"presets are {', '.join(PRESETS)}"]
 
 
 def divisors(n: int) -> list[int]:

@@ -1,9 +1,11 @@
 """TransformerLM: a decoder-only language model built from a ModelConfig, in plain PyTorch.
 
-Serial (GPT-2/Llama), parallel (PaLM, one fused input matmul) and parallel-unfused (GPT-J)
-blocks; LayerNorm or RMSNorm; GELU or SwiGLU FFN; learned or rotary positions; MHA/GQA/MQA;
-a preallocated KV cache for generation. The model returns logits; the loss lives in the
-training module.
+Blocks: serial (GPT-2/Llama), parallel (PaLM, one fused input matmul), parallel-unfused (GPT-J),
+parallel-2norm (GPT-NeoX), par (a layout of attention and FFN sublayers), one-wide-ffn (one FFN
+shared by every layer) and hybrid (attention heads and SSM heads side by side). Stacks: plain,
+looped (`n_loop`) and DenseFormer's depth-weighted averaging (`dwa`). LayerNorm or RMSNorm; GELU
+or SwiGLU FFN; learned or rotary positions; MHA/GQA/MQA; a preallocated cache (keys/values, SSM
+state) for generation. The model returns logits; the loss lives in the training module.
 
     python -c "from components.config import ModelConfig; from components.model import TransformerLM; import torch; print(TransformerLM(ModelConfig(vocab_size=100))(torch.zeros(1, 8, dtype=torch.long)).shape)"
 """
@@ -17,9 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from components.config import ModelConfig
+from components.ssm import ssd_scan, ssd_step
 
 Rope = tuple[torch.Tensor, torch.Tensor]    # (cos, sin), each (T, hs), for this call's positions
-KV = tuple[torch.Tensor, torch.Tensor]      # one layer's cache buffers, each (B, nkv, max_len, hs)
+KV = tuple[torch.Tensor, ...]               # one block application's cache slot: k, v (B, nkv, max_len, hs)[, ssm state]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +143,7 @@ class MLP(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# blocks: forward(x, rope, kv, pos) -> x, all (B, T, C)
+# blocks: forward(x, rope, kv, pos) -> x, all (B, T, C); kv is the block's cache slot or None
 
 
 class SerialBlock(nn.Module):
@@ -209,7 +212,158 @@ class ParallelBlock(nn.Module):
         return x + self.drop(self.attn_proj(att)) + self.drop(self.mlp_proj(self.act(ffn_in)))
 
 
-BLOCKS = {"serial": SerialBlock, "parallel": ParallelBlock, "parallel-unfused": UnfusedParallelBlock}
+class Parallel2NormBlock(nn.Module):
+    """Parallel block with one norm per branch (GPT-NeoX, Falcon-40B):
+
+                +-- ln_1 -- attn --+
+        x --+---+                  +--(+)--> y        y = x + attn(ln_1(x)) + mlp(ln_2(x))
+            |   +-- ln_2 -- mlp ---+   ^
+            +--------------------------+
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1, self.attn = make_norm(cfg), CausalSelfAttention(cfg)
+        self.ln_2, self.mlp = make_norm(cfg), MLP(cfg)
+
+    def forward(self, x, rope=None, kv=None, pos=0):
+        return x + self.attn(self.ln_1(x), rope, kv, pos) + self.mlp(self.ln_2(x))
+
+
+class AttentionSublayer(nn.Module):
+    """PAR's `s` (arXiv:2009.04534): x --+-- ln -- attn --(+)--> y   (a serial block's first half)
+                                         +-----------------^"""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln, self.attn = make_norm(cfg), CausalSelfAttention(cfg)
+
+    def forward(self, x, rope=None, kv=None, pos=0):
+        return x + self.attn(self.ln(x), rope, kv, pos)
+
+
+class FFNSublayer(nn.Module):
+    """PAR's `f`: x --+-- ln -- mlp --(+)--> y   (a serial block's second half; no cache slot)
+                      +----------------^"""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln, self.mlp = make_norm(cfg), MLP(cfg)
+
+    def forward(self, x, rope=None, kv=None, pos=0):
+        return x + self.mlp(self.ln(x))
+
+
+class SharedFFNBlock(nn.Module):
+    """One Wide FFN layer (arXiv:2309.01826, decoder-only analogue): the serial block whose FFN is
+    one module shared by every layer (and d_ff wide, n_layer times the default); norms and
+    attention stay per layer.
+
+        x --+-- ln_1 -- attn --(+)--+-- ln_2 -- shared_mlp --(+)--> y
+            |                   ^   |                         ^
+            +-------------------+   +-------------------------+
+    """
+
+    def __init__(self, cfg: ModelConfig, shared_mlp: MLP):
+        super().__init__()
+        self.ln_1, self.attn, self.ln_2 = make_norm(cfg), CausalSelfAttention(cfg), make_norm(cfg)
+        self.shared = (shared_mlp,)     # a tuple: not registered here; the model owns it once (`shared_mlp.*`)
+
+    def forward(self, x, rope=None, kv=None, pos=0):
+        x = x + self.attn(self.ln_1(x), rope, kv, pos)
+        return x + self.shared[0](self.ln_2(x))
+
+
+class HybridMixer(nn.Module):
+    """Hymba's hybrid-head module: n_head attention heads and n_head SSM heads (components/ssm.py,
+    head_size channels and a d_state state each) read the same input; one fused input matmul
+    yields q, k, v and the SSM's x, gate z, B, C and per-head step dt. Each output is normalised,
+    the two are averaged and projected back. The SSM's state lives in the cache slot (kv[2]).
+    Decay a_t = exp(-dt_t), dt_t = softplus(.. + dt_bias) starts in [0.001, 0.1] (a in [0.90, 0.999])."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.dropout, self.hs = cfg.n_head, cfg.n_kv_head, cfg.dropout, cfg.head_size
+        C, N = cfg.n_embd, cfg.d_state
+        self.split = [qkv_dim(cfg), C, C, N, N, cfg.n_head]                 # q,k,v | x | z | B | C | dt
+        self.w_in = nn.Linear(C, sum(self.split), bias=cfg.bias)
+        dt = torch.logspace(-3, -1, cfg.n_head)                             # one time scale per head
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))      # softplus(dt_bias) = dt
+        self.norm_attn, self.norm_ssm = make_norm(cfg), make_norm(cfg)
+        self.proj = nn.Linear(C, C, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, h, rope=None, kv=None, pos=0):
+        B, T, C = h.shape
+        qkv, x, z, Bm, Cm, dt = self.w_in(h).split(self.split, dim=-1)     # (B, T, *)
+        att = attend(qkv, self.n_head, self.n_kv_head, rope, kv, pos, self.dropout if self.training else 0.0)
+        dt = F.softplus(dt.float() + self.dt_bias).transpose(1, 2)          # (B, nh, T)
+        x = x.view(B, T, self.n_head, self.hs).transpose(1, 2) * dt[..., None]  # (B, nh, T, hs): dt_t x_t
+        state = kv[2] if kv is not None else x.new_zeros(B, self.n_head, Bm.size(-1), self.hs)
+        y, state_out = (ssd_step if T == 1 else ssd_scan)(x, -dt, Bm, Cm, state)  # (B, nh, T, hs)
+        if kv is not None:
+            kv[2].copy_(state_out)
+        y = y.transpose(1, 2).reshape(B, T, C) * F.silu(z)                 # (B, T, C), gated as in Mamba
+        return self.drop(self.proj((self.norm_attn(att) + self.norm_ssm(y)) / 2))
+
+
+class HybridBlock(nn.Module):
+    """Hybrid-head block (Hymba arXiv:2411.13676, Falcon-H1): attention heads and SSM heads side
+    by side on the same normalised input, then the FFN as in the serial block.
+
+                     +-- attention heads -- norm_attn --+
+        x --+- ln_1 -+                                  mean -- proj --(+)--+-- ln_2 -- mlp --(+)--> y
+            |        +-- SSM heads -------- norm_ssm ---+              ^    |                  ^
+            +----------------------------------------------------------+    +------------------+
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1, self.mixer = make_norm(cfg), HybridMixer(cfg)
+        self.ln_2, self.mlp = make_norm(cfg), MLP(cfg)
+
+    def forward(self, x, rope=None, kv=None, pos=0):
+        x = x + self.mixer(self.ln_1(x), rope, kv, pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+BLOCKS = {"serial": SerialBlock, "parallel": ParallelBlock, "parallel-unfused": UnfusedParallelBlock,
+          "parallel-2norm": Parallel2NormBlock, "hybrid": HybridBlock}
+
+
+def make_blocks(cfg: ModelConfig, shared_mlp: MLP | None) -> list[nn.Module]:
+    """The distinct blocks of the stack, in order (a looped stack runs them n_loop times)."""
+    if cfg.block == "par":
+        return [AttentionSublayer(cfg) if c == "s" else FFNSublayer(cfg) for c in cfg.layout]
+    if cfg.block == "one-wide-ffn":
+        return [SharedFFNBlock(cfg, shared_mlp) for _ in range(cfg.n_layer)]
+    return [BLOCKS[cfg.block](cfg) for _ in range(cfg.n_layer)]
+
+
+class DepthWeightedAverage(nn.Module):
+    """DenseFormer's DWA (arXiv:2402.02622). After block application i (1-based) with
+    i % dwa_period == 0:  Y_i = sum_{j <= i, j = i mod dwa_dilation} alpha_{i,j} X_j,
+    where X_0 is the embedding output and X_j application j's output (its input was Y_{j-1});
+    elsewhere Y_i = X_i. alpha_{i,i} = 1, the rest 0 at init: the plain stack.
+
+        X_0 -- block_1 -- X_1 -(DWA)- Y_1 -- block_2 -- X_2 -(DWA)- Y_2 -- ...
+         |                 |     ^                        |     ^
+         +-----------------+-----+------------------------+-----+   (every X_j is kept)
+    """
+
+    def __init__(self, n_apps: int, dilation: int, period: int):
+        super().__init__()
+        self.dilation, self.period = dilation, period
+        self.alphas = nn.ParameterList(     # alphas[m] weighs X_i, X_{i-k}, X_{i-2k}, ... for i = (m+1)*period
+            nn.Parameter(F.one_hot(torch.tensor(0), i // dilation + 1).float())
+            for i in range(period, n_apps + 1, period))
+
+    def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        i = len(xs) - 1                                     # xs = [X_0, ..., X_i], each (B, T, C)
+        if i % self.period:
+            return xs[i]
+        picked = torch.stack(xs[i::-self.dilation])         # (n, B, T, C): X_i, X_{i-k}, ...
+        return torch.einsum("n,nbtc->btc", self.alphas[i // self.period - 1].to(picked.dtype), picked)
 
 
 def fuse_parallel_state_dict(sd: dict) -> dict:
@@ -250,17 +404,17 @@ def fuse_parallel_block(unfused: UnfusedParallelBlock, cfg: ModelConfig) -> Para
 
 @dataclass
 class KVCache:
-    """Keys/values of the tokens seen so far; k[i], v[i] are layer i's (B, nkv, max_len, hs)."""
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
+    """What generation carries from one call to the next, one slot per block application (a
+    looped stack applies each block n_loop times, each application with its own keys): (k, v),
+    each (B, nkv, max_len, hs); a hybrid block's slot adds its SSM state (B, nh, d_state, hs);
+    a par FFN sublayer's slot is None."""
+    slots: list[KV | None]
+    max_len: int
     pos: int = 0                                            # number of tokens already stored
 
-    @property
-    def max_len(self) -> int:
-        return self.k[0].size(2)
 
-
-RESIDUAL_PROJECTIONS = ("attn.proj.weight", "mlp.proj.weight", "attn_proj.weight", "mlp_proj.weight")
+RESIDUAL_PROJECTIONS = ("attn.proj.weight", "mlp.proj.weight", "attn_proj.weight", "mlp_proj.weight",
+                        "mixer.proj.weight")
 
 
 class TransformerLM(nn.Module):
@@ -274,15 +428,18 @@ class TransformerLM(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(BLOCKS[cfg.block](cfg) for _ in range(cfg.n_layer))
+        self.shared_mlp = MLP(cfg) if cfg.block == "one-wide-ffn" else None
+        self.blocks = nn.ModuleList(make_blocks(cfg, self.shared_mlp))
+        n_apps = cfg.n_loop * len(self.blocks)
+        self.dwa = DepthWeightedAverage(n_apps, cfg.dwa_dilation, cfg.dwa_period) if cfg.dwa else None
         self.norm_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.apply(init_weights)
         for name, p in self.named_parameters():             # GPT-2: scale the residual branches
-            if name.endswith(RESIDUAL_PROJECTIONS):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+            if name.endswith(RESIDUAL_PROJECTIONS):         # (2 per layer and loop; par: 1 per sublayer)
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer * cfg.n_loop))
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab). With a cache, idx continues it."""
@@ -294,9 +451,12 @@ class TransformerLM(nn.Module):
             x = x + self.wpe(torch.arange(pos, pos + T, device=idx.device))
         rope = (self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]) if self.cfg.pos == "rope" else None
         x = self.drop(x)
-        for i, block in enumerate(self.blocks):
-            kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x = block(x, rope, kv, pos)
+        xs = [x]                                            # DWA: X_0, X_1, ... (block outputs)
+        for a, block in enumerate(self.applications()):
+            x = block(x, rope, cache.slots[a] if cache is not None else None, pos)
+            if self.dwa is not None:
+                xs.append(x)
+                x = self.dwa(xs)
         if cache is not None:
             cache.pos += T
         return self.lm_head(self.norm_f(x))                 # (B, T, vocab)
@@ -314,10 +474,21 @@ class TransformerLM(nn.Module):
         if max_len > self.cfg.block_size:
             raise ValueError(f"max_len={max_len} exceeds block_size={self.cfg.block_size}: "
                              f"the model cannot attend further back; use max_len <= block_size")
-        w = self.wte.weight
-        shape = (batch_size, self.cfg.n_kv_head, max_len, self.cfg.head_size)
-        zeros = lambda: torch.zeros(shape, device=w.device, dtype=w.dtype)  # noqa: E731
-        return KVCache(k=[zeros() for _ in self.blocks], v=[zeros() for _ in self.blocks])
+        w, c = self.wte.weight, self.cfg
+        zeros = lambda *shape: torch.zeros(shape, device=w.device, dtype=w.dtype)  # noqa: E731
+        kv = (batch_size, c.n_kv_head, max_len, c.head_size)
+
+        def slot(block: nn.Module) -> KV | None:
+            if isinstance(block, FFNSublayer):
+                return None
+            if isinstance(block, HybridBlock):
+                return zeros(*kv), zeros(*kv), zeros(batch_size, c.n_head, c.d_state, c.head_size)
+            return zeros(*kv), zeros(*kv)
+        return KVCache([slot(b) for b in self.applications()], max_len)
+
+    def applications(self) -> list[nn.Module]:
+        """The blocks in the order they run: the stack, n_loop times over (weights shared)."""
+        return list(self.blocks) * self.cfg.n_loop
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -16,7 +16,7 @@ from typing import Annotated, Literal, Optional, get_args, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from components.config import ModelConfig
+from components.config import PRESETS, ModelConfig, preset_problems
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -50,6 +50,8 @@ ModelOverrides = create_model(
     "ModelOverrides", __base__=Strict,
     **{f.name: (Optional[_MODEL_TYPES[f.name]], None) for f in fields(ModelConfig) if f.name != "vocab_size"},
 )
+# A variant: optionally `preset` (a name of config.PRESETS), and overrides of any model field.
+VariantParams = create_model("VariantParams", __base__=ModelOverrides, preset=(Optional[str], None))
 
 
 class TrainParams(Strict):
@@ -74,7 +76,7 @@ class TrainParams(Strict):
 
 
 class PretrainParams(Strict):
-    variants: dict[str, ModelOverrides] = Field(min_length=1)
+    variants: dict[str, VariantParams] = Field(min_length=1)
 
 
 class EvaluateParams(Strict):
@@ -110,9 +112,14 @@ class Study(Strict):
         return {name: {"stage": "pretrain", "parents": []} for name in self.pretrain.variants}
 
     def variant_config(self, name: str, vocab_size: int) -> ModelConfig:
-        """The resolved config of pretrain variant `name`: defaults <- model <- variant."""
-        overrides = {**_set(self.model), **_set(self.pretrain.variants[name])}
-        return ModelConfig(vocab_size=vocab_size, **overrides)
+        """The resolved config of pretrain variant `name`: defaults <- model <- preset <- variant."""
+        return ModelConfig(vocab_size=vocab_size, **self.variant_overrides(name))
+
+    def variant_overrides(self, name: str) -> dict:
+        """The ModelConfig fields variant `name` sets: model <- PRESETS[its preset] <- its own keys."""
+        own = _set(self.pretrain.variants[name])
+        preset = PRESETS.get(own.pop("preset", None), {})      # an unknown name is a validation problem
+        return {**_set(self.model), **preset, **own}
 
     @property
     def experiment(self) -> str:
@@ -200,7 +207,9 @@ def semantic_problems(study: Study) -> list[str]:
     base = _unchecked_config(_set(study.model)).problems()
     p += [f"model: {problem}" for problem in base]
     for name, variant in study.pretrain.variants.items():
-        for problem in _unchecked_config({**_set(study.model), **_set(variant)}).problems():
+        if variant.preset is not None:
+            p += [f"pretrain.variants.{name}: {problem}" for problem in preset_problems(variant.preset)]
+        for problem in _unchecked_config(study.variant_overrides(name)).problems():
             if problem not in base:
                 p.append(f"pretrain.variants.{name}: {problem}")
     for i, pair in enumerate(study.report.comparisons):
@@ -211,7 +220,7 @@ def semantic_problems(study: Study) -> list[str]:
                          + (f"; did you mean '{hint[0]}'?" if hint else f"; models are {', '.join(names)}"))
     ev = study.evaluate
     for name in names:
-        block_size = _unchecked_config({**_set(study.model), **_set(study.pretrain.variants[name])}).block_size
+        block_size = _unchecked_config(study.variant_overrides(name)).block_size
         if ev.prompt_tokens + ev.decode_tokens > block_size:
             p.append(f"evaluate: prompt_tokens + decode_tokens = {ev.prompt_tokens + ev.decode_tokens} exceeds "
                      f"the block_size {block_size} of '{name}': lower them")

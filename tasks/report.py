@@ -21,7 +21,7 @@ from components import tracking  # noqa: E402
 from components.params import ParamsError, cli, load_study  # noqa: E402
 
 OUT = Path("reports")
-ARCH = ["block", "n_layer", "n_embd", "n_head", "n_kv_head", "d_ff", "ffn", "norm", "pos"]
+ARCH = ["block", "layout", "n_loop", "dwa", "n_layer", "n_embd", "n_head", "n_kv_head", "d_ff", "ffn", "norm", "pos"]
 METRICS = ["val_loss", "val_ppl", "val_bpb", "params", "active_params", "size_bytes",
            "prefill_tokens_per_s", "decode_tokens_per_s", "train_tokens", "train_seconds"]
 SPEED_NOTE = ("Speeds are batch-1 medians measured one stage at a time; on a shared or thermally "
@@ -85,7 +85,7 @@ def plot_quality_vs_speed(df: pd.DataFrame, path: Path) -> None:
 
 
 def markdown(study, df: pd.DataFrame, comp: pd.DataFrame) -> str:
-    table = df[["stage", "parents", "block", "n_kv_head", "ffn"] + METRICS + ["train_tokens_per_s"]].copy()
+    table = df[["stage", "parents", "block", "n_kv_head"] + METRICS + ["train_tokens_per_s"]].copy()
     speeds = ["prefill_tokens_per_s", "decode_tokens_per_s", "train_tokens_per_s"]
     table[speeds] = table[speeds].round().astype(int)
     table = table.round({"val_loss": 4, "val_ppl": 2, "val_bpb": 4, "train_seconds": 1})

@@ -15,7 +15,11 @@ import mlflow
 import pandas as pd
 import pytest
 
+from components.params import load_study
+
 ROOT = Path(__file__).resolve().parents[1]
+SMOKE = load_study(ROOT / "tests/smoke/params.yaml")
+NAMES = list(SMOKE.models())
 QUALITY = ["val_loss", "val_ppl", "val_bpb", "params", "active_params", "size_bytes", "train_tokens"]
 CONTRACT = QUALITY + ["prefill_tokens_per_s", "decode_tokens_per_s", "train_seconds"]
 
@@ -60,18 +64,17 @@ def built(repo):
 
 @pytest.mark.slow
 def test_repro_builds_every_model_metric_and_report(repo, built):
-    names = ["serial", "parallel", "parallel-gqa"]
-    for name in names:
+    for name in NAMES:
         assert f"Running stage 'pretrain@{name}'" in built and f"Running stage 'evaluate@{name}'" in built
         assert {"model.safetensors", "config.json", "meta.json", "curve.csv"} <= {
             p.name for p in (repo / "models" / name).iterdir()}
         metrics = json.loads((repo / "metrics" / f"{name}.json").read_text())
         assert set(CONTRACT) <= set(metrics) and metrics["val_loss"] > 0 and metrics["threads"] >= 1
     summary = pd.read_csv(repo / "reports/summary.csv", index_col="model")
-    assert list(summary.index) == names
+    assert list(summary.index) == NAMES
     assert summary.loc["parallel", "val_loss"] == json.loads((repo / "metrics/parallel.json").read_text())["val_loss"]
     comparisons = pd.read_csv(repo / "reports/comparisons.csv")
-    assert list(comparisons["model"]) == ["parallel", "parallel-gqa"]
+    assert list(comparisons["model"]) == [a for a, _ in SMOKE.report.comparisons]
     assert comparisons["d_val_loss"].iloc[0] == pytest.approx(
         summary.loc["parallel", "val_loss"] - summary.loc["serial", "val_loss"])
     for png in ("val_loss_vs_tokens.png", "ppl_vs_decode_speed.png"):
@@ -85,7 +88,7 @@ def test_every_stage_is_tracked_in_mlflow(repo, built):
     runs = mlflow.search_runs(experiment_names=["archflow-smoke"], output_format="list")
     stages = sorted((r.data.tags["stage"], r.data.tags.get("model", "")) for r in runs)
     assert stages == sorted([("prepare", ""), ("report", "")] + [
-        (s, m) for s in ("pretrain", "evaluate") for m in ("serial", "parallel", "parallel-gqa")])
+        (s, m) for s in ("pretrain", "evaluate") for m in NAMES])
     evaluate = next(r for r in runs if r.data.tags["stage"] == "evaluate" and r.data.tags["model"] == "parallel")
     metrics = json.loads((repo / "metrics/parallel.json").read_text())
     assert evaluate.data.metrics["val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-12)
@@ -121,10 +124,9 @@ def test_bad_params_stop_repro_before_any_compute(repo, built):
 
 @pytest.mark.slow
 def test_forced_repro_is_byte_identical(repo, built):
-    names = ["serial", "parallel", "parallel-gqa"]
-    weights = {n: sha(repo / "models" / n / "model.safetensors") for n in names}
-    quality = {n: {k: json.loads((repo / "metrics" / f"{n}.json").read_text())[k] for k in QUALITY} for n in names}
+    weights = {n: sha(repo / "models" / n / "model.safetensors") for n in NAMES}
+    quality = {n: {k: json.loads((repo / "metrics" / f"{n}.json").read_text())[k] for k in QUALITY} for n in NAMES}
     sh(repo, "dvc", "repro", "-f")
-    assert weights == {n: sha(repo / "models" / n / "model.safetensors") for n in names}
+    assert weights == {n: sha(repo / "models" / n / "model.safetensors") for n in NAMES}
     assert quality == {n: {k: json.loads((repo / "metrics" / f"{n}.json").read_text())[k] for k in QUALITY}
-                       for n in names}
+                       for n in NAMES}

@@ -99,9 +99,10 @@ def test_fused_state_dict_names():
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. KV-cache decoding == full forward, for every block x ffn x norm x pos x heads
+# 2. KV-cache decoding == full forward, for every original block x ffn x norm x pos x heads
+#    (the presets' blocks and stacks: tests/components/test_presets.py)
 
-CACHE_CASES = list(itertools.product(BLOCKS, FFNS, NORMS, POSITIONS, KV_HEADS))
+CACHE_CASES = list(itertools.product(["serial", "parallel", "parallel-unfused"], FFNS, NORMS, POSITIONS, KV_HEADS))
 
 
 @pytest.mark.parametrize("block,ffn,norm,pos,heads", CACHE_CASES)

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from components.config import PRESETS
 from components.params import ParamsError, load_study
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,3 +111,89 @@ def test_not_a_mapping_and_missing_file(tmp_path):
     with pytest.raises(ParamsError, match="not found"):
         load_study(tmp_path / "nope.yaml")
     assert "pretrain: required but missing" in problems(tmp_path, "study: {name: x}\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# presets: resolution order and bad input
+
+def variants(text: str) -> str:
+    return "pretrain:\n  variants:\n" + "".join(f"    {line}\n" for line in text.strip().splitlines())
+
+
+def test_preset_resolution_order(tmp_path):
+    """ModelConfig defaults <- model <- preset <- the variant's own keys."""
+    (tmp_path / "params.yaml").write_text("model: {n_loop: 3, n_layer: 3, block: parallel}\n" + variants("""
+looped: {preset: looped}
+looped4: {preset: looped, n_loop: 4}
+par: {preset: par}
+plain: {}
+"""))
+    study = load_study(tmp_path / "params.yaml")
+    cfg = {n: study.variant_config(n, 300) for n in study.models()}
+    assert (cfg["looped"].block, cfg["looped"].n_loop, cfg["looped"].n_layer) == ("serial", 2, 3)
+    assert cfg["looped4"].n_loop == 4
+    assert (cfg["par"].block, cfg["par"].layout, cfg["par"].n_loop) == ("par", "sfffff", 3)
+    assert (cfg["plain"].block, cfg["plain"].n_loop) == ("parallel", 3)
+
+
+def test_every_preset_is_in_the_smoke_study_under_its_name():
+    study = load_study(ROOT / "tests/smoke/params.yaml")
+    for name, fields in PRESETS.items():
+        assert study.pretrain.variants[name].preset == name
+        cfg = study.variant_config(name, 256)
+        assert all(getattr(cfg, k) == v for k, v in fields.items())
+
+
+def test_unknown_preset_suggests_the_closest(tmp_path):
+    msg = problems(tmp_path, variants("a: {preset: paralel}\nb: {preset: xyz}\nc: {preset: par}"))
+    assert "pretrain.variants.a: preset='paralel' is unknown: did you mean 'parallel'?" in msg
+    assert "pretrain.variants.b: preset='xyz' is unknown: presets are serial, parallel," in msg
+    assert "pretrain.variants.c" not in msg
+    assert "model.preset: unknown key" in problems(tmp_path, "model: {preset: par}\n" + variants("a: {}"))
+
+
+def test_bad_layouts(tmp_path):
+    msg = problems(tmp_path, "model: {n_layer: 2}\n" + variants("""
+letters: {preset: par, layout: sfxf}
+short: {preset: par, layout: sfs}
+long: {preset: par, layout: sfsfff}
+not-par: {layout: sfsf}
+ok: {preset: par, layout: ffss}
+"""))
+    assert "pretrain.variants.letters: layout='sfxf' has letters other than s and f" in msg
+    assert "pretrain.variants.short: layout='sfs' has 3 sublayers but n_layer=2 needs 4 (two per layer), " \
+           "e.g. 'sfff'" in msg
+    assert "pretrain.variants.long: layout='sfsfff' has 6 sublayers" in msg
+    assert "pretrain.variants.not-par: layout='sfsf' is only read by block=par" in msg
+    assert "pretrain.variants.ok" not in msg
+
+
+def test_bad_loops_dwa_and_state(tmp_path):
+    msg = problems(tmp_path, variants("""
+loops: {preset: looped, n_loop: 0}
+dwa: {preset: denseformer, dwa_dilation: 0, dwa_period: -1}
+dwa-off: {dwa_dilation: 2}
+dwa-far: {preset: denseformer, n_layer: 2, n_loop: 2, dwa_period: 5}
+state: {preset: hybrid, d_state: 0}
+state-unread: {preset: serial, d_state: 8}
+"""))
+    assert "pretrain.variants.loops: n_loop=0 must be >= 1" in msg
+    assert "pretrain.variants.dwa: dwa_dilation=0 must be >= 1" in msg
+    assert "pretrain.variants.dwa: dwa_period=-1 must be >= 1" in msg
+    assert "pretrain.variants.dwa-off: dwa_dilation and dwa_period are only read with dwa: true" in msg
+    assert "pretrain.variants.dwa-far: dwa_period=5 exceeds the 4 block applications" in msg
+    assert "pretrain.variants.state: d_state=0 must be >= 1" in msg
+    assert "pretrain.variants.state-unread: d_state=8 is only read by block=hybrid" in msg
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_shapes_that_do_not_divide_are_named_for_every_preset(tmp_path, preset):
+    msg = problems(tmp_path, "model: {n_embd: 96}\n" + variants(f"a: {{preset: {preset}, n_head: 5}}\n"
+                                                                 f"b: {{preset: {preset}, n_head: 4, n_kv_head: 3}}"))
+    assert "pretrain.variants.a: n_embd=96 is not divisible by n_head=5" in msg
+    assert "pretrain.variants.b: n_head=4 is not divisible by n_kv_head=3: pick n_kv_head among [1, 2, 4]" in msg
+
+
+def test_preset_of_the_wrong_type(tmp_path):
+    msg = problems(tmp_path, variants("a: {preset: 3}"))
+    assert "pretrain.variants.a.preset: input should be a valid string" in msg
