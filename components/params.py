@@ -72,7 +72,7 @@ class TrainParams(Strict):
     num_nodes: int = Field(1, ge=1)
     strategy: str = "auto"
     precision: str = "32-true"             # e.g. bf16-mixed
-    deterministic: bool = True
+    deterministic: bool | Literal["warn"] = True   # "warn" on GPUs, where some kernels have no deterministic version
 
 
 class PretrainParams(Strict):
