@@ -28,7 +28,7 @@ repro: install
 	dvc repro
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=8 $(PYTEST_ARGS)
 
 clean:
 	rm -rf data/prepared data/params.ok models metrics reports checkpoints mlflow.db mlruns

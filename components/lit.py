@@ -6,12 +6,14 @@ The model itself (components/model.py) knows nothing of Lightning.
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import lightning.pytorch as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
 from components.config import ModelConfig
@@ -66,6 +68,16 @@ class LitLM(L.LightningModule):
     def on_train_start(self):
         if self._rng_state is not None:
             torch.set_rng_state(self._rng_state)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write a checkpoint to a temporary file, then rename it: a run killed mid-save keeps the
+    previous complete checkpoint instead of a torn one."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)
 
 
 class TrainingCurve(L.Callback):

@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from components import tracking
 from components.artifacts import dumps, save_model_dir, short_hash
 from components.data import load_tokens
-from components.lit import LitLM, LMDataModule, TrainingCurve
+from components.lit import AtomicCheckpointIO, LitLM, LMDataModule, TrainingCurve
 from components.params import ParamsError, cli, load_study
 
 PREPARED = Path("data/prepared")
@@ -83,11 +83,13 @@ def main(argv: list[str]) -> None:
     with run as run_id:
         logger = MLFlowLogger(tracking_uri=tracking.tracking_uri(), run_id=run_id) if rank0 else False
         trainer = L.Trainer(
-            max_steps=train["max_steps"], max_epochs=-1, use_distributed_sampler=False, accelerator=train["accelerator"], devices=train["devices"],
-            num_nodes=train["num_nodes"], strategy=train["strategy"], precision=train["precision"],
-            deterministic=train["deterministic"], gradient_clip_val=train["grad_clip"] or None,
-            callbacks=[curve, checkpoint], logger=logger, limit_val_batches=0, num_sanity_val_steps=0,
-            enable_model_summary=False, log_every_n_steps=min(50, train["ckpt_every"]))
+            accelerator=train["accelerator"], devices=train["devices"], num_nodes=train["num_nodes"],
+            strategy=train["strategy"], precision=train["precision"], deterministic=train["deterministic"],
+            max_steps=train["max_steps"], max_epochs=-1, gradient_clip_val=train["grad_clip"] or None,
+            use_distributed_sampler=False,          # each rank slices the global batch itself
+            callbacks=[curve, checkpoint], plugins=[AtomicCheckpointIO()], logger=logger,
+            limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
+            log_every_n_steps=min(50, train["ckpt_every"]))
         logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
         trainer.fit(lit, datamodule=data, ckpt_path=ckpt_dir / "last.ckpt" if start_step else None)
         if not trainer.is_global_zero:
