@@ -17,6 +17,7 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 import mlflow  # noqa: E402  imported once, in the main thread (concurrent first imports crash)
 
 ROOT = Path(__file__).resolve().parent.parent
+PARENT_RUN_ENV = "ARCHFLOW_PARENT_RUN_ID"   # a pipeline's MLflow run id: stage runs nest under it
 
 
 def tracking_uri() -> str:
@@ -48,6 +49,8 @@ def stage_run(experiment: str, stage: str, model: str | None = None, parents=(),
     mlflow.set_experiment(experiment)
     all_tags = {"stage": stage, "dvc_stage": os.environ.get("DVC_STAGE", ""), "git_commit": git_commit(),
                 **({"model": model, "parents": ",".join(parents)} if model else {}), **(tags or {})}
+    if parent := os.environ.get(PARENT_RUN_ENV):       # set by flows/pipeline.py: nest under its run
+        all_tags |= {"mlflow.parentRunId": parent, "pipeline_run_id": parent}
     name = f"{stage}@{model}" if model else stage
     with mlflow.start_run(run_name=name, tags=all_tags) as run:
         if params:
