@@ -5,14 +5,17 @@ The model itself (components/model.py) knows nothing of Lightning.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
+from pathlib import Path
 
 import lightning.pytorch as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
@@ -34,10 +37,12 @@ def lr_factor(step: int, warmup: int, max_steps: int, lr: float, min_lr: float) 
 
 
 class LitLM(L.LightningModule):
-    def __init__(self, cfg: ModelConfig, train: dict, key: str = ""):
+    """Next-token training of `model` (a new TransformerLM(cfg) unless given, e.g. a parent's copy)."""
+
+    def __init__(self, cfg: ModelConfig, train: dict, key: str = "", model: TransformerLM | None = None):
         super().__init__()
         self.cfg, self.train_params, self.key = cfg, train, key
-        self.model = TransformerLM(cfg)
+        self.model = model if model is not None else TransformerLM(cfg)
         self._rng_state = None
 
     def training_step(self, batch, batch_idx):
@@ -137,15 +142,48 @@ class TrainingCurve(L.Callback):
 
 
 class LMDataModule(L.LightningDataModule):
-    """Training batches by step; an epoch is `steps_per_epoch` steps (the checkpoint interval)."""
+    """Training batches by step; an epoch is `steps_per_epoch` steps (the checkpoint interval).
+    `split`: "train", or "domains/<name>/train" for one domain (branch training)."""
 
-    def __init__(self, prepared, block_size, batch_size, seed, steps_per_epoch):
+    def __init__(self, prepared, block_size, batch_size, seed, steps_per_epoch, split="train"):
         super().__init__()
         self.prepared, self.block_size, self.batch_size = prepared, block_size, batch_size
-        self.seed, self.steps_per_epoch = seed, steps_per_epoch
+        self.seed, self.steps_per_epoch, self.split = seed, steps_per_epoch, split
 
     def train_dataloader(self):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        ds = StepBatches(load_tokens(self.prepared, "train"), self.block_size, self.batch_size, self.seed,
+        ds = StepBatches(load_tokens(self.prepared, self.split), self.block_size, self.batch_size, self.seed,
                          rank, world)
         return DataLoader(ds, batch_size=None, sampler=EpochOfSteps(self.steps_per_epoch), num_workers=0)
+
+
+def resume_step(ckpt: Path, key: str) -> int:
+    """The step to resume from: that of a checkpoint made with the same inputs (`key`), else 0."""
+    if not ckpt.exists():
+        return 0
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    except Exception as e:  # a checkpoint cut short by the interruption: start over, say so
+        print(f"ignoring unreadable checkpoint {ckpt} ({e}); training from step 0")
+        return 0
+    if state.get("archflow_key") != key:
+        print(f"ignoring {ckpt}: it was made with other params, data or code; training from step 0")
+        return 0
+    print(f"resuming from {ckpt} at step {state['global_step']}")
+    return state["global_step"]
+
+
+def make_trainer(train: dict, ckpt_dir: Path, callbacks: list, logger) -> L.Trainer:
+    """The Trainer every training stage uses: `train` settings, epoch-aligned resumable checkpoints
+    in ckpt_dir (outside DVC outs), no Lightning validation loop (the curve callback does it)."""
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, save_on_train_epoch_end=True)
+    trainer = L.Trainer(
+        accelerator=train["accelerator"], devices=train["devices"], num_nodes=train["num_nodes"],
+        strategy=train["strategy"], precision=train["precision"], deterministic=train["deterministic"],
+        max_steps=train["max_steps"], max_epochs=-1, gradient_clip_val=train["grad_clip"] or None,
+        use_distributed_sampler=False,          # each rank slices the global batch itself
+        callbacks=[*callbacks, checkpoint], plugins=[AtomicCheckpointIO()], logger=logger,
+        limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
+        log_every_n_steps=min(50, train["ckpt_every"]))
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    return trainer

@@ -513,6 +513,10 @@ class TransformerLM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())   # parameters() yields a tied weight once
 
+    def num_active_params(self) -> int:
+        """Weights one token uses on its forward pass (below num_params only for sparse models)."""
+        return self.num_params()
+
 
 def init_weights(module: nn.Module):
     if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -79,6 +79,40 @@ class PretrainParams(Strict):
     variants: dict[str, VariantParams] = Field(min_length=1)
 
 
+class StageTrainParams(Strict):
+    """Overrides of `train` for a stage that trains (branch, upcycle, distill, compress recovery)."""
+    max_steps: Optional[int] = Field(None, ge=0)   # default: train.max_steps; 0 = no training
+    lr: Optional[float] = Field(None, gt=0)
+    min_lr: Optional[float] = Field(None, ge=0)
+    warmup_steps: Optional[int] = Field(None, ge=0)
+
+
+class BranchParams(StageTrainParams):
+    """branch@<name>: a copy of `parent` continue-trained on one data domain (Branch-Train-MiX)."""
+    parent: str                            # a pretrain variant
+    domain: str                            # a key of data.domains
+
+
+class UpcycleParams(StageTrainParams):
+    """upcycle@<name>: a dense parent (and its branches) turned into a model, then trained further."""
+    parent: str                            # a pretrain variant; btx/bam also use every branch of it
+    method: Literal["continue", "sparse", "btx", "bam"]
+
+
+class DistillParams(StageTrainParams):
+    """distill@<name>: a student trained on the teacher's outputs (Hinton KD)."""
+    teacher: str                           # any model of the study
+    student: VariantParams = VariantParams()   # a preset and overrides of `model`, like a variant
+    alpha: float = 0.5                     # weight of the KD term; 1 - alpha weighs the CE loss
+    temperature: float = 2.0
+
+
+class CompressParams(StageTrainParams):
+    """compress@<name>: a smaller or cheaper copy of `source`."""
+    source: str                            # any model of the study
+    method: Literal["int8", "prune", "ffn_fusion"]
+
+
 class EvaluateParams(Strict):
     max_tokens: int = Field(65536, ge=1)   # validation tokens scored (non-overlapping windows)
     batch_size: int = Field(8, ge=1)
@@ -95,6 +129,7 @@ class ReportParams(Strict):
 
 class TrackingParams(Strict):
     experiment: Optional[str] = None       # default: study.name
+    log_models: bool = False               # also log model weights as MLflow artifacts (DVC stores them anyway)
 
 
 class Study(Strict):
@@ -103,13 +138,43 @@ class Study(Strict):
     model: ModelOverrides = ModelOverrides()
     train: TrainParams = TrainParams()
     pretrain: PretrainParams
+    branch: dict[str, BranchParams] = {}
+    upcycle: dict[str, UpcycleParams] = {}
+    distill: dict[str, DistillParams] = {}
+    compress: dict[str, CompressParams] = {}
     evaluate: EvaluateParams = EvaluateParams()
     report: ReportParams = ReportParams()
     tracking: TrackingParams = TrackingParams()
 
     def models(self) -> dict[str, dict]:
-        """Every model of the study: name -> {stage, parents}, in declaration order."""
-        return {name: {"stage": "pretrain", "parents": []} for name in self.pretrain.variants}
+        """Every model of the study: name -> {stage, parents, dir}, in stage then declaration order.
+        Branches live under branches/<parent>/ (upcycle@ of that parent waits for all of them)."""
+        out = {name: {"stage": "pretrain", "parents": [], "dir": f"models/{name}"} for name in self.pretrain.variants}
+        for name, b in self.branch.items():
+            out[name] = {"stage": "branch", "parents": [b.parent], "dir": f"branches/{b.parent}/{name}"}
+        for name, u in self.upcycle.items():
+            branches = self.branches_of(u.parent) if u.method in ("btx", "bam") else []
+            out[name] = {"stage": "upcycle", "parents": [u.parent, *branches], "dir": f"models/{name}"}
+        for name, d in self.distill.items():
+            out[name] = {"stage": "distill", "parents": [d.teacher], "dir": f"models/{name}"}
+        for name, c in self.compress.items():
+            out[name] = {"stage": "compress", "parents": [c.source], "dir": f"models/{name}"}
+        return out
+
+    def evaluated(self) -> list[str]:
+        """The models with metrics/<name>.json: all but branches (intermediate steps of btx/bam)."""
+        return [name for name, m in self.models().items() if m["stage"] != "branch"]
+
+    def model_dir(self, name: str) -> Path:
+        return Path(self.models()[name]["dir"])
+
+    def branches_of(self, parent: str) -> list[str]:
+        return [name for name, b in self.branch.items() if b.parent == parent]
+
+    def stage_train(self, overrides: StageTrainParams) -> dict:
+        """The `train` section with a stage's own max_steps/lr/min_lr/warmup_steps over it."""
+        own = {k: v for k, v in overrides.model_dump().items() if k in StageTrainParams.model_fields and v is not None}
+        return {**self.train.model_dump(), **own}
 
     def variant_config(self, name: str, vocab_size: int) -> ModelConfig:
         """The resolved config of pretrain variant `name`: defaults <- model <- preset <- variant."""
@@ -198,8 +263,17 @@ def known_keys(loc: tuple) -> list[str]:
 def semantic_problems(study: Study) -> list[str]:
     """Problems pydantic cannot see: names, references, impossible shapes."""
     p = []
+    sections = {"pretrain.variants": study.pretrain.variants, "branch": study.branch, "upcycle": study.upcycle,
+                "distill": study.distill, "compress": study.compress}
     names = list(study.models())
-    for section, keys in (("pretrain.variants", study.pretrain.variants), ("data.domains", study.data.domains)):
+    seen = {}
+    for section, keys in sections.items():
+        for name in keys:
+            if name in seen:
+                p.append(f"{section}.{name}: the name is already used in {seen[name]}; model names are unique "
+                         f"across the study (they name models/<name> and metrics/<name>.json): rename one")
+            seen.setdefault(name, section)
+    for section, keys in (*sections.items(), ("data.domains", study.data.domains)):
         for name in keys:
             if not NAME_RE.match(name):
                 p.append(f"{section}.{name}: the name is unsafe as a path or stage name; "
@@ -212,6 +286,8 @@ def semantic_problems(study: Study) -> list[str]:
         for problem in _unchecked_config(study.variant_overrides(name)).problems():
             if problem not in base:
                 p.append(f"pretrain.variants.{name}: {problem}")
+    p += reference_problems(study)
+    p += branch_problems(study) + upcycle_problems(study) + distill_problems(study) + compress_problems(study)
     for i, pair in enumerate(study.report.comparisons):
         for name in pair:
             if name not in names:
@@ -227,6 +303,64 @@ def semantic_problems(study: Study) -> list[str]:
     if study.train.min_lr > study.train.lr:
         p.append(f"train.min_lr={study.train.min_lr} exceeds train.lr={study.train.lr}: lower min_lr")
     return p
+
+
+def _unknown(kind: str, name: str, known: list[str]) -> str:
+    hint = difflib.get_close_matches(name, known, n=1)
+    return (f"unknown {kind} '{name}'; " + (f"did you mean '{hint[0]}'?" if hint else
+            f"{kind}s are {', '.join(known) or '(none)'}"))
+
+
+def reference_problems(study: Study) -> list[str]:
+    """Every parent/teacher/source names a model that exists and comes earlier in the DAG."""
+    p, variants, models = [], list(study.pretrain.variants), study.models()
+    for section, entries, field, allowed in (
+            ("branch", study.branch, "parent", variants), ("upcycle", study.upcycle, "parent", variants),
+            ("distill", study.distill, "teacher", None), ("compress", study.compress, "source", None)):
+        for name, entry in entries.items():
+            ref = getattr(entry, field)
+            known = allowed if allowed is not None else [m for m in study.evaluated() if m != name]
+            if ref not in known:
+                what = "pretrain variant" if allowed is not None else "model"
+                p.append(f"{section}.{name}.{field}: {_unknown(what, ref, known)}")
+    for name in models:                    # distill/compress may chain: A teaches B, B's copy teaches A
+        path, todo = [name], list(models[name]["parents"])
+        while todo:
+            ref = todo.pop()
+            if ref == name:
+                p.append(f"{models[name]['stage']}.{name}: its lineage loops back to itself "
+                         f"({' <- '.join(path + [name])}): pick a parent made earlier")
+                break
+            if ref in models and ref not in path:
+                path.append(ref)
+                todo += models[ref]["parents"]
+    for name, b in study.branch.items():
+        if b.domain not in study.data.domains:
+            p.append(f"branch.{name}.domain: {_unknown('domain', b.domain, list(study.data.domains))}")
+    for name, u in study.upcycle.items():
+        if u.parent in study.pretrain.variants and not study.branches_of(u.parent):
+            p.append(f"upcycle.{name}: its parent '{u.parent}' has no branches; dvc.yaml makes every upcycle of a "
+                     f"parent wait for branches/{u.parent}/: declare at least one `branch` entry with "
+                     f"parent: {u.parent} (btx and bam make one expert of each)")
+    return p
+
+
+# Checks of each stage's own settings (shapes, ranges, method options); empty lists when all is well.
+
+def branch_problems(study: Study) -> list[str]:
+    return []
+
+
+def upcycle_problems(study: Study) -> list[str]:
+    return []
+
+
+def distill_problems(study: Study) -> list[str]:
+    return []
+
+
+def compress_problems(study: Study) -> list[str]:
+    return []
 
 
 def _unchecked_config(overrides: dict) -> ModelConfig:

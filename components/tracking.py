@@ -56,3 +56,33 @@ def stage_run(experiment: str, stage: str, model: str | None = None, parents=(),
         if params:
             mlflow.log_params({k: ("" if v is None else v) for k, v in flatten(params).items()})
         yield run.info.run_id
+
+
+def log_model_dir(path: str | Path, log_weights: bool = False) -> None:
+    """Mirror a written model directory on the active run: config.json, meta.json, curve.csv with
+    a plot of it, and the weights only if asked (DVC already stores them)."""
+    path = Path(path)
+    for name in ("config.json", "meta.json", "curve.csv"):
+        if (path / name).exists():
+            mlflow.log_artifact(str(path / name))
+    if (path / "curve.csv").exists():
+        mlflow.log_figure(curve_figure(path / "curve.csv", path.name), "curve.png")
+    if log_weights:
+        mlflow.log_artifact(str(path / "model.safetensors"))
+
+
+def curve_figure(csv: Path, title: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    df = pd.read_csv(csv)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(df["tokens"], df["train_loss"], label="train loss")
+    ax.plot(df["tokens"], df["val_loss"], label="val loss")
+    ax.set(xlabel="training tokens", ylabel="loss", title=title)
+    ax.legend()
+    fig.tight_layout()
+    plt.close(fig)
+    return fig

@@ -85,21 +85,21 @@ def main(argv: list[str]) -> None:
     parser.add_argument("name", help="a model of the study (a directory under models/)")
     args = parser.parse_args(argv)
     study = load_study()
-    if args.name not in study.models():
-        raise ParamsError(f"unknown model '{args.name}': the study has {', '.join(study.models())}")
+    if args.name not in study.evaluated():
+        raise ParamsError(f"unknown model '{args.name}': the study evaluates {', '.join(study.evaluated())}")
     ev = study.evaluate
     if ev.threads:
         torch.set_num_threads(ev.threads)
-    model, meta = load_model_dir(Path("models") / args.name)
+    model_dir = study.model_dir(args.name)
+    model, meta = load_model_dir(model_dir)
     tokenizer = Tokenizer.load(PREPARED / "tokenizer.json")
     val = load_tokens(PREPARED, "val")
 
     metrics = quality(model, val, torch.tensor(tokenizer.token_bytes()), ev.max_tokens, ev.batch_size)
     prompt = torch.from_numpy(np.asarray(val[:ev.prompt_tokens], dtype=np.int64))[None]
     metrics |= speed(model, prompt, ev.decode_tokens, ev.speed_warmup, ev.speed_runs)
-    n_params = model.num_params()
-    metrics |= {"params": n_params, "active_params": n_params,
-                "size_bytes": (Path("models") / args.name / "model.safetensors").stat().st_size,
+    metrics |= {"params": model.num_params(), "active_params": model.num_active_params(),
+                "size_bytes": (model_dir / "model.safetensors").stat().st_size,
                 "train_tokens": meta["tokens_seen"], "train_seconds": meta["train_seconds"],
                 "threads": torch.get_num_threads()}
     write_atomic(Path("metrics") / f"{args.name}.json", dumps(metrics))

@@ -12,40 +12,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import shutil
 from pathlib import Path
 
 import lightning.pytorch as L
 import pandas as pd
-import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from components import tracking
-from components.artifacts import dumps, save_model_dir, short_hash
+from components.artifacts import save_model_dir, short_hash
 from components.data import load_tokens
-from components.lit import AtomicCheckpointIO, LitLM, LMDataModule, TrainingCurve
+from components.lit import LitLM, LMDataModule, TrainingCurve, make_trainer, resume_step
 from components.params import ParamsError, cli, load_study
 
 PREPARED = Path("data/prepared")
-
-
-def resume_step(ckpt: Path, key: str) -> int:
-    """The step to resume from: that of a checkpoint made with the same inputs, else 0."""
-    if not ckpt.exists():
-        return 0
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    except Exception as e:  # a checkpoint cut short by the interruption: start over, say so
-        print(f"ignoring unreadable checkpoint {ckpt} ({e}); training from step 0")
-        return 0
-    if state.get("archflow_key") != key:
-        print(f"ignoring {ckpt}: it was made with other params, data or code; training from step 0")
-        return 0
-    print(f"resuming from {ckpt} at step {state['global_step']}")
-    return state["global_step"]
 
 
 def main(argv: list[str]) -> None:
@@ -73,7 +54,6 @@ def main(argv: list[str]) -> None:
     data = LMDataModule(PREPARED, cfg.block_size, train["batch_size"], seed, steps_per_epoch=train["ckpt_every"])
     curve = TrainingCurve(load_tokens(PREPARED, "val"), cfg.block_size, train["batch_size"],
                           train["eval_batches"], train["eval_every"], train["max_steps"])
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, save_on_train_epoch_end=True)
 
     # 3. Train; only rank 0 tracks (DDP runs this file once per rank).
     rank0 = rank_zero_only.rank == 0
@@ -82,15 +62,7 @@ def main(argv: list[str]) -> None:
         if rank0 else contextlib.nullcontext()
     with run as run_id:
         logger = MLFlowLogger(tracking_uri=tracking.tracking_uri(), run_id=run_id) if rank0 else False
-        trainer = L.Trainer(
-            accelerator=train["accelerator"], devices=train["devices"], num_nodes=train["num_nodes"],
-            strategy=train["strategy"], precision=train["precision"], deterministic=train["deterministic"],
-            max_steps=train["max_steps"], max_epochs=-1, gradient_clip_val=train["grad_clip"] or None,
-            use_distributed_sampler=False,          # each rank slices the global batch itself
-            callbacks=[curve, checkpoint], plugins=[AtomicCheckpointIO()], logger=logger,
-            limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
-            log_every_n_steps=min(50, train["ckpt_every"]))
-        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+        trainer = make_trainer(train, ckpt_dir, [curve], logger)
         trainer.fit(lit, datamodule=data, ckpt_path=ckpt_dir / "last.ckpt" if start_step else None)
         if not trainer.is_global_zero:
             return
@@ -106,9 +78,7 @@ def main(argv: list[str]) -> None:
         final = curve.rows[-1]
         tracking.mlflow.log_metrics({"final_val_loss": final["val_loss"], "final_train_loss": final["train_loss"],
                                      "train_seconds": curve.seconds, "tokens_seen": tokens})
-        tracking.mlflow.log_text(dumps(cfg.to_dict()), "config.json")
-        tracking.mlflow.log_text(dumps(meta), "meta.json")
-        tracking.mlflow.log_text(csv, "curve.csv")
+        tracking.log_model_dir(Path("models") / args.name, study.tracking.log_models)
     print(f"pretrain@{args.name}: {meta['params']:,} params, {tokens:,} tokens in {curve.seconds:.1f} s, "
           f"val_loss {final['val_loss']:.4f}")
 

@@ -1,0 +1,1 @@
+"""Mixture-of-Experts layers (issue 6): written with the upcycle stage."""
