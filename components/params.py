@@ -295,7 +295,7 @@ def semantic_problems(study: Study) -> list[str]:
                 p.append(f"report.comparisons.{i}: unknown model '{name}'"
                          + (f"; did you mean '{hint[0]}'?" if hint else f"; models are {', '.join(names)}"))
     ev = study.evaluate
-    for name in names:
+    for name in study.pretrain.variants:   # later stages keep their parent's block_size (distill_problems checks students)
         block_size = _unchecked_config(study.variant_overrides(name)).block_size
         if ev.prompt_tokens + ev.decode_tokens > block_size:
             p.append(f"evaluate: prompt_tokens + decode_tokens = {ev.prompt_tokens + ev.decode_tokens} exceeds "
