@@ -443,6 +443,10 @@ class TransformerLM(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab). With a cache, idx continues it."""
+        return self.lm_head(self.hidden(idx, cache))        # (B, T, vocab)
+
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final normed hidden states (B, T, C) that lm_head reads (hidden-state distillation)."""
         T = idx.size(1)
         pos = cache.pos if cache is not None else 0
         self.check_length(pos + T, cache)
@@ -459,7 +463,7 @@ class TransformerLM(nn.Module):
                 x = self.dwa(xs)
         if cache is not None:
             cache.pos += T
-        return self.lm_head(self.norm_f(x))                 # (B, T, vocab)
+        return self.norm_f(x)                               # (B, T, C)
 
     def check_length(self, n: int, cache: KVCache | None):
         if n > self.cfg.block_size:
