@@ -8,9 +8,10 @@ changes at all, so a typo anywhere stops `dvc repro` before any compute.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import sys
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Annotated, Literal, Optional, get_args, get_type_hints
 
@@ -44,11 +45,13 @@ class DataParams(Strict):
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5)  # tail of each document held out for validation
 
 
-# Every ModelConfig field but vocab_size (which the tokenizer decides), each optional.
+# Every ModelConfig field but vocab_size (which the tokenizer decides) and quant* (compress@ writes
+# them: an int8 model is not trained), each optional.
 _MODEL_TYPES = get_type_hints(ModelConfig)
 ModelOverrides = create_model(
     "ModelOverrides", __base__=Strict,
-    **{f.name: (Optional[_MODEL_TYPES[f.name]], None) for f in fields(ModelConfig) if f.name != "vocab_size"},
+    **{f.name: (Optional[_MODEL_TYPES[f.name]], None) for f in fields(ModelConfig)
+       if f.name not in ("vocab_size", "quant", "quant_embeddings")},
 )
 # A variant: optionally `preset` (a name of config.PRESETS), and overrides of any model field.
 VariantParams = create_model("VariantParams", __base__=ModelOverrides, preset=(Optional[str], None))
@@ -102,9 +105,13 @@ class UpcycleParams(StageTrainParams):
 class DistillParams(StageTrainParams):
     """distill@<name>: a student trained on the teacher's outputs (Hinton KD)."""
     teacher: str                           # any model of the study
-    student: VariantParams = VariantParams()   # a preset and overrides of `model`, like a variant
-    alpha: float = 0.5                     # weight of the KD term; 1 - alpha weighs the CE loss
-    temperature: float = 2.0
+    student: VariantParams = VariantParams()   # init scratch: a preset and overrides of `model`, like a variant;
+                                           # init teacher-every-other: only n_layer/dropout, over the teacher's config
+    init: Literal["scratch", "teacher-every-other"] = "scratch"  # teacher-every-other: student block i = teacher's 2i
+    alpha: float = 0.5                     # in [0, 1]: loss = (1 - alpha) * CE + alpha * T^2 * KL
+    temperature: float = 2.0               # T > 0: softmax(logits / T) on both sides
+    reverse: bool = False                  # KL(student || teacher) (mode-seeking) instead of KL(teacher || student)
+    hidden_weight: float = Field(0.0, ge=0)  # + hidden_weight * (1 - cos) of the final normed hidden states
 
 
 class CompressParams(StageTrainParams):
@@ -130,6 +137,8 @@ class ReportParams(Strict):
 class TrackingParams(Strict):
     experiment: Optional[str] = None       # default: study.name
     log_models: bool = False               # also log model weights as MLflow artifacts (DVC stores them anyway)
+    register: bool = False                 # register each evaluated model: registered model <study.name>, alias <model>
+    required: bool = True                  # false: if the backend is unreachable, warn once and run without MLflow
 
 
 class Study(Strict):
@@ -185,6 +194,28 @@ class Study(Strict):
         own = _set(self.pretrain.variants[name])
         preset = PRESETS.get(own.pop("preset", None), {})      # an unknown name is a validation problem
         return {**_set(self.model), **preset, **own}
+
+    def student_overrides(self, name: str) -> dict:
+        """The ModelConfig fields distill student `name` sets. init scratch: model <- PRESETS[its preset] <-
+        its own keys, like a variant; teacher-every-other: its own keys only (they go over the teacher's)."""
+        entry = self.distill[name]
+        own = _set(entry.student)
+        if entry.init != "scratch":
+            return own
+        preset = PRESETS.get(own.pop("preset", None), {})      # an unknown name is a validation problem
+        return {**_set(self.model), **preset, **own}
+
+    def student_config(self, name: str, teacher: ModelConfig) -> ModelConfig:
+        """The resolved student of distill `name` (same vocabulary as its teacher). teacher-every-other:
+        the teacher's config with n_layer halved, then the student's own keys; per-layer lists (a pruned
+        teacher's widths) keep every other entry (check teacher_init_problems first)."""
+        own = self.student_overrides(name)
+        if self.distill[name].init == "scratch":
+            return ModelConfig(vocab_size=teacher.vocab_size, **own)
+        n = own.get("n_layer", teacher.n_layer // 2)
+        base = {k: v[::2][:n] if isinstance(v, list) and len(v) == teacher.n_layer else v
+                for k, v in teacher.to_dict().items()}
+        return ModelConfig(**{**base, "n_layer": n, **own})
 
     @property
     def experiment(self) -> str:
@@ -300,6 +331,11 @@ def semantic_problems(study: Study) -> list[str]:
         if ev.prompt_tokens + ev.decode_tokens > block_size:
             p.append(f"evaluate: prompt_tokens + decode_tokens = {ev.prompt_tokens + ev.decode_tokens} exceeds "
                      f"the block_size {block_size} of '{name}': lower them")
+    if study.tracking.register:
+        for name in study.evaluated():
+            if name.lower() == "latest" or re.fullmatch(r"[vV]\d+", name):
+                p.append(f"tracking.register: the model name '{name}' cannot be an MLflow alias ('latest' and "
+                         f"v<number> are reserved): rename the model or set register: false")
     if study.train.min_lr > study.train.lr:
         p.append(f"train.min_lr={study.train.min_lr} exceeds train.lr={study.train.lr}: lower min_lr")
     return p
@@ -356,7 +392,63 @@ def upcycle_problems(study: Study) -> list[str]:
 
 
 def distill_problems(study: Study) -> list[str]:
-    return []
+    p = []
+    for name, d in study.distill.items():
+        if not 0.0 <= d.alpha <= 1.0:
+            p.append(f"distill.{name}.alpha: {d.alpha} is outside [0, 1]; the loss is (1 - alpha) * CE + "
+                     f"alpha * KD: pick e.g. 0.5")
+        if d.temperature <= 0:
+            p.append(f"distill.{name}.temperature: {d.temperature} must be > 0 (softmax(logits / T)): pick e.g. 2.0")
+        p += [f"distill.{name}.{problem}" for problem in student_problems(study, name)]
+    return p
+
+
+def student_problems(study: Study, name: str) -> list[str]:
+    """A scratch student is checked like a variant; a teacher-initialised one against its teacher's shape
+    when the teacher is a pretrain variant (other teachers: at stage start, from their config.json)."""
+    d = study.distill[name]
+    if d.init != "scratch":
+        teacher = _unchecked_config(study.variant_overrides(d.teacher)) if d.teacher in study.pretrain.variants \
+            else None
+        return teacher_init_problems(teacher if teacher is None or not teacher.problems() else None, _set(d.student))
+    p = preset_problems(d.student.preset) if d.student.preset is not None else []
+    cfg, base = _unchecked_config(study.student_overrides(name)), _unchecked_config(_set(study.model)).problems()
+    p += [problem for problem in cfg.problems() if problem not in base]
+    ev = study.evaluate
+    if ev.prompt_tokens + ev.decode_tokens > cfg.block_size:
+        p.append(f"evaluate: prompt_tokens + decode_tokens = {ev.prompt_tokens + ev.decode_tokens} exceeds "
+                 f"the student's block_size {cfg.block_size}: lower them")
+    return [f"student: {problem}" for problem in p]
+
+
+TEACHER_INIT_KEYS = ("n_layer", "dropout")     # all a student initialised from its teacher's layers may change
+
+
+def teacher_init_problems(teacher: ModelConfig | None, own: dict) -> list[str]:
+    """Why a student cannot start as every other layer of `teacher` (None: check the student's keys only).
+    Allowed: teachers that are a stack of identical layers (serial, parallel*, hybrid, one-wide-ffn, looped,
+    MoE); not par (sublayers, not layers) nor dwa (depth weights sized by the depth)."""
+    p = [f"student.{k}: a student initialised from its teacher keeps the teacher's {k}; only "
+         f"{' and '.join(TEACHER_INIT_KEYS)} may change (or use init: scratch)" for k in own if k not in TEACHER_INIT_KEYS]
+    if teacher is None:
+        return p
+    if teacher.block == "par":
+        p.append("init: the teacher is a par model (a layout of attention and FFN sublayers, not layers): it has no "
+                 "every other layer to take; use init: scratch")
+    if teacher.dwa:
+        p.append("init: the teacher's DenseFormer depth weights are sized by its depth and cannot be halved; "
+                 "use init: scratch")
+    if getattr(teacher, "quant", ""):
+        p.append(f"init: the teacher's weights are {teacher.quant}: a student copied from them could not train; "
+                 f"use init: scratch, or distill from the float model it was made from")
+    n = own.get("n_layer", teacher.n_layer // 2)
+    if n < 1:
+        p.append(f"student.n_layer={n}: a student needs at least one layer" if "n_layer" in own else
+                 "init: the teacher has 1 layer, so half of it is nothing; use init: scratch")
+    elif 2 * (n - 1) >= teacher.n_layer:
+        p.append(f"student.n_layer={n} needs teacher layers 0, 2, ..., {2 * n - 2} but the teacher has "
+                 f"{teacher.n_layer}: use n_layer <= {math.ceil(teacher.n_layer / 2)}")
+    return p
 
 
 def compress_problems(study: Study) -> list[str]:
@@ -367,7 +459,7 @@ def _unchecked_config(overrides: dict) -> ModelConfig:
     """The config these overrides would build, without __post_init__'s checks (to collect problems)."""
     cfg = ModelConfig.__new__(ModelConfig)
     for f in fields(ModelConfig):
-        setattr(cfg, f.name, overrides.get(f.name, f.default))
+        setattr(cfg, f.name, overrides.get(f.name, f.default if f.default is not MISSING else f.default_factory()))
     return cfg
 
 
