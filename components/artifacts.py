@@ -60,8 +60,7 @@ def load_model_dir(path: str | Path) -> tuple[TransformerLM, dict]:
     cfg = ModelConfig.from_dict(json.loads((path / "config.json").read_text()))
     model = TransformerLM(cfg)
     missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
-    assert not unexpected and set(missing) == ({"lm_head.weight"} if cfg.tie_embeddings else set()), \
-        (missing, unexpected)
+    assert not unexpected and set(missing) == tied_head(model), (missing, unexpected)
     return model.eval(), json.loads((path / "meta.json").read_text())
 
 
@@ -69,6 +68,11 @@ def weights(model: TransformerLM) -> dict:
     """The tensors to save. A tied lm_head is the embedding: saved once, as wte.weight, always the
     same name (safetensors' save_model picks one of the tied names per process: not byte-stable)."""
     sd = model.state_dict()
-    if model.cfg.tie_embeddings:
-        del sd["lm_head.weight"]
-    return {k: v.contiguous() for k, v in sd.items()}
+    for k in tied_head(model):
+        del sd[k]
+    return {k: v.contiguous() for k, v in sd.items()}   # int8 weights stay int8 (with their float scales)
+
+
+def tied_head(model: TransformerLM) -> set[str]:
+    """The lm_head tensors that are the embedding's (lm_head.weight; int8: lm_head.weight_q and .scale)."""
+    return {k for k in model.state_dict() if k.startswith("lm_head.")} if model.cfg.tie_embeddings else set()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 # serial | parallel (PaLM, fused input matmul) | parallel-unfused (GPT-J) | parallel-2norm (GPT-NeoX)
 # | par (a stack of s/f sublayers, see `layout`) | one-wide-ffn (one FFN shared by all layers)
@@ -21,6 +21,11 @@ BLOCKS = ("serial", "parallel", "parallel-unfused", "parallel-2norm", "par", "on
 FFNS = ("gelu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
+ROUTERS = ("topk-softmax", "softmax-topk")          # MoE router conventions (components/moe.py)
+MOAS = ("kv-experts", "kv-shared")                  # mixture-of-attention parameterisations (BAM)
+MOE_BLOCKS = ("serial", "parallel", "parallel-unfused")   # blocks that take an MoE FFN
+MOA_BLOCKS = ("parallel", "parallel-unfused")       # attention and FFN experts on the same normalised input
+PER_LAYER_BLOCKS = ("serial", "parallel", "parallel-2norm")   # blocks whose layers may differ in width
 
 # The seed papers' designs. A variant says `preset: <name>` and may override any field after it.
 PRESETS = {
@@ -54,12 +59,30 @@ class ModelConfig:
     bias: bool = False
     dropout: float = 0.0
     norm_eps: float = 1e-5
+    # Mixture-of-Experts (components/moe.py): made by upcycle@, or set on a variant to train one from scratch.
+    n_expert: int = 0             # FFN experts of an MoE layer; 0 = dense FFN
+    top_k: int = 2                # experts each token uses
+    router: str = "topk-softmax"  # topk-softmax: softmax of the top-k logits (Mixtral) | softmax-topk (Switch)
+    moe_every: int = 1            # layer i (from 0) is MoE when (i + 1) % moe_every == 0: 1 all, 2 every other
+    shared_expert: bool = False   # plus one dense FFN that every token uses
+    aux_loss_coef: float = 0.01   # Switch load-balancing loss weight (of its mean over MoE layers)
+    z_loss_coef: float = 0.001    # router z-loss weight (ST-MoE), same averaging
+    n_attn_expert: int = 0        # mixture-of-attention experts (BAM, soft routing); 0 = plain attention
+    moa: str = "kv-experts"       # kv-experts: own q, k, v, o each | kv-shared: own q, o; one k, v (one cache)
     layout: str = ""              # par: sublayers, s = attention, f = FFN, 2*n_layer letters; "" -> par_layout(n_layer)
     n_loop: int = 1               # apply the stack of blocks n_loop times, weights shared (looped)
     dwa: bool = False             # DenseFormer depth-weighted average after blocks
     dwa_dilation: int = 1         # DWA after block i averages the outputs j = i, i-k, i-2k, ... (k = dilation)
     dwa_period: int = 1           # DWA after every p-th block only
     d_state: int = 16             # hybrid: SSM state size per head
+    # Written by compress@ (not set in params.yaml): per-layer widths of pruned or fused models
+    # (empty = every layer n_head/n_kv_head/d_ff wide; a layer with 0 heads is an FFN-only layer),
+    # and int8 weights ("" = float; quant_embeddings: the embedding and LM head are int8 too).
+    layer_n_head: list[int] = field(default_factory=list)
+    layer_n_kv_head: list[int] = field(default_factory=list)
+    layer_d_ff: list[int] = field(default_factory=list)
+    quant: str = ""
+    quant_embeddings: bool = False
 
     def __post_init__(self):
         problems = self.problems()
@@ -104,7 +127,7 @@ class ModelConfig:
             p.append(f"rope needs an even head size, got n_embd/n_head={self.n_embd // self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             p.append(f"dropout={self.dropout} must be in [0, 1)")
-        return p + self.stack_problems()
+        return p + self.stack_problems() + self.compressed_problems() + self.moe_problems()
 
     def stack_problems(self) -> list[str]:
         """Problems of the fields only some presets read (layout, dwa_*, d_state); a value nothing
@@ -126,6 +149,65 @@ class ModelConfig:
         if self.block != "hybrid" and self.d_state != ModelConfig.d_state:
             p.append(f"d_state={self.d_state} is only read by block=hybrid: set it on hybrid variants only")
         return p
+
+    def moe_problems(self) -> list[str]:
+        """Problems of the MoE/MoA fields; MoE-only options set on a dense model are reported too."""
+        p = []
+        for name, allowed in (("router", ROUTERS), ("moa", MOAS)):
+            if getattr(self, name) not in allowed:
+                p.append(f"{name}={getattr(self, name)!r} is unknown: use one of {', '.join(allowed)}")
+        for name in ("n_expert", "n_attn_expert", "aux_loss_coef", "z_loss_coef"):
+            if getattr(self, name) < 0:
+                p.append(f"{name}={getattr(self, name)} must be >= 0")
+        moe_only = ("top_k", "router", "moe_every", "shared_expert", "aux_loss_coef", "z_loss_coef")
+        if self.n_expert <= 0:
+            p += [f"{name}={getattr(self, name)!r} is only read with n_expert >= 1: set n_expert or remove it"
+                  for name in moe_only if getattr(self, name) != getattr(ModelConfig, name)]
+        else:
+            if not 1 <= self.top_k <= self.n_expert:
+                p.append(f"top_k={self.top_k} must be between 1 and n_expert={self.n_expert}")
+            if not 1 <= self.moe_every <= max(self.n_layer, 1):
+                p.append(f"moe_every={self.moe_every} must be between 1 and n_layer={self.n_layer}")
+            if self.top_k == 1 and self.router == "topk-softmax":
+                p.append("top_k=1 with router=topk-softmax weighs every token's expert 1: the router would learn "
+                         "from the aux losses only; use router: softmax-topk (Switch) for top-1")
+            if self.block not in MOE_BLOCKS or self.n_loop != 1:
+                p.append(f"n_expert needs block in {MOE_BLOCKS} and n_loop 1, got block={self.block}, "
+                         f"n_loop={self.n_loop}")
+        if self.n_attn_expert > 0 and self.block not in MOA_BLOCKS:
+            p.append(f"n_attn_expert (mixture of attention) needs a one-norm parallel block {MOA_BLOCKS}, "
+                     f"got block={self.block}")
+        if self.n_attn_expert > 0 and self.n_loop != 1:
+            p.append(f"n_attn_expert needs n_loop 1, got {self.n_loop}")
+        if self.n_attn_expert <= 0 and self.moa != ModelConfig.moa:
+            p.append(f"moa={self.moa!r} is only read with n_attn_expert >= 1: set n_attn_expert or remove it")
+        return p
+
+    def compressed_problems(self) -> list[str]:
+        """Problems of the fields compress@ writes (per-layer widths, int8)."""
+        p, lists = [], (self.layer_n_head, self.layer_n_kv_head, self.layer_d_ff)
+        if self.quant not in ("", "int8"):
+            p.append(f"quant={self.quant!r} is unknown: use '' (float) or 'int8'")
+        if self.quant_embeddings and self.quant != "int8":
+            p.append("quant_embeddings is only read with quant: int8")
+        if not any(lists):
+            return p
+        if any(len(widths) != self.n_layer for widths in lists):
+            p.append(f"layer_n_head, layer_n_kv_head and layer_d_ff need n_layer={self.n_layer} entries each, "
+                     f"got {[len(widths) for widths in lists]}")
+        if self.block not in PER_LAYER_BLOCKS or self.n_loop != 1 or self.dwa:
+            p.append(f"per-layer widths need block in {PER_LAYER_BLOCKS} without n_loop or dwa, got block={self.block}")
+        for i, (nh, nkv, d_ff) in enumerate(zip(*lists)):
+            if nh < 0 or d_ff < 1 or (nh and (nkv < 1 or nh % nkv)) or (not nh and nkv):
+                p.append(f"layer {i}: n_head={nh}, n_kv_head={nkv}, d_ff={d_ff} is impossible: d_ff >= 1 "
+                         f"and n_kv_head divides n_head (both 0 for an FFN-only layer)")
+        return p
+
+    def layer_widths(self, i: int) -> tuple[int, int, int]:
+        """(n_head, n_kv_head, d_ff) of layer i: its own with per-layer widths, else the model's."""
+        if self.layer_d_ff:
+            return self.layer_n_head[i], self.layer_n_kv_head[i], self.layer_d_ff[i]
+        return self.n_head, self.n_kv_head, self.d_ff
 
     @property
     def head_size(self) -> int:

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from components.config import ModelConfig
+from components.quant import quantize_int8_
 from components.ssm import ssd_scan, ssd_step
 
 Rope = tuple[torch.Tensor, torch.Tensor]    # (cos, sin), each (T, hs), for this call's positions
@@ -115,11 +116,14 @@ def attend(qkv: torch.Tensor, n_head: int, n_kv_head: int, rope: Rope | None = N
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """n_head/n_kv_head: this layer's own (pruned models), else the config's."""
+
+    def __init__(self, cfg: ModelConfig, n_head: int | None = None, n_kv_head: int | None = None):
         super().__init__()
-        self.n_head, self.n_kv_head, self.dropout = cfg.n_head, cfg.n_kv_head, cfg.dropout
-        self.qkv = nn.Linear(cfg.n_embd, qkv_dim(cfg), bias=cfg.bias)
-        self.proj = nn.Linear(cfg.n_head * cfg.head_size, cfg.n_embd, bias=cfg.bias)
+        self.n_head, self.n_kv_head = n_head or cfg.n_head, n_kv_head or cfg.n_kv_head
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv_head) * cfg.head_size, bias=cfg.bias)
+        self.proj = nn.Linear(self.n_head * cfg.head_size, cfg.n_embd, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope=None, kv=None, pos=0):
@@ -129,13 +133,15 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """gelu: proj(gelu(fc(x))); swiglu: proj(silu(gate) * up) with [gate; up] = fc(x)."""
+    """gelu: proj(gelu(fc(x))); swiglu: proj(silu(gate) * up) with [gate; up] = fc(x).
+    d_ff: this layer's own width (pruned or fused models), else the config's."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, d_ff: int | None = None):
         super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, ffn_in_dim(cfg), bias=cfg.bias)
+        d_ff = d_ff or cfg.d_ff
+        self.fc = nn.Linear(cfg.n_embd, 2 * d_ff if cfg.ffn == "swiglu" else d_ff, bias=cfg.bias)
         self.act = ACTIVATIONS[cfg.ffn]
-        self.proj = nn.Linear(cfg.d_ff, cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(d_ff, cfg.n_embd, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
@@ -154,10 +160,11 @@ class SerialBlock(nn.Module):
             +-------------------+   +------------------+
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
-        self.ln_1, self.attn = make_norm(cfg), CausalSelfAttention(cfg)
-        self.ln_2, self.mlp = make_norm(cfg), MLP(cfg)
+        n_head, n_kv_head, d_ff = cfg.layer_widths(layer)
+        self.ln_1, self.attn = make_norm(cfg), CausalSelfAttention(cfg, n_head, n_kv_head)
+        self.ln_2, self.mlp = make_norm(cfg), MLP(cfg, d_ff)
 
     def forward(self, x, rope=None, kv=None, pos=0):
         x = x + self.attn(self.ln_1(x), rope, kv, pos)
@@ -194,15 +201,16 @@ class ParallelBlock(nn.Module):
     unfused block, so `fuse_parallel_block` converts one into the other exactly.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
-        self.n_head, self.n_kv_head, self.dropout = cfg.n_head, cfg.n_kv_head, cfg.dropout
-        self.split = [qkv_dim(cfg), ffn_in_dim(cfg)]
+        self.n_head, self.n_kv_head, d_ff = cfg.layer_widths(layer)
+        self.dropout = cfg.dropout
+        self.split = [(self.n_head + 2 * self.n_kv_head) * cfg.head_size, 2 * d_ff if cfg.ffn == "swiglu" else d_ff]
         self.ln = make_norm(cfg)
         self.w_in = nn.Linear(cfg.n_embd, sum(self.split), bias=cfg.bias)
         self.act = ACTIVATIONS[cfg.ffn]
-        self.attn_proj = nn.Linear(cfg.n_head * cfg.head_size, cfg.n_embd, bias=cfg.bias)
-        self.mlp_proj = nn.Linear(cfg.d_ff, cfg.n_embd, bias=cfg.bias)
+        self.attn_proj = nn.Linear(self.n_head * cfg.head_size, cfg.n_embd, bias=cfg.bias)
+        self.mlp_proj = nn.Linear(d_ff, cfg.n_embd, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope=None, kv=None, pos=0):
@@ -221,10 +229,11 @@ class Parallel2NormBlock(nn.Module):
             +--------------------------+
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
-        self.ln_1, self.attn = make_norm(cfg), CausalSelfAttention(cfg)
-        self.ln_2, self.mlp = make_norm(cfg), MLP(cfg)
+        n_head, n_kv_head, d_ff = cfg.layer_widths(layer)
+        self.ln_1, self.attn = make_norm(cfg), CausalSelfAttention(cfg, n_head, n_kv_head)
+        self.ln_2, self.mlp = make_norm(cfg), MLP(cfg, d_ff)
 
     def forward(self, x, rope=None, kv=None, pos=0):
         return x + self.attn(self.ln_1(x), rope, kv, pos) + self.mlp(self.ln_2(x))
@@ -244,11 +253,12 @@ class AttentionSublayer(nn.Module):
 
 class FFNSublayer(nn.Module):
     """PAR's `f`: x --+-- ln -- mlp --(+)--> y   (a serial block's second half; no cache slot)
-                      +----------------^"""
+                      +----------------^
+    Also a pruned or fused model's FFN-only layer (0 heads; FFN Fusion's fused layer)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
-        self.ln, self.mlp = make_norm(cfg), MLP(cfg)
+        self.ln, self.mlp = make_norm(cfg), MLP(cfg, cfg.layer_widths(layer)[2])
 
     def forward(self, x, rope=None, kv=None, pos=0):
         return x + self.mlp(self.ln(x))
@@ -337,6 +347,11 @@ def make_blocks(cfg: ModelConfig, shared_mlp: MLP | None) -> list[nn.Module]:
         return [AttentionSublayer(cfg) if c == "s" else FFNSublayer(cfg) for c in cfg.layout]
     if cfg.block == "one-wide-ffn":
         return [SharedFFNBlock(cfg, shared_mlp) for _ in range(cfg.n_layer)]
+    if cfg.n_expert or cfg.n_attn_expert:                   # MoE FFN / mixture of attention layers
+        from components.moe import routed_blocks            # moe.py builds on this module: import here
+        return routed_blocks(cfg)
+    if cfg.layer_n_head:                                    # per-layer widths; 0 heads: an FFN-only layer
+        return [BLOCKS[cfg.block](cfg, i) if cfg.layer_n_head[i] else FFNSublayer(cfg, i) for i in range(cfg.n_layer)]
     return [BLOCKS[cfg.block](cfg) for _ in range(cfg.n_layer)]
 
 
@@ -438,8 +453,11 @@ class TransformerLM(nn.Module):
             self.lm_head.weight = self.wte.weight
         self.apply(init_weights)
         for name, p in self.named_parameters():             # GPT-2: scale the residual branches
-            if name.endswith(RESIDUAL_PROJECTIONS):         # (2 per layer and loop; par: 1 per sublayer)
+            if name.endswith(RESIDUAL_PROJECTIONS) or ".mlp." in name and name.endswith(".proj.weight"):
+                # (2 per layer and loop; par: 1 per sublayer; MoE: every expert's and the shared expert's)
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer * cfg.n_loop))
+        if cfg.quant == "int8":                             # int8 weights (compress@), loaded after this
+            quantize_int8_(self, cfg.quant_embeddings)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab). With a cache, idx continues it."""
@@ -483,8 +501,13 @@ class TransformerLM(nn.Module):
         kv = (batch_size, c.n_kv_head, max_len, c.head_size)
 
         def slot(block: nn.Module) -> KV | None:
+            if hasattr(block, "new_slot"):                  # its own layout (MoA: every expert's k/v heads)
+                return block.new_slot(batch_size, max_len, w)
             if isinstance(block, FFNSublayer):
                 return None
+            if c.layer_n_head:                              # this layer's own K/V heads (pruned models)
+                n_kv_head = block.n_kv_head if isinstance(block, ParallelBlock) else block.attn.n_kv_head
+                return zeros(batch_size, n_kv_head, max_len, c.head_size), zeros(batch_size, n_kv_head, max_len, c.head_size)
             if isinstance(block, HybridBlock):
                 return zeros(*kv), zeros(*kv), zeros(batch_size, c.n_head, c.d_state, c.head_size)
             return zeros(*kv), zeros(*kv)
@@ -515,11 +538,13 @@ class TransformerLM(nn.Module):
         return idx
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())   # parameters() yields a tied weight once
+        n = sum(p.numel() for p in self.parameters())      # parameters() yields a tied weight once
+        return n + sum(b.numel() for name, b in self.named_buffers() if name.endswith(".weight_q"))  # int8 weights
 
     def num_active_params(self) -> int:
-        """Weights one token uses on its forward pass (below num_params only for sparse models)."""
-        return self.num_params()
+        """Weights one token uses on its forward pass: an MoE layer counts top_k of its n_expert
+        experts (router and shared expert included); soft MoA uses every expert. Dense: num_params."""
+        return self.num_params() - sum(m.inactive_params() for m in self.modules() if hasattr(m, "inactive_params"))
 
 
 def init_weights(module: nn.Module):
