@@ -11,6 +11,7 @@ import difflib
 import math
 import re
 import sys
+import warnings
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Annotated, Literal, Optional, get_args, get_type_hints
@@ -134,11 +135,14 @@ class ReportParams(Strict):
     comparisons: list[Annotated[list[str], Field(min_length=2, max_length=2)]] = []  # [model, baseline] pairs
 
 
-class TrackingParams(Strict):
-    experiment: Optional[str] = None       # default: study.name
-    log_models: bool = False               # also log model weights as MLflow artifacts (DVC stores them anyway)
-    register: bool = False                 # register each evaluated model: registered model <study.name>, alias <model>
-    required: bool = True                  # false: if the backend is unreachable, warn once and run without MLflow
+with warnings.catch_warnings():   # `register` shadows BaseModel.register (an ABC helper nobody calls here)
+    warnings.filterwarnings("ignore", message='Field name "register"')
+
+    class TrackingParams(Strict):
+        experiment: Optional[str] = None       # default: study.name
+        log_models: bool = False               # also log model weights as MLflow artifacts (DVC stores them anyway)
+        register: bool = False                 # register each evaluated model: registered model <study.name>, alias <model>
+        required: bool = True                  # false: if the backend is unreachable, warn once and run without MLflow
 
 
 class Study(Strict):

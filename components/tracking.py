@@ -1,14 +1,27 @@
-"""MLflow helpers: one run per stage execution, in the study's experiment.
+"""MLflow mirror of the study: one run per (stage, model), in the study's experiment.
 
-Default backend: `sqlite:///<project root>/mlflow.db` (no server; `mlflow ui --backend-store-uri
-sqlite:///mlflow.db` browses it). `MLFLOW_TRACKING_URI` points it elsewhere, e.g. a server.
-DVC outputs are written before anything is logged: MLflow mirrors them, it never owns them.
+Default backend: `sqlite:///<project root>/mlflow.db` with artifacts in `<project root>/mlartifacts`
+(any sqlite backend keeps its artifacts in `mlartifacts/` next to the database file)
+(no server; `mlflow ui --backend-store-uri sqlite:///mlflow.db` browses it). `MLFLOW_TRACKING_URI`
+points it elsewhere, e.g. a team's `mlflow server`. DVC outputs are written before anything is
+logged: MLflow mirrors them, it never owns them.
+
+Each stage opens its run with `stage_run(study, stage, model, parents, params)`. A rerun of a stage
+makes a new run tagged `current=true` and retags the previous one `current=false`, so "the run of
+model X at stage S" is always well defined: `current_runs(study)` lists them.
+
+    with tracking.stage_run(study, "evaluate", model="parallel", parents=[]) as run_id:
+        tracking.log_metrics(metrics)
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import sqlite3
 import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")   # off unless the user turns it on
@@ -16,8 +29,11 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 
 import mlflow  # noqa: E402  imported once, in the main thread (concurrent first imports crash)
 
-ROOT = Path(__file__).resolve().parent.parent
+from components.params import ParamsError  # noqa: E402
+
 PARENT_RUN_ENV = "ARCHFLOW_PARENT_RUN_ID"   # a pipeline's MLflow run id: stage runs nest under it
+ARTIFACTS = "mlartifacts"                   # next to mlflow.db, for the default local backend
+_warned = False
 
 
 def tracking_uri() -> str:
@@ -41,13 +57,84 @@ def git_commit() -> str:
     return r.stdout.strip() if r.returncode == 0 else "unknown"
 
 
+def data_sha256() -> str:
+    meta = Path("data/prepared/meta.json")
+    return json.loads(meta.read_text())["sha256"] if meta.exists() else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# the backend: reachable? local paths still right?
+
+
+def check_backend(uri: str) -> str | None:
+    """None if the backend answers, else why not. Servers: GET /health (5 s); sqlite: the folder."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as r:
+                return None if r.status == 200 else f"/health answered HTTP {r.status}"
+        except OSError as e:
+            return f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        return None if folder.is_dir() else f"the folder {folder} does not exist"
+    return None
+
+
+def relocate(db: Path, root: Path) -> None:
+    """MLflow stores artifact locations as absolute paths. If this project's mlflow.db was made
+    at another path (the project was moved or copied), rewrite the stored prefix to this root."""
+    if not db.exists():
+        return
+    with contextlib.closing(sqlite3.connect(db)) as con, con:
+        if not con.execute("select 1 from sqlite_master where name='experiments'").fetchone():
+            return
+        locations = [row[0] for row in con.execute("select artifact_location from experiments")]
+        old = {loc.removeprefix("file://").rsplit(f"/{ARTIFACTS}", 1)[0] for loc in locations if f"/{ARTIFACTS}" in loc}
+        for prefix in old - {str(root)}:
+            for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                                  ("model_versions", "source"), ("model_versions", "storage_location")):
+                con.execute(f"update {table} set {column} = replace({column}, ?, ?) where {column} like ?",
+                            (prefix + "/", f"{root}/", f"%{prefix}/%"))
+
+
+def connect(study) -> bool:
+    """Point MLflow at the backend and the study's experiment. Unreachable: with
+    tracking.required (default) raise a clear error before any work; else warn once, return False."""
+    global _warned
+    uri = tracking_uri()
+    if problem := check_backend(uri):
+        msg = (f"MLflow tracking backend {uri} is unreachable ({problem}). Start it (see README: MLflow), "
+               f"unset MLFLOW_TRACKING_URI to use the local sqlite:///mlflow.db, or set "
+               f"`tracking: {{required: false}}` in params.yaml to run without tracking")
+        if study.tracking.required:
+            raise ParamsError(msg)
+        if not _warned:
+            print(f"warning: {msg}; continuing without MLflow", file=sys.stderr)
+            _warned = True
+        return False
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):         # local: artifacts next to the database, both movable
+        db = Path(uri.removeprefix("sqlite:///")).resolve()
+        relocate(db, db.parent)
+        if mlflow.get_experiment_by_name(study.experiment) is None:
+            mlflow.create_experiment(study.experiment, artifact_location=str(db.parent / ARTIFACTS))
+    mlflow.set_experiment(study.experiment)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# runs
+
+
 @contextlib.contextmanager
-def stage_run(experiment: str, stage: str, model: str | None = None, parents=(),
-              params: dict | None = None, tags: dict | None = None):
-    """Open one MLflow run for a stage execution; yields its run id."""
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(experiment)
+def stage_run(study, stage: str, model: str | None = None, parents=(), params: dict | None = None,
+              tags: dict | None = None):
+    """Open the MLflow run of one stage execution; yields its run id (None when tracking is off)."""
+    if not connect(study):
+        yield None
+        return
     all_tags = {"stage": stage, "dvc_stage": os.environ.get("DVC_STAGE", ""), "git_commit": git_commit(),
+                "data_sha256": data_sha256(), "study": study.study.name,
                 **({"model": model, "parents": ",".join(parents)} if model else {}), **(tags or {})}
     if parent := os.environ.get(PARENT_RUN_ENV):       # set by flows/pipeline.py: nest under its run
         all_tags |= {"mlflow.parentRunId": parent, "pipeline_run_id": parent}
@@ -56,11 +143,40 @@ def stage_run(experiment: str, stage: str, model: str | None = None, parents=(),
         if params:
             mlflow.log_params({k: ("" if v is None else v) for k, v in flatten(params).items()})
         yield run.info.run_id
+        make_current(run.info.run_id, stage, model)
+
+
+def make_current(run_id: str, stage: str, model: str | None) -> None:
+    """Tag this run current=true and every earlier run of the same (stage, model) current=false."""
+    query = f"tags.stage = '{stage}' and tags.current = 'true'" + (f" and tags.model = '{model}'" if model else "")
+    client = mlflow.MlflowClient()
+    for old in mlflow.search_runs(filter_string=query, output_format="list"):
+        if old.info.run_id != run_id:
+            client.set_tag(old.info.run_id, "current", "false")
+    client.set_tag(run_id, "current", "true")
+
+
+def current_runs(experiment: str, stage: str | None = None) -> list:
+    """The current run of every (stage, model) of the experiment, newest first."""
+    query = "tags.current = 'true'" + (f" and tags.stage = '{stage}'" if stage else "")
+    return mlflow.search_runs(experiment_names=[experiment], filter_string=query, output_format="list",
+                              order_by=["attributes.start_time DESC"])
+
+
+def active() -> bool:
+    return mlflow.active_run() is not None
+
+
+def log_metrics(metrics: dict, step: int | None = None) -> None:
+    if active():
+        mlflow.log_metrics(metrics, step=step)
 
 
 def log_model_dir(path: str | Path, log_weights: bool = False) -> None:
     """Mirror a written model directory on the active run: config.json, meta.json, curve.csv with
     a plot of it, and the weights only if asked (DVC already stores them)."""
+    if not active():
+        return
     path = Path(path)
     for name in ("config.json", "meta.json", "curve.csv"):
         if (path / name).exists():
@@ -86,3 +202,30 @@ def curve_figure(csv: Path, title: str):
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# model registry: one registered model per study, an alias per model name
+
+
+def register_model_dir(study, model: str, path: str | Path, run_id: str) -> int:
+    """Log the model directory under the run's `model/` and register it as a new version of the
+    registered model `study.study.name`, alias `model` (moved to this version). Returns the version."""
+    mlflow.log_artifacts(str(path), "model")
+    client = mlflow.MlflowClient()
+    name = study.study.name
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name, description=f"archflow study {name}: one alias per model")
+    version = client.create_model_version(name, source=f"{mlflow.get_run(run_id).info.artifact_uri}/model",
+                                          run_id=run_id, tags={"model": model})
+    client.set_registered_model_alias(name, model, version.version)
+    return int(version.version)
+
+
+def load_registered(study_name: str, model: str, dst: str | Path | None = None):
+    """(model, meta) of `model` in the registry of study `study_name`, by alias:
+    load_registered("archflow-smoke", "parallel")."""
+    from components.artifacts import load_model_dir
+
+    path = mlflow.artifacts.download_artifacts(f"models:/{study_name}@{model}", dst_path=dst and str(dst))
+    return load_model_dir(path)

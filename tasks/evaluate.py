@@ -80,6 +80,19 @@ def speed(model, prompt: torch.Tensor, decode_tokens: int, warmup: int, runs: in
             "decode_tokens_per_s": decode_tokens / median_seconds(decode, warmup, runs)}
 
 
+@torch.inference_mode()
+def samples(model, tokenizer, val: np.ndarray, prompt_tokens: int, new_tokens: int, n: int = 3) -> str:
+    """Greedy continuations of n fixed prompts, evenly spaced through the validation split."""
+    out = []
+    for i in range(n):
+        start = i * (len(val) - prompt_tokens) // n
+        prompt = torch.from_numpy(np.asarray(val[start:start + prompt_tokens], dtype=np.int64))[None]
+        ids = model.generate(prompt, new_tokens, temperature=0)[0].tolist()
+        out.append(f"--- sample {i + 1} (validation tokens {start}..{start + prompt_tokens}) ---\n"
+                   f"{tokenizer.decode(ids[:prompt_tokens])}\n>>>\n{tokenizer.decode(ids[prompt_tokens:])}\n")
+    return "\n".join(out)
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", help="a model of the study (a directory under models/)")
@@ -104,9 +117,18 @@ def main(argv: list[str]) -> None:
                 "threads": torch.get_num_threads()}
     write_atomic(Path("metrics") / f"{args.name}.json", dumps(metrics))
 
-    with tracking.stage_run(study.experiment, "evaluate", model=args.name, parents=meta["parents"],
-                            params={"evaluate": ev.model_dump()}):
-        tracking.mlflow.log_metrics(metrics)
+    # MLflow mirrors the metrics file exactly, with the config, lineage and a few samples.
+    params = {"model": model.cfg.to_dict(), "evaluate": ev.model_dump()}
+    tags = {k: meta[k] for k in ("variant", "method") if k in meta}
+    with tracking.stage_run(study, "evaluate", model=args.name, parents=meta["parents"], params=params,
+                            tags=tags) as run_id:
+        tracking.log_metrics(metrics)
+        tracking.log_model_dir(model_dir, study.tracking.log_models)
+        if run_id:
+            tracking.mlflow.log_text(samples(model, tokenizer, val, ev.prompt_tokens, ev.decode_tokens), "samples.txt")
+        if run_id and study.tracking.register:
+            version = tracking.register_model_dir(study, args.name, model_dir, run_id)
+            print(f"registered {study.study.name} version {version}, alias {args.name}")
     print(f"evaluate@{args.name}: val_loss {metrics['val_loss']:.4f}, val_bpb {metrics['val_bpb']:.3f}, "
           f"decode {metrics['decode_tokens_per_s']:.0f} tok/s")
 

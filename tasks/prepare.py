@@ -28,6 +28,7 @@ import numpy as np
 from components.corpus import corpus_sha256, domain_files, read_texts, select_files
 from components.params import ParamsError, cli, load_study
 from components.tokenizer import train_tokenizer
+from components import tracking
 from components.tracking import mlflow, stage_run
 
 OUT = Path("data/prepared")
@@ -63,6 +64,7 @@ def swap_in(tmp: Path, out: Path) -> None:
 def main(argv: list[str]) -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
     study = load_study()
+    tracking.connect(study)                      # an unreachable MLflow backend stops us here, not after the work
     data = study.data
     start = time.perf_counter()
 
@@ -113,7 +115,9 @@ def main(argv: list[str]) -> None:
     for name, c in per_domain.items():
         print(f"  domain {name}: {c['files']} files, train {c['train_tokens']:,}, val {c['val_tokens']:,} tokens")
 
-    with stage_run(study.experiment, "prepare", params={"data": data.model_dump()}):
+    with stage_run(study, "prepare", params={"data": data.model_dump()}) as run_id:
+        if run_id is None:
+            return
         mlflow.log_metrics({"files": meta["files"], "bytes": meta["bytes"], "vocab_size": tokenizer.vocab_size,
                             **counts, "seconds": seconds,
                             **{f"domains.{name}.{k}": v for name, c in per_domain.items()

@@ -57,28 +57,30 @@ def main(argv: list[str]) -> None:
 
     # 3. Train; only rank 0 tracks (DDP runs this file once per rank).
     rank0 = rank_zero_only.rank == 0
-    run = tracking.stage_run(study.experiment, "pretrain", model=args.name, tags={"variant": args.name},
-                             params={"model": cfg.to_dict(), "train": train, "study": {"seed": seed}}) \
+    params = {"model": cfg.to_dict(), "train": train, "study": {"seed": seed},
+              "pretrain": {"variants": {args.name: study.pretrain.variants[args.name].model_dump(exclude_none=True)}}}
+    run = tracking.stage_run(study, "pretrain", model=args.name, tags={"variant": args.name}, params=params) \
         if rank0 else contextlib.nullcontext()
     with run as run_id:
-        logger = MLFlowLogger(tracking_uri=tracking.tracking_uri(), run_id=run_id) if rank0 else False
+        logger = MLFlowLogger(tracking_uri=tracking.tracking_uri(), run_id=run_id) if run_id else False
         trainer = make_trainer(train, ckpt_dir, [curve], logger)
         trainer.fit(lit, datamodule=data, ckpt_path=ckpt_dir / "last.ckpt" if start_step else None)
         if not trainer.is_global_zero:
             return
 
-        # 4. Outputs first (DVC's), then the checkpoint goes, then MLflow mirrors the result.
+        # 4. Outputs first (DVC's), then MLflow mirrors them; the checkpoint goes last, so a
+        #    tracking failure here costs a rerun that resumes from it, not the training.
         tokens = train["max_steps"] * train["batch_size"] * cfg.block_size
         meta = {"stage": "pretrain", "variant": args.name, "parents": [], "data_sha256": data_meta["sha256"],
                 "params_hash": key, "tokens_seen": tokens, "steps": train["max_steps"],
                 "train_seconds": round(curve.seconds, 3), "params": lit.model.num_params()}
-        csv = pd.DataFrame(curve.rows).to_csv(index=False)
-        save_model_dir(Path("models") / args.name, lit.model.cpu(), meta, {"curve.csv": csv})
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        out = Path("models") / args.name
+        save_model_dir(out, lit.model.cpu(), meta, {"curve.csv": pd.DataFrame(curve.rows).to_csv(index=False)})
         final = curve.rows[-1]
-        tracking.mlflow.log_metrics({"final_val_loss": final["val_loss"], "final_train_loss": final["train_loss"],
-                                     "train_seconds": curve.seconds, "tokens_seen": tokens})
-        tracking.log_model_dir(Path("models") / args.name, study.tracking.log_models)
+        tracking.log_metrics({"final_val_loss": final["val_loss"], "final_train_loss": final["train_loss"],
+                              "train_seconds": curve.seconds, "tokens_seen": tokens})
+        tracking.log_model_dir(out, study.tracking.log_models)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
     print(f"pretrain@{args.name}: {meta['params']:,} params, {tokens:,} tokens in {curve.seconds:.1f} s, "
           f"val_loss {final['val_loss']:.4f}")
 

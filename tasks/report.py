@@ -29,15 +29,16 @@ SPEED_NOTE = ("Speeds are batch-1 medians measured one stage at a time; on a sha
               "near 1 as ties. Losses and sizes are exact.")
 
 
-def summary_table(models: dict[str, dict]) -> pd.DataFrame:
+def summary_table(study) -> pd.DataFrame:
     rows = []
-    for name, info in models.items():
+    for name in study.evaluated():
         metrics_file = Path("metrics") / f"{name}.json"
         if not metrics_file.exists():
-            raise ParamsError(f"{metrics_file} is missing: run `dvc repro evaluate@{name}` first")
-        config = json.loads((Path("models") / name / "config.json").read_text())
-        meta = json.loads((Path("models") / name / "meta.json").read_text())
-        rows.append({"model": name, "stage": meta["stage"], "parents": ",".join(meta["parents"]),
+            raise ParamsError(f"{metrics_file} is missing: run `dvc repro` (its evaluate stage) first")
+        config = json.loads((study.model_dir(name) / "config.json").read_text())
+        meta = json.loads((study.model_dir(name) / "meta.json").read_text())
+        rows.append({"model": name, "stage": meta["stage"], "method": meta.get("method", ""),
+                     "parents": ",".join(meta["parents"]),
                      **{k: config[k] for k in ARCH}, **json.loads(metrics_file.read_text())})
     df = pd.DataFrame(rows).set_index("model")
     df["train_tokens_per_s"] = df["train_tokens"] / df["train_seconds"]
@@ -58,12 +59,17 @@ def comparisons(df: pd.DataFrame, pairs: list[tuple[str, str]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def plot_curves(names, path: Path) -> None:
+def plot_curves(study, path: Path) -> None:
+    """Each model's validation loss against the tokens it has seen in all (its parent's first)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in names:
-        curve = pd.read_csv(Path("models") / name / "curve.csv")
-        ax.plot(curve["tokens"], curve["val_loss"], marker=".", label=name)
-    ax.set(xlabel="training tokens", ylabel="validation loss (nats/token)", title="Validation loss")
+    for name in study.evaluated():
+        csv = study.model_dir(name) / "curve.csv"
+        curve = pd.read_csv(csv) if csv.exists() else pd.DataFrame()
+        if len(curve):                  # models made without training (e.g. int8) have no curve
+            meta = json.loads((study.model_dir(name) / "meta.json").read_text())
+            start = meta["tokens_seen"] - curve["tokens"].iloc[-1]
+            ax.plot(start + curve["tokens"], curve["val_loss"], marker=".", label=name)
+    ax.set(xlabel="tokens seen", ylabel="validation loss (nats/token)", title="Validation loss")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -85,7 +91,7 @@ def plot_quality_vs_speed(df: pd.DataFrame, path: Path) -> None:
 
 
 def markdown(study, df: pd.DataFrame, comp: pd.DataFrame) -> str:
-    table = df[["stage", "parents", "block", "n_kv_head"] + METRICS + ["train_tokens_per_s"]].copy()
+    table = df[["stage", "method", "parents", "block", "n_kv_head"] + METRICS + ["train_tokens_per_s"]].copy()
     speeds = ["prefill_tokens_per_s", "decode_tokens_per_s", "train_tokens_per_s"]
     table[speeds] = table[speeds].round().astype(int)
     table = table.round({"val_loss": 4, "val_ppl": 2, "val_bpb": 4, "train_seconds": 1})
@@ -100,15 +106,14 @@ def markdown(study, df: pd.DataFrame, comp: pd.DataFrame) -> str:
 
 def main(argv: list[str]) -> None:
     study = load_study()
-    models = study.models()
-    df = summary_table(models)
+    df = summary_table(study)
     comp = comparisons(df, study.report.comparisons)
 
     tmp = OUT.with_name(f".{OUT.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     df.to_csv(tmp / "summary.csv")
     comp.to_csv(tmp / "comparisons.csv", index=False)
-    plot_curves(models, tmp / "val_loss_vs_tokens.png")
+    plot_curves(study, tmp / "val_loss_vs_tokens.png")
     plot_quality_vs_speed(df, tmp / "ppl_vs_decode_speed.png")
     (tmp / "summary.md").write_text(markdown(study, df, comp))
     if OUT.exists():
@@ -117,9 +122,12 @@ def main(argv: list[str]) -> None:
         OUT.rmdir()
     tmp.rename(OUT)
 
-    with tracking.stage_run(study.experiment, "report", params={"report": study.report.model_dump()}):
-        tracking.mlflow.log_artifacts(str(OUT))
-        tracking.mlflow.log_table(df.reset_index(), "summary.json")
+    with tracking.stage_run(study, "report", params={"report": study.report.model_dump()}) as run_id:
+        if run_id:
+            tracking.mlflow.log_artifacts(str(OUT))
+            tracking.mlflow.log_table(df.reset_index(), "summary.json")
+            if len(comp):
+                tracking.mlflow.log_table(comp, "comparisons.json")
     print((OUT / "summary.md").read_text().split("\n## Comparisons")[0][:3000])
     if len(comp):
         print(comp.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
