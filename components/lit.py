@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from components.config import ModelConfig
 from components.data import EpochOfSteps, StepBatches, eval_offsets, load_tokens, window_batch
 from components.model import TransformerLM
+from components.moe import moe_layers, moe_losses
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -48,8 +49,16 @@ class LitLM(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch                                   # (B, T), (B, T)
         loss = lm_loss(self.model(x), y)
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
+        self.log("train_loss", loss, prog_bar=True)    # the LM loss, for dense and MoE models alike
+        moe = moe_losses(self.model)                   # MoE: mean aux and z-loss of its layers, this step
+        if moe is None:
+            return loss
+        c = self.model.cfg
+        total = loss + c.aux_loss_coef * moe["aux_loss"] + c.z_loss_coef * moe["z_loss"]
+        self.log_dict({"train_total_loss": total, **moe})  # aux_loss, z_loss: unweighted
+        self.log_dict({f"expert_load/{name.removesuffix('.mlp')}/{e}": f     # fraction of token slots
+                       for name, layer in moe_layers(self.model) for e, f in enumerate(layer.load)})
+        return {"loss": total, "lm_loss": loss.detach()}  # TrainingCurve's train_loss stays the LM loss
 
     def configure_optimizers(self):
         t = self.train_params
@@ -105,7 +114,7 @@ class TrainingCurve(L.Callback):
             self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._loss_sum += outputs["loss"].item()
+        self._loss_sum += outputs.get("lm_loss", outputs["loss"]).item()   # MoE: without the aux losses
         self._steps += 1
         step = trainer.global_step
         if step % self.eval_every and step != self.max_steps:
