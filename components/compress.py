@@ -1,0 +1,308 @@
+"""Compression transforms (METHODS.md b6, b10, b11): int8 weights, structured pruning of attention
+KV groups and FFN channels, and FFN Fusion. Pure functions of a model (and calibration batches);
+each returns a new TransformerLM whose config describes it, so `save_model_dir` / `load_model_dir`
+need nothing else. The compress@ stage (tasks/compress.py) runs them and trains afterwards.
+
+    small = prune(model, *keep_by_score(importance(model, "taylor", batches), fraction=0.3))
+    fused = fuse_ffns(model, [(1, 2)])          # layers 1..2: attention dropped, one wide FFN
+    q8 = quantize(model, embeddings=True)
+
+Pruning units, per layer i: a KV group g (its n_head/n_kv_head query heads, its key and value
+head: q/k/v rows of the input projection, columns of the output projection) and an FFN channel c
+(row c of fc, and row d_ff + c for swiglu's up half; column c of proj). Scores of a unit sum
+element scores over those rows and columns: magnitude |W|, wanda |W| * ||X_j||_2 (X_j: input
+feature j over the calibration tokens), taylor |W * dL/dW| (gradients summed over the batches).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
+
+from components.config import PER_LAYER_BLOCKS, ModelConfig
+from components.lit import lm_loss
+from components.model import TransformerLM
+from components.quant import quantize_int8_
+
+CRITERIA = ("magnitude", "wanda", "taylor")
+Batch = tuple[torch.Tensor, torch.Tensor]       # inputs, targets: (B, T) each
+
+
+# ---------------------------------------------------------------------------------------------
+# which models each method handles
+
+
+def shape_problems(cfg: ModelConfig, method: str) -> list[str]:
+    """Why `method` cannot transform a model of config `cfg` (empty if it can)."""
+    if cfg.quant:
+        return [f"cannot {VERBS[method]} an int8 model: its weights are already rounded to int8; "
+                f"{VERBS[method]} its float source instead (int8 last)"]
+    if method == "int8":
+        return []
+    why = ("its layers are not a stack of attention + FFN layers" if cfg.block not in PER_LAYER_BLOCKS else
+           "its blocks run more than once (n_loop)" if cfg.n_loop != 1 else
+           "its depth-weighted averages (dwa) are sized by the layer outputs" if cfg.dwa else
+           "its FFNs are experts (MoE) or its attention is a mixture" if cfg.n_expert or cfg.n_attn_expert else "")
+    kind = "looped" if cfg.n_loop != 1 else "denseformer" if cfg.dwa else "MoE" if cfg.n_expert else cfg.block
+    return [f"cannot {VERBS[method]} a {kind} model: {why}; {VERBS[method]} handles {', '.join(PER_LAYER_BLOCKS)} "
+            f"models without n_loop, dwa or experts"] if why else []
+
+
+VERBS = {"int8": "quantize", "prune": "prune", "ffn_fusion": "fuse"}
+
+
+def run_problems(cfg: ModelConfig, runs: list[list[int]]) -> list[str]:
+    """Each run [first, last] names consecutive existing layers (first < last), runs disjoint."""
+    p, used = [], set()
+    for run in runs:
+        if len(run) != 2 or not 0 <= run[0] < run[1] < cfg.n_layer:
+            p.append(f"run {run}: a run is [first, last] with 0 <= first < last < n_layer={cfg.n_layer} "
+                     f"(two or more consecutive layers), e.g. [0, 1]")
+        elif used & set(range(run[0], run[1] + 1)):
+            p.append(f"run {run} overlaps another run: give disjoint runs, e.g. [0, 1] and [2, 3]")
+        else:
+            used |= set(range(run[0], run[1] + 1))
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# int8
+
+
+def quantize(model: TransformerLM, embeddings: bool) -> TransformerLM:
+    """A copy of `model` with int8 weights in every Linear (and the embedding and head with `embeddings`)."""
+    q = quantize_int8_(copy.deepcopy(model).cpu(), embeddings)
+    q.cfg = replace(model.cfg, quant="int8", quant_embeddings=embeddings)
+    return q.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# where a layer's units live
+
+
+def layer_linears(cfg: ModelConfig, i: int) -> dict:
+    """Names of layer i's matrices: qkv (input rows of q, k, v), o (attention output), fc (FFN input
+    rows, from row fc_offset), proj (FFN output), norm (the norm before the FFN). The fused parallel
+    block keeps qkv and fc in one matrix, w_in; an FFN-only layer has no qkv or o."""
+    n_head, n_kv_head, _ = cfg.layer_widths(i)
+    b = f"blocks.{i}."
+    if n_head == 0:
+        return {"qkv": None, "o": None, "fc": b + "mlp.fc", "fc_offset": 0, "proj": b + "mlp.proj", "norm": b + "ln"}
+    if cfg.block == "parallel":
+        return {"qkv": b + "w_in", "o": b + "attn_proj", "fc": b + "w_in", "norm": b + "ln",
+                "fc_offset": (n_head + 2 * n_kv_head) * cfg.head_size, "proj": b + "mlp_proj"}
+    return {"qkv": b + "attn.qkv", "o": b + "attn.proj", "fc": b + "mlp.fc", "fc_offset": 0,
+            "proj": b + "mlp.proj", "norm": b + "ln_2"}
+
+
+def group_index(cfg: ModelConfig, i: int, groups: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows of the qkv matrix, columns of the attention output) of KV groups `groups` of layer i,
+    in the layout [q of their heads; k; v] that a layer with just these groups has."""
+    n_head, n_kv_head, _ = cfg.layer_widths(i)
+    hs, r = cfg.head_size, n_head // n_kv_head
+    g = torch.tensor(groups, dtype=torch.long)
+    heads = (g[:, None] * r + torch.arange(r)).flatten()                 # query heads of the groups
+    q = (heads[:, None] * hs + torch.arange(hs)).flatten()
+    kv = (g[:, None] * hs + torch.arange(hs)).flatten()
+    return torch.cat([q, n_head * hs + kv, (n_head + n_kv_head) * hs + kv]), q
+
+
+def channel_index(cfg: ModelConfig, i: int, channels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows of the FFN input matrix, columns of the FFN output) of channels `channels` of layer i."""
+    d_ff = cfg.layer_widths(i)[2]
+    c = torch.tensor(channels, dtype=torch.long)
+    return (torch.cat([c, d_ff + c]) if cfg.ffn == "swiglu" else c), c
+
+
+# ---------------------------------------------------------------------------------------------
+# pruning
+
+
+def prune(model: TransformerLM, keep_groups: list[list[int]], keep_channels: list[list[int]]) -> TransformerLM:
+    """A physically smaller copy of `model` with, in layer i, only KV groups keep_groups[i] and FFN
+    channels keep_channels[i] (keeping everything gives back the same model)."""
+    cfg, sd = model.cfg, model.state_dict()
+    out = dict(sd)
+    widths = []
+    for i in range(cfg.n_layer):
+        n_head, n_kv_head, _ = cfg.layer_widths(i)
+        names = layer_linears(cfg, i)
+        fc_rows, proj_cols = channel_index(cfg, i, keep_channels[i])
+        rows = {names["fc"]: names["fc_offset"] + fc_rows}
+        cols = {names["proj"]: proj_cols}
+        if names["qkv"]:
+            qkv_rows, o_cols = group_index(cfg, i, keep_groups[i])
+            rows[names["qkv"]] = torch.cat([qkv_rows, rows[names["fc"]]]) if names["qkv"] == names["fc"] else qkv_rows
+            cols[names["o"]] = o_cols
+        for name, idx in rows.items():
+            for leaf in ("weight", "bias"):
+                if f"{name}.{leaf}" in sd:
+                    out[f"{name}.{leaf}"] = sd[f"{name}.{leaf}"][idx]
+        for name, idx in cols.items():
+            out[f"{name}.weight"] = sd[f"{name}.weight"][:, idx]
+        kept = len(keep_groups[i]) if names["qkv"] else 0
+        widths.append((kept * (n_head // max(n_kv_head, 1)), kept, len(keep_channels[i])))
+    return rebuild(model, out, widths)
+
+
+def rebuild(model: TransformerLM, sd: dict, widths: list[tuple[int, int, int]]) -> TransformerLM:
+    """A new model of `model`'s config with per-layer (n_head, n_kv_head, d_ff) `widths`, holding `sd`."""
+    n_head, n_kv_head, d_ff = (list(w) for w in zip(*widths))
+    cfg = replace(model.cfg, n_layer=len(widths), layer_n_head=n_head, layer_n_kv_head=n_kv_head, layer_d_ff=d_ff)
+    new = TransformerLM(cfg)
+    new.load_state_dict({k: v.clone() for k, v in sd.items()})
+    return new.eval()
+
+
+def unit_counts(cfg: ModelConfig) -> tuple[list[int], list[int]]:
+    """(KV groups, FFN channels) of every layer."""
+    return [cfg.layer_widths(i)[1] for i in range(cfg.n_layer)], [cfg.layer_widths(i)[2] for i in range(cfg.n_layer)]
+
+
+def importance(model: TransformerLM, criterion: str, batches: list[Batch]) -> tuple[list, list]:
+    """(scores of the KV groups, scores of the FFN channels), one tensor per layer each."""
+    element = element_scores(model, criterion, batches)
+    cfg = model.cfg
+    groups, channels = [], []
+    for i, (n_groups, d_ff) in enumerate(zip(*unit_counts(cfg))):
+        names = layer_linears(cfg, i)
+        fc, proj = element[names["fc"]], element[names["proj"]]
+        c_rows = [channel_index(cfg, i, [c])[0] + names["fc_offset"] for c in range(d_ff)]
+        channels.append(torch.stack([fc[r].sum() + proj[:, c].sum() for c, r in enumerate(c_rows)]))
+        if names["qkv"]:
+            qkv, o = element[names["qkv"]], element[names["o"]]
+            idx = [group_index(cfg, i, [g]) for g in range(n_groups)]
+            groups.append(torch.stack([qkv[r].sum() + o[:, c].sum() for r, c in idx]))
+        else:
+            groups.append(torch.zeros(0))
+    return groups, channels
+
+
+def element_scores(model: TransformerLM, criterion: str, batches: list[Batch]) -> dict[str, torch.Tensor]:
+    """Module name -> element scores (out, in) of every Linear in the blocks."""
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith("blocks.")}
+    if criterion == "magnitude":
+        return {name: m.weight.detach().abs() for name, m in linears.items()}
+    if criterion == "wanda":
+        sq = {name: torch.zeros(m.in_features) for name, m in linears.items()}   # sum over tokens of x_j^2
+
+        def record(name):
+            def hook(module, args):
+                sq[name].add_(args[0].detach().float().pow(2).flatten(0, -2).sum(0))
+            return hook
+        hooks = [m.register_forward_pre_hook(record(name)) for name, m in linears.items()]
+        with torch.no_grad():
+            for x, _ in batches:
+                model(x)
+        for h in hooks:
+            h.remove()
+        return {name: m.weight.detach().abs() * sq[name].sqrt()[None, :] for name, m in linears.items()}
+    if criterion == "taylor":
+        model.zero_grad(set_to_none=True)
+        for x, y in batches:
+            lm_loss(model(x), y).backward()
+        scores = {name: (m.weight.detach() * m.weight.grad).abs() for name, m in linears.items()}
+        model.zero_grad(set_to_none=True)
+        return scores
+    raise ValueError(f"criterion {criterion!r} is unknown: use one of {', '.join(CRITERIA)}")
+
+
+def keep_by_score(scores: tuple[list, list], fraction: float) -> tuple[list[list[int]], list[list[int]]]:
+    """(KV groups, FFN channels) to keep in each layer: of each kind, the round(fraction * total)
+    lowest-scoring units over all layers go, but every layer keeps at least one of each."""
+    return tuple(keep_top(layer_scores, fraction) for layer_scores in scores)
+
+
+def keep_top(scores: list[torch.Tensor], fraction: float) -> list[list[int]]:
+    n_drop = round(fraction * sum(len(s) for s in scores))
+    left = [len(s) for s in scores]
+    dropped = set()
+    for _, i, u in sorted((s.item(), i, u) for i, layer in enumerate(scores) for u, s in enumerate(layer)):
+        if len(dropped) == n_drop:
+            break
+        if left[i] > 1:
+            dropped.add((i, u))
+            left[i] -= 1
+    return [[u for u in range(len(layer)) if (i, u) not in dropped] for i, layer in enumerate(scores)]
+
+
+# ---------------------------------------------------------------------------------------------
+# FFN Fusion
+
+
+def fuse_ffns(model: TransformerLM, runs: list[tuple[int, int]]) -> TransformerLM:
+    """FFN Fusion (METHODS.md b6): each run [a, b] of layers becomes one FFN-only layer computing
+    x + sum_j FFN_j(norm_j(x)), j = a..b: their attention is dropped, and one wide FFN holds the
+    concatenated FFNs, each norm's gain (and LayerNorm bias) folded into its rows, under one norm
+    with unit gain. Exact with respect to that parallel formulation."""
+    cfg, sd = model.cfg, model.state_dict()
+    starts = {a: b for a, b in runs}
+    out = {k: v for k, v in sd.items() if not k.startswith("blocks.")}
+    widths, i = [], 0
+    while i < cfg.n_layer:
+        new = f"blocks.{len(widths)}."
+        if i in starts:
+            out |= fused_ffn_state(cfg, sd, range(i, starts[i] + 1), new)
+            widths.append((0, 0, sum(cfg.layer_widths(j)[2] for j in range(i, starts[i] + 1))))
+            i = starts[i] + 1
+            continue
+        out |= {new + k[len(f"blocks.{i}."):]: v for k, v in sd.items() if k.startswith(f"blocks.{i}.")}
+        widths.append(cfg.layer_widths(i))
+        i += 1
+    return rebuild(model, out, widths)
+
+
+def fused_ffn_state(cfg: ModelConfig, sd: dict, layers: range, prefix: str) -> dict:
+    """The state of one FFN-only layer (ln, mlp.fc, mlp.proj under `prefix`) that sums `layers`' FFNs."""
+    gates, ups, fc_bias_g, fc_bias_u, projs, proj_bias = [], [], [], [], [], 0
+    for j in layers:
+        names, d_ff = layer_linears(cfg, j), cfg.layer_widths(j)[2]
+        rows = slice(names["fc_offset"], names["fc_offset"] + (2 * d_ff if cfg.ffn == "swiglu" else d_ff))
+        w = sd[names["fc"] + ".weight"][rows]                              # (fc_in, C)
+        gain = sd[names["norm"] + ".weight"]                               # (C,)
+        b = sd[names["fc"] + ".bias"][rows] if cfg.bias else None
+        if cfg.bias and names["norm"] + ".bias" in sd:                     # LayerNorm's shift: W beta joins the bias
+            b = b + w @ sd[names["norm"] + ".bias"]
+        w = w * gain[None, :]                                              # W diag(gamma)
+        half = d_ff if cfg.ffn == "swiglu" else w.size(0)
+        gates.append(w[:half]), ups.append(w[half:])
+        if b is not None:
+            fc_bias_g.append(b[:half]), fc_bias_u.append(b[half:])
+            proj_bias = proj_bias + sd[names["proj"] + ".bias"]
+        projs.append(sd[names["proj"] + ".weight"])                         # (C, d_ff_j)
+    out = {prefix + "ln.weight": torch.ones(cfg.n_embd), prefix + "mlp.fc.weight": torch.cat(gates + ups),
+           prefix + "mlp.proj.weight": torch.cat(projs, dim=1)}
+    if cfg.bias:
+        out |= {prefix + "mlp.fc.bias": torch.cat(fc_bias_g + fc_bias_u), prefix + "mlp.proj.bias": proj_bias}
+        if cfg.norm == "layernorm":
+            out[prefix + "ln.bias"] = torch.zeros(cfg.n_embd)
+    return out
+
+
+@torch.no_grad()
+def mean_loss(model: TransformerLM, batches: list[Batch]) -> float:
+    return sum(lm_loss(model(x), y).item() for x, y in batches) / len(batches)
+
+
+def search_runs(model: TransformerLM, batches: list[Batch], max_loss_increase: float) -> tuple[list, list[dict]]:
+    """Greedy FFN Fusion search on calibration batches: repeatedly add the run that removes the most
+    layers (then: the smallest loss increase) while the loss stays within max_loss_increase of the
+    source's. Returns (runs, every candidate measured: {runs, loss_increase})."""
+    base, chosen, measured = mean_loss(model, batches), [], []
+    while True:
+        used = {j for a, b in chosen for j in range(a, b + 1)}
+        best = None
+        for a in range(model.cfg.n_layer):
+            for b in range(a + 1, model.cfg.n_layer):
+                if used & set(range(a, b + 1)):
+                    continue
+                runs = sorted(chosen + [(a, b)])
+                increase = mean_loss(fuse_ffns(model, runs), batches) - base
+                measured.append({"runs": [list(r) for r in runs], "loss_increase": round(increase, 6)})
+                if increase <= max_loss_increase and (best is None or (a - b, increase) < (best[0] - best[1], best[2])):
+                    best = (a, b, increase)
+        if best is None:
+            return chosen, measured
+        chosen = sorted(chosen + [best[:2]])
