@@ -35,24 +35,29 @@ def sha(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    """The project's files (as git sees them), the smoke study as params.yaml, a fresh git repo."""
-    repo = tmp_path_factory.mktemp("study")
+def make_repo(repo: Path, params: str) -> Path:
+    """The project's files (as git sees them) in `repo`, with `params` as params.yaml, committed
+    to a fresh git repo. Stages find this interpreter's `python` first on PATH (set by the caller)."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for f in files:
         if (ROOT / f).is_file():
             (repo / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, repo / f)
-    shutil.copy(ROOT / "tests/smoke/params.yaml", repo / "params.yaml")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # stages' `python`
-    mp.delenv("MLFLOW_TRACKING_URI", raising=False)            # the default: <project>/mlflow.db
+    (repo / "params.yaml").write_text(params)
     sh(repo, "git", "init", "-q")
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "study")
-    yield repo
+    return repo
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """The smoke study in a fresh git + DVC copy of the project, tracking into <repo>/mlflow.db."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # stages' `python`
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)            # the default: <project>/mlflow.db
+    yield make_repo(tmp_path_factory.mktemp("study"), (ROOT / "tests/smoke/params.yaml").read_text())
     mp.undo()
 
 
