@@ -18,7 +18,7 @@ from typing import Annotated, Literal, Optional, get_args, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from components.config import PRESETS, ModelConfig, preset_problems
+from components.config import PER_LAYER_BLOCKS, PRESETS, ModelConfig, preset_problems
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -101,6 +101,18 @@ class UpcycleParams(StageTrainParams):
     """upcycle@<name>: a dense parent (and its branches) turned into a model, then trained further."""
     parent: str                            # a pretrain variant; btx/bam also use every branch of it
     method: Literal["continue", "sparse", "btx", "bam"]
+    # The MoE (components/upcycle.py, METHODS.md b2-b5); `continue` reads none of these.
+    n_expert: int = Field(4, ge=1)         # sparse only: copies of the FFN (btx/bam: one expert per source)
+    top_k: int = Field(2, ge=1)            # experts each token uses
+    router: Literal["topk-softmax", "softmax-topk"] = "topk-softmax"   # renormalised top-k | Switch
+    router_init: Literal["random", "zero", "uniform"] = "random"      # N(0, 0.02) | 0 | U(+-1/sqrt(n_embd))
+    moe_every: int = Field(1, ge=1)        # 1: every layer's FFN; 2: every other (layers 1, 3, ...)
+    shared_expert: bool = False            # plus the (mean) dense FFN for every token
+    aux_loss_coef: float = Field(0.01, ge=0)    # Switch load-balancing loss weight
+    z_loss_coef: float = Field(0.001, ge=0)     # router z-loss weight
+    expert_noise: float = Field(0.0, ge=0)      # sparse only: each copy's weights + noise * std(W) * N(0, 1)
+    keep_parent: bool = False              # btx/bam: the parent is one more expert besides its branches
+    moa: Literal["kv-experts", "kv-shared"] = "kv-experts"   # bam only: per-expert q, k, v, o | shared k, v
 
 
 class DistillParams(StageTrainParams):
@@ -116,9 +128,19 @@ class DistillParams(StageTrainParams):
 
 
 class CompressParams(StageTrainParams):
-    """compress@<name>: a smaller or cheaper copy of `source`."""
+    """compress@<name>: a smaller or cheaper copy of `source` (METHODS.md b6, b10, b11); prune and
+    ffn_fusion then train max_steps steps to recover (0: none)."""
     source: str                            # any model of the study
     method: Literal["int8", "prune", "ffn_fusion"]
+    embeddings: bool = False               # int8: the embedding and LM head in int8 too (most of a small model's size)
+    fraction: Optional[float] = None       # prune, required: share of the KV groups and of the FFN channels removed, [0, 1)
+    criterion: Literal["magnitude", "wanda", "taylor"] = "taylor"   # prune: |W| | |W|*||X|| | |W*dL/dW|, summed per unit
+    runs: list[list[int]] = []             # ffn_fusion: [[first, last], ...] layers to fuse; [] = search for them
+    max_loss_increase: float = Field(0.1, ge=0)   # ffn_fusion search: calibration loss increase allowed (nats)
+    calib_batches: int = Field(4, ge=1)    # prune (wanda, taylor) and the fusion search: training batches scored
+    recover: Literal["train", "distill"] = "distill"   # prune/ffn_fusion: continued training, or KD from the source
+    alpha: float = 0.5                     # recover distill: loss = (1 - alpha) * CE + alpha * T^2 * KL
+    temperature: float = 2.0
 
 
 class EvaluateParams(Strict):
@@ -388,11 +410,57 @@ def reference_problems(study: Study) -> list[str]:
 # Checks of each stage's own settings (shapes, ranges, method options); empty lists when all is well.
 
 def branch_problems(study: Study) -> list[str]:
+    """A branch's parent and domain are checked in reference_problems; its train overrides by the schema."""
+    return []
+
+
+# upcycle keys and the methods that read them; a key set for another method would be a silent no-op
+UPCYCLE_READERS = {**{k: ("sparse", "btx", "bam") for k in (
+    "top_k", "router", "router_init", "moe_every", "shared_expert", "aux_loss_coef", "z_loss_coef")},
+    "n_expert": ("sparse",), "expert_noise": ("sparse",), "keep_parent": ("btx", "bam"), "moa": ("bam",)}
+
+
+def upcycle_experts(study: Study, name: str) -> list[str]:
+    """The model each expert of upcycle `name` comes from: sparse, its parent n_expert times; btx and
+    bam, each branch of the parent (then the parent itself with keep_parent); continue: none."""
+    u = study.upcycle[name]
+    if u.method == "sparse":
+        return [u.parent] * u.n_expert
+    if u.method in ("btx", "bam"):
+        return study.branches_of(u.parent) + [u.parent] * u.keep_parent
     return []
 
 
 def upcycle_problems(study: Study) -> list[str]:
-    return []
+    p = []
+    for name, u in study.upcycle.items():
+        where = f"upcycle.{name}"
+        for key in sorted(u.model_fields_set & UPCYCLE_READERS.keys()):
+            if u.method not in UPCYCLE_READERS[key]:
+                p.append(f"{where}.{key}: only read by method {' or '.join(UPCYCLE_READERS[key])}, "
+                         f"not {u.method}: remove it")
+        if u.method == "continue" or u.parent not in study.pretrain.variants:   # unknown parent: reported already
+            continue
+        parent = _unchecked_config(study.variant_overrides(u.parent))
+        n = len(upcycle_experts(study, name))
+        if parent.n_expert or parent.n_attn_expert:
+            p.append(f"{where}.parent: '{u.parent}' is already an MoE model: upcycle a dense variant")
+        if u.method == "bam" and parent.block not in ("parallel", "parallel-unfused"):
+            p.append(f"{where}.parent: bam needs a parallel-block parent (block parallel or parallel-unfused: "
+                     f"attention and FFN experts read one normalised input), '{u.parent}' has block {parent.block}: "
+                     f"pick a parallel variant")
+        elif parent.block not in ("serial", "parallel", "parallel-unfused") or parent.n_loop != 1:
+            p.append(f"{where}.parent: '{u.parent}' has block {parent.block} (n_loop {parent.n_loop}); "
+                     f"upcycling takes block serial, parallel or parallel-unfused with n_loop 1")
+        if n and u.top_k > n:
+            fix = "raise n_expert" if u.method == "sparse" else f"add branches of {u.parent} or set keep_parent"
+            p.append(f"{where}.top_k: {u.top_k} exceeds the {n} experts: lower top_k or {fix}")
+        if u.top_k == 1 and u.router == "topk-softmax":
+            p.append(f"{where}.router: top_k 1 with topk-softmax weighs every token's expert 1 and the router "
+                     f"learns nothing from the LM loss: use router: softmax-topk (Switch) for top-1")
+        if u.moe_every > parent.n_layer:
+            p.append(f"{where}.moe_every: {u.moe_every} exceeds n_layer {parent.n_layer}: no layer would be MoE")
+    return p
 
 
 def distill_problems(study: Study) -> list[str]:
@@ -455,8 +523,83 @@ def teacher_init_problems(teacher: ModelConfig | None, own: dict) -> list[str]:
     return p
 
 
+# compress keys and the methods that read them; a key set for another method would be a silent no-op
+COMPRESS_READERS = {"embeddings": ("int8",), "fraction": ("prune",), "criterion": ("prune",),
+                    "runs": ("ffn_fusion",), "max_loss_increase": ("ffn_fusion",),
+                    **{k: ("prune", "ffn_fusion") for k in ("calib_batches", "recover", "alpha", "temperature",
+                                                             "lr", "min_lr", "warmup_steps")}}
+
+
 def compress_problems(study: Study) -> list[str]:
-    return []
+    """Method options, ranges, and what can be said of the source before it exists: its config when it is
+    a pretrain variant, its method when it is another compress entry (the stage checks the rest)."""
+    p = []
+    for name, c in study.compress.items():
+        where = f"compress.{name}"
+        for key in sorted(c.model_fields_set & COMPRESS_READERS.keys()):
+            if c.method not in COMPRESS_READERS[key]:
+                p.append(f"{where}.{key}: only read by method {' or '.join(COMPRESS_READERS[key])}, not {c.method}: "
+                         f"remove it")
+        if c.method == "int8" and c.max_steps:
+            p.append(f"{where}.max_steps: int8 does not train (its weights are not trainable): remove max_steps")
+        if c.method == "prune" and (c.fraction is None or not 0.0 <= c.fraction < 1.0):
+            p.append(f"{where}.fraction: {'missing' if c.fraction is None else f'{c.fraction} is outside [0, 1)'}; "
+                     f"give the share of attention groups and FFN channels to remove, e.g. fraction: 0.3")
+        if {"alpha", "temperature"} & c.model_fields_set and c.recover != "distill":
+            p.append(f"{where}: alpha and temperature are only read with recover: distill")
+        if not 0.0 <= c.alpha <= 1.0 or c.temperature <= 0:
+            p.append(f"{where}: alpha={c.alpha} must be in [0, 1] and temperature={c.temperature} > 0, e.g. 0.5 and 2.0")
+        source = study.compress.get(c.source)
+        if source is not None and source.method == "int8":
+            p.append(f"{where}.source: '{c.source}' is an int8 model: {COMPRESS_VERBS[c.method]} its float source "
+                     f"'{source.source}' instead (int8 last)")
+        if c.source in study.pretrain.variants:
+            cfg = _unchecked_config(study.variant_overrides(c.source))
+            if not cfg.problems():
+                found = compress_shape_problems(cfg, c.method) + (
+                    fusion_run_problems(cfg.n_layer, c.runs) if c.method == "ffn_fusion" else [])
+                p += [f"{where}: {problem}" for problem in found]
+        elif c.method == "ffn_fusion":
+            p += [f"{where}: {problem}" for problem in fusion_run_problems(None, c.runs)]
+    return p
+
+
+COMPRESS_VERBS = {"int8": "quantize", "prune": "prune", "ffn_fusion": "fuse"}
+
+
+def compress_shape_problems(cfg: ModelConfig, method: str) -> list[str]:
+    """Why compress `method` cannot transform a model of config `cfg` (empty if it can)."""
+    verb = COMPRESS_VERBS[method]
+    if cfg.quant:
+        return [f"cannot {verb} an int8 model: its weights are already rounded to int8; {verb} its float source "
+                f"instead (int8 last)"]
+    if method == "int8":
+        return []
+    why = ("its layers are not a stack of attention + FFN layers" if cfg.block not in PER_LAYER_BLOCKS else
+           "its blocks run more than once (n_loop)" if cfg.n_loop != 1 else
+           "its depth-weighted averages (dwa) are sized by the layers" if cfg.dwa else
+           "its FFNs are experts or its attention a mixture" if cfg.n_expert or cfg.n_attn_expert else "")
+    kind = ("looped" if cfg.n_loop != 1 else "denseformer" if cfg.dwa else
+            "MoE" if cfg.n_expert or cfg.n_attn_expert else cfg.block)
+    return [f"cannot {verb} a {kind} model: {why}; {method} handles {', '.join(PER_LAYER_BLOCKS)} models "
+            f"without n_loop, dwa or experts"] if why else []
+
+
+def fusion_run_problems(n_layer: int | None, runs: list[list[int]]) -> list[str]:
+    """Each run [first, last] names two or more consecutive existing layers; runs are disjoint
+    (n_layer None: the source's depth is not known yet)."""
+    p, used = [], set()
+    for run in runs:
+        last = n_layer - 1 if n_layer is not None else None
+        if len(run) != 2 or not 0 <= run[0] < run[1] or (last is not None and run[1] > last):
+            p.append(f"runs: {run} is not a run of the source's layers: a run is [first, last] with "
+                     f"0 <= first < last" + (f" <= {last} (n_layer={n_layer})" if last is not None else "")
+                     + ", e.g. [0, 1]")
+        elif used & set(range(run[0], run[1] + 1)):
+            p.append(f"runs: {run} overlaps another run: give disjoint runs, e.g. [0, 1] and [2, 3]")
+        else:
+            used |= set(range(run[0], run[1] + 1))
+    return p
 
 
 def _unchecked_config(overrides: dict) -> ModelConfig:
