@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from components.lit import LitLM, lm_loss
 from components.model import TransformerLM
+from components.moe import moe_losses
 from components.params import ParamsError
 
 KD_CHUNK = 1024     # positions per KD chunk: bounds the fp32 (chunk, vocab) temporaries
@@ -109,10 +110,13 @@ class LitDistill(LitLM):
         ce = lm_loss(s_logits, y)
         kd = kd_loss(s_logits, t_logits, self.temperature, self.reverse)
         loss = (1 - self.alpha) * ce + self.alpha * kd
-        logs = {"train_ce": ce, "train_kd": kd}
+        logs = {"train_kd": kd}
         if self.proj is not None:
             logs["train_hidden"] = hidden_cosine_loss(s_hidden, t_hidden, self.proj)
             loss = loss + self.hidden_weight * logs["train_hidden"]
-        self.log("train_loss", loss, prog_bar=True)
-        self.log_dict(logs)
-        return loss
+        if (moe := moe_losses(self.model)) is not None:   # an MoE student: its load-balancing and z-losses, as LitLM
+            loss = loss + self.cfg.aux_loss_coef * moe["aux_loss"] + self.cfg.z_loss_coef * moe["z_loss"]
+            logs |= moe
+        self.log("train_loss", ce, prog_bar=True)         # the student's LM loss, comparable with pretraining
+        self.log_dict({"train_total_loss": loss, **logs})
+        return {"loss": loss, "lm_loss": ce.detach()}     # TrainingCurve's train_loss is the LM loss too

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from components.config import ModelConfig
 from components.distill import LitDistill, hidden_cosine_loss, init_from_teacher, kd_loss, method_name
 from components.model import TransformerLM
+from components.moe import moe_losses
 from components.params import ParamsError, load_study
 
 TRAIN = {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2, "max_steps": 10, "weight_decay": 0.1,
@@ -91,7 +92,7 @@ def batch(seed=0):
 @pytest.mark.parametrize("hidden_weight,student_embd", [(0.0, 16), (0.5, 8), (0.5, 16)])
 def test_gradients_reach_only_the_student(hidden_weight, student_embd):
     lit, teacher = lit_pair(hidden_weight, student_embd)
-    lit.training_step(batch(), 0).backward()
+    lit.training_step(batch(), 0)["loss"].backward()
     assert all(p.grad is None for p in teacher.parameters()) and not teacher.training
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lit.model.parameters())
     opt = lit.configure_optimizers()["optimizer"]
@@ -109,12 +110,26 @@ def test_loss_mixes_ce_and_t_squared_kd():
     with torch.no_grad():
         s, t = lit.model(x), teacher(x)
         expected = 0.7 * F.cross_entropy(s.flatten(0, 1), y.flatten()) + 0.3 * 9 * reference_kl(t, s, 3.0)
-        assert lit.training_step((x, y), 0).item() == pytest.approx(expected.item(), rel=1e-5)
+        assert lit.training_step((x, y), 0)["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     lit_h, _ = lit_pair(hidden_weight=2.0, student_embd=8, alpha=0.3, temperature=3.0)
     with torch.no_grad():
         plain = 0.7 * F.cross_entropy(lit_h.model(x).flatten(0, 1), y.flatten()) + 0.3 * kd_loss(lit_h.model(x), teacher(x), 3.0)
         cos = hidden_cosine_loss(lit_h.model.hidden(x), teacher.hidden(x), lit_h.proj)
-        assert lit_h.training_step((x, y), 0).item() == pytest.approx((plain + 2.0 * cos).item(), rel=1e-5)
+        assert lit_h.training_step((x, y), 0)["loss"].item() == pytest.approx((plain + 2.0 * cos).item(), rel=1e-5)
+
+
+def test_moe_teacher_is_a_black_box_and_an_moe_student_keeps_its_aux_losses():
+    torch.manual_seed(0)
+    teacher = TransformerLM(cfg(n_expert=4, top_k=2))
+    student = TransformerLM(cfg(n_layer=1, n_expert=4, top_k=2))
+    lit, (x, y) = LitDistill(student, teacher, TRAIN), batch()
+    out = lit.training_step((x, y), 0)
+    moe = moe_losses(student)                          # of the forward training_step just ran
+    with torch.no_grad():
+        kd = kd_loss(student(x), teacher(x), 2.0)
+    c = student.cfg
+    expected = 0.5 * out["lm_loss"] + 0.5 * kd + c.aux_loss_coef * moe["aux_loss"] + c.z_loss_coef * moe["z_loss"]
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_a_few_steps_have_pinned_losses():
@@ -122,13 +137,15 @@ def test_a_few_steps_have_pinned_losses():
     opt = lit.configure_optimizers()["optimizer"]
     losses = []
     for step in range(4):
-        loss = lit.training_step(batch(step), step)
+        out = lit.training_step(batch(step), step)
+        loss, ce = out["loss"], out["lm_loss"]
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(loss.item())
-    # Pinned on torch 2.13 CPU: a change means the loss, the projection or the optimizer changed.
-    assert losses == pytest.approx([2.47198, 2.39478, 2.35466, 2.31735], abs=1e-4)
+        losses += [loss.item(), ce.item()]
+    # Pinned on torch 2.13 CPU, (objective, student CE) per step: a change means the loss, the projection or
+    # the optimizer changed.
+    assert losses == pytest.approx([2.47198, 3.92251, 2.39478, 3.91357, 2.35466, 3.91757, 2.31735, 3.89778], abs=1e-4)
 
 
 def test_student_from_every_other_teacher_layer():
