@@ -19,7 +19,19 @@ from components.params import load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = load_study(ROOT / "tests/smoke/params.yaml")
-NAMES = list(SMOKE.models())
+MODELS = SMOKE.models()                        # every model, branches included: name -> stage, parents, dir
+NAMES = SMOKE.evaluated()                      # the ones with metrics/<name>.json
+
+
+def stage_of(name: str) -> str:
+    """The DVC stage that makes a model, and the one that evaluates it."""
+    kind = MODELS[name]["stage"]
+    return f"{kind}@{name}"
+
+
+def evaluate_stage(name: str) -> str:
+    kind = MODELS[name]["stage"]
+    return f"evaluate@{name}" if kind == "pretrain" else f"evaluate-{kind}@{name}"
 QUALITY = ["val_loss", "val_ppl", "val_bpb", "params", "active_params", "size_bytes", "train_tokens"]
 CONTRACT = QUALITY + ["prefill_tokens_per_s", "decode_tokens_per_s", "train_seconds"]
 
@@ -69,10 +81,13 @@ def built(repo):
 
 @pytest.mark.slow
 def test_repro_builds_every_model_metric_and_report(repo, built):
+    for name, info in MODELS.items():
+        assert f"Running stage '{stage_of(name)}'" in built
+        assert {"model.safetensors", "config.json", "meta.json"} <= {p.name for p in (repo / info["dir"]).iterdir()}
+        meta = json.loads((repo / info["dir"] / "meta.json").read_text())
+        assert (meta["stage"], meta["parents"]) == (info["stage"], info["parents"])
     for name in NAMES:
-        assert f"Running stage 'pretrain@{name}'" in built and f"Running stage 'evaluate@{name}'" in built
-        assert {"model.safetensors", "config.json", "meta.json", "curve.csv"} <= {
-            p.name for p in (repo / "models" / name).iterdir()}
+        assert f"Running stage '{evaluate_stage(name)}'" in built
         metrics = json.loads((repo / "metrics" / f"{name}.json").read_text())
         assert set(CONTRACT) <= set(metrics) and metrics["val_loss"] > 0 and metrics["threads"] >= 1
     summary = pd.read_csv(repo / "reports/summary.csv", index_col="model")
@@ -88,18 +103,27 @@ def test_repro_builds_every_model_metric_and_report(repo, built):
 
 
 @pytest.mark.slow
-def test_every_stage_is_tracked_in_mlflow(repo, built):
+def test_every_model_has_one_current_mlflow_run_per_stage_mirroring_its_files(repo, built):
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["archflow-smoke"], output_format="list")
+    runs = mlflow.search_runs(experiment_names=["archflow-smoke"], filter_string="tags.current = 'true'",
+                              output_format="list")
     stages = sorted((r.data.tags["stage"], r.data.tags.get("model", "")) for r in runs)
-    assert stages == sorted([("prepare", ""), ("report", "")] + [
-        (s, m) for s in ("pretrain", "evaluate") for m in NAMES])
-    evaluate = next(r for r in runs if r.data.tags["stage"] == "evaluate" and r.data.tags["model"] == "parallel")
-    metrics = json.loads((repo / "metrics/parallel.json").read_text())
-    assert evaluate.data.metrics["val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-12)
+    assert stages == sorted([("prepare", ""), ("report", "")] + [(m["stage"], n) for n, m in MODELS.items()]
+                            + [("evaluate", n) for n in NAMES])
+    for run in runs:
+        name = run.data.tags.get("model")
+        if name:
+            assert run.data.tags["parents"] == ",".join(MODELS[name]["parents"])
+            assert len(run.data.params) >= 5 and run.data.params["model.n_embd"]
+        if run.data.tags["stage"] == "evaluate":
+            metrics = json.loads((repo / "metrics" / f"{name}.json").read_text())
+            assert run.data.metrics == pytest.approx(metrics, rel=1e-12)
     pretrain = next(r for r in runs if r.data.tags["stage"] == "pretrain" and r.data.tags["model"] == "serial")
-    assert pretrain.data.params["model.block"] == "serial" and pretrain.data.tags["parents"] == ""
+    assert pretrain.data.params["model.block"] == "serial"
     assert len(mlflow.MlflowClient().get_metric_history(pretrain.info.run_id, "val_loss")) == 4
+    report = next(r for r in runs if r.data.tags["stage"] == "report")
+    table = mlflow.load_table("summary.json", run_ids=[report.info.run_id])
+    assert sorted(table["model"]) == sorted(NAMES)
 
 
 @pytest.mark.slow
@@ -129,9 +153,15 @@ def test_bad_params_stop_repro_before_any_compute(repo, built):
 
 @pytest.mark.slow
 def test_forced_repro_is_byte_identical(repo, built):
-    weights = {n: sha(repo / "models" / n / "model.safetensors") for n in NAMES}
+    """Forced: one model of each kind (pretrain, upcycle, distill, compress) and all its upstream
+    stages (the whole study would double the test's time for no more coverage)."""
+    weights = {n: sha(repo / m["dir"] / "model.safetensors") for n, m in MODELS.items()}
     quality = {n: {k: json.loads((repo / "metrics" / f"{n}.json").read_text())[k] for k in QUALITY} for n in NAMES}
-    sh(repo, "dvc", "repro", "-f")
-    assert weights == {n: sha(repo / "models" / n / "model.safetensors") for n in NAMES}
+    firsts = {}
+    for name in NAMES:
+        firsts.setdefault(MODELS[name]["stage"], name)
+    out = sh(repo, "dvc", "repro", "-f", *(evaluate_stage(n) for n in firsts.values())).stdout
+    assert all(f"Running stage '{stage_of(n)}'" in out for n in firsts.values())
+    assert weights == {n: sha(repo / m["dir"] / "model.safetensors") for n, m in MODELS.items()}
     assert quality == {n: {k: json.loads((repo / "metrics" / f"{n}.json").read_text())[k] for k in QUALITY}
                        for n in NAMES}
