@@ -134,6 +134,7 @@ def stage_run(study, stage: str, model: str | None = None, parents=(), params: d
         yield None
         return
     all_tags = {"stage": stage, "dvc_stage": os.environ.get("DVC_STAGE", ""), "git_commit": git_commit(),
+                **({"dvc_exp": os.environ["DVC_EXP_NAME"]} if os.environ.get("DVC_EXP_NAME") else {}),
                 "data_sha256": data_sha256(), "study": study.study.name,
                 **({"model": model, "parents": ",".join(parents)} if model else {}), **(tags or {})}
     if parent := os.environ.get(PARENT_RUN_ENV):       # set by flows/pipeline.py: nest under its run

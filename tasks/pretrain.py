@@ -59,7 +59,8 @@ def main(argv: list[str]) -> None:
     rank0 = rank_zero_only.rank == 0
     params = {"model": cfg.to_dict(), "train": train, "study": {"seed": seed},
               "pretrain": {"variants": {args.name: study.pretrain.variants[args.name].model_dump(exclude_none=True)}}}
-    run = tracking.stage_run(study, "pretrain", model=args.name, tags={"variant": args.name}, params=params) \
+    run = tracking.stage_run(study, "pretrain", model=args.name, tags={"variant": args.name, "params_hash": key},
+                             params=params) \
         if rank0 else contextlib.nullcontext()
     with run as run_id:
         logger = MLFlowLogger(tracking_uri=tracking.tracking_uri(), run_id=run_id) if run_id else False
