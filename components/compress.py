@@ -1,7 +1,8 @@
 """Compression transforms (METHODS.md b6, b10, b11): int8 weights, structured pruning of attention
 KV groups and FFN channels, and FFN Fusion. Pure functions of a model (and calibration batches);
 each returns a new TransformerLM whose config describes it, so `save_model_dir` / `load_model_dir`
-need nothing else. The compress@ stage (tasks/compress.py) runs them and trains afterwards.
+need nothing else. The compress@ stage (tasks/compress.py) runs them and trains afterwards; which
+models each method takes is checked in components/params.py (compress_shape_problems).
 
     small = prune(model, *keep_by_score(importance(model, "taylor", batches), fraction=0.3))
     fused = fuse_ffns(model, [(1, 2)])          # layers 1..2: attention dropped, one wide FFN
@@ -21,50 +22,13 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
-from components.config import PER_LAYER_BLOCKS, ModelConfig
+from components.config import ModelConfig
 from components.lit import lm_loss
 from components.model import TransformerLM
 from components.quant import quantize_int8_
 
 CRITERIA = ("magnitude", "wanda", "taylor")
 Batch = tuple[torch.Tensor, torch.Tensor]       # inputs, targets: (B, T) each
-
-
-# ---------------------------------------------------------------------------------------------
-# which models each method handles
-
-
-def shape_problems(cfg: ModelConfig, method: str) -> list[str]:
-    """Why `method` cannot transform a model of config `cfg` (empty if it can)."""
-    if cfg.quant:
-        return [f"cannot {VERBS[method]} an int8 model: its weights are already rounded to int8; "
-                f"{VERBS[method]} its float source instead (int8 last)"]
-    if method == "int8":
-        return []
-    why = ("its layers are not a stack of attention + FFN layers" if cfg.block not in PER_LAYER_BLOCKS else
-           "its blocks run more than once (n_loop)" if cfg.n_loop != 1 else
-           "its depth-weighted averages (dwa) are sized by the layer outputs" if cfg.dwa else
-           "its FFNs are experts (MoE) or its attention is a mixture" if cfg.n_expert or cfg.n_attn_expert else "")
-    kind = "looped" if cfg.n_loop != 1 else "denseformer" if cfg.dwa else "MoE" if cfg.n_expert else cfg.block
-    return [f"cannot {VERBS[method]} a {kind} model: {why}; {VERBS[method]} handles {', '.join(PER_LAYER_BLOCKS)} "
-            f"models without n_loop, dwa or experts"] if why else []
-
-
-VERBS = {"int8": "quantize", "prune": "prune", "ffn_fusion": "fuse"}
-
-
-def run_problems(cfg: ModelConfig, runs: list[list[int]]) -> list[str]:
-    """Each run [first, last] names consecutive existing layers (first < last), runs disjoint."""
-    p, used = [], set()
-    for run in runs:
-        if len(run) != 2 or not 0 <= run[0] < run[1] < cfg.n_layer:
-            p.append(f"run {run}: a run is [first, last] with 0 <= first < last < n_layer={cfg.n_layer} "
-                     f"(two or more consecutive layers), e.g. [0, 1]")
-        elif used & set(range(run[0], run[1] + 1)):
-            p.append(f"run {run} overlaps another run: give disjoint runs, e.g. [0, 1] and [2, 3]")
-        else:
-            used |= set(range(run[0], run[1] + 1))
-    return p
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,11 +12,12 @@ from safetensors.torch import load_file
 
 from components import quant
 from components.artifacts import load_model_dir, save_model_dir
-from components.compress import (fuse_ffns, importance, keep_by_score, layer_linears, prune, quantize, run_problems,
-                                 search_runs, shape_problems)
+from components.compress import fuse_ffns, importance, keep_by_score, layer_linears, prune, quantize, search_runs
 from components.config import ModelConfig
 from components.lit import lm_loss
 from components.model import TransformerLM
+from components.params import compress_shape_problems as shape_problems
+from components.params import fusion_run_problems
 
 torch.set_num_threads(1)
 
@@ -253,11 +254,10 @@ def test_int8_models_are_not_compressed_again():
 
 
 def test_runs_must_exist_and_be_disjoint():
-    cfg = ModelConfig(**TINY)
-    assert run_problems(cfg, [[0, 1], [2, 2]])[0].startswith("run [2, 2]")
-    assert run_problems(cfg, [[1, 3]])[0].startswith("run [1, 3]")
-    assert run_problems(cfg, [[0, 1], [1, 2]])[0].startswith("run [1, 2] overlaps")
-    assert run_problems(cfg, [[0, 2]]) == []
+    assert fusion_run_problems(3, [[0, 1], [2, 2]])[0].startswith("runs: [2, 2] is not a run")
+    assert "n_layer=3" in fusion_run_problems(3, [[1, 3]])[0]
+    assert fusion_run_problems(3, [[0, 1], [1, 2]])[0].startswith("runs: [1, 2] overlaps")
+    assert fusion_run_problems(3, [[0, 2]]) == [] and fusion_run_problems(None, [[4, 9]]) == []
 
 
 def test_layer_linears_name_real_modules():
