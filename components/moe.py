@@ -70,17 +70,15 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 def dispatch(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
     """y_t = sum_j weights[t, j] * experts[idx[t, j]](x_t), x (N, C) -> (N, C); each expert runs once
-    on the tokens routed to it (grouped by a stable sort), no token is dropped."""
-    N, k = idx.shape
+    on the tokens routed to it (slots grouped by a stable sort), no token is dropped."""
+    k = idx.size(1)
     order = idx.flatten().argsort(stable=True)              # (N*k,) slots grouped by expert
     counts = torch.bincount(idx.flatten(), minlength=len(experts)).tolist()
-    token, w = order // k, weights.flatten()[order]         # (N*k,) token and weight of each sorted slot
-    y = x.new_zeros(x.shape)
-    for e, group in enumerate(torch.split(torch.arange(N * k, device=x.device), counts)):
-        if len(group):
-            t = token[group]                                # (n_e,) tokens of expert e
-            y.index_add_(0, t, (experts[e](x[t]) * w[group, None]).to(y.dtype))
-    return y
+    token = order // k                                      # (N*k,) the token of each sorted slot
+    groups = x[token].split(counts)                         # E x (n_e, C), one gather
+    out = torch.cat([experts[e](g) for e, g in enumerate(groups) if len(g)])   # (N*k, C)
+    out = out * weights.flatten()[order, None].to(out.dtype)
+    return x.new_zeros(x.shape).index_add_(0, token, out.to(x.dtype))  # sum each token's k slots
 
 
 # ---------------------------------------------------------------------------------------------
