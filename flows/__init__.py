@@ -1,1 +1,1 @@
-"""Prefect flows over the DVC pipeline (not yet written: run the study with `dvc repro`)."""
+"""Prefect flows over the DVC pipeline: `python -m flows.pipeline` runs dvc.yaml's stages as Prefect tasks."""

@@ -1,0 +1,115 @@
+"""End to end: the smoke study through `python -m flows.pipeline` against a real `prefect server`.
+
+    .venv/bin/python -m pytest tests/flows/test_e2e.py -q        # about 2 minutes on 2 cores; CI runs it
+
+For CI time it builds a subset of the smoke study, `evaluate@serial evaluate@parallel` and their
+upstream (validate, prepare, two pretrains, two evaluates: two independent branches); the whole
+study would add ~3 minutes of stage start-ups and shows nothing more about the flow.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import mlflow
+import pytest
+from ruamel.yaml import YAML
+
+from flows.pipeline import plan_stages
+from tests.test_pipeline import repo, sh, sha  # noqa: F401  (repo: the smoke study in a temp git repo)
+
+TARGETS = ["evaluate@serial", "evaluate@parallel"]
+STAGES = {"validate", "prepare", "pretrain@serial", "pretrain@parallel", "evaluate@serial", "evaluate@parallel"}
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    """`prefect server start` on a free port, its state in a temp PREFECT_HOME; yields its API URL."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = (home / "server.log").open("w")
+    server = subprocess.Popen([Path(sys.executable).parent / "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.time() + 180
+    while not healthy(url):
+        assert server.poll() is None and time.time() < deadline, (home / "server.log").read_text()[-3000:]
+        time.sleep(0.5)
+    yield url
+    server.terminate()
+    server.wait(timeout=60)
+    log.close()
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def run_flow(repo, api, tmp_path) -> str:
+    env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "prefect-client")}
+    env.pop("MLFLOW_TRACKING_URI", None)                     # the project's own mlflow.db
+    r = subprocess.run([sys.executable, "-m", "flows.pipeline", *TARGETS, "--max-parallel", "2"], cwd=repo,
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout + r.stderr
+
+
+def task_runs(api) -> list[list[dict]]:
+    """The task runs of each flow run on the server, oldest flow run first."""
+    flow_runs = httpx.post(f"{api}/flow_runs/filter", json={"sort": "START_TIME_ASC"}, timeout=30).json()
+    assert all(f["state_type"] == "COMPLETED" for f in flow_runs), [f["state"] for f in flow_runs]
+    return [httpx.post(f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [f["id"]]}}}, timeout=30).json()
+            for f in flow_runs]
+
+
+@pytest.mark.slow
+def test_the_flow_builds_the_smoke_study_like_dvc_repro_and_a_rerun_executes_nothing(repo, api, tmp_path,
+                                                                                       monkeypatch):
+    out = run_flow(repo, api, tmp_path)
+    assert all(f"Running stage '{s}'" in out for s in STAGES)
+    [first] = task_runs(api)
+    assert sorted(t["name"] for t in first) == sorted(STAGES)                  # one task run per stage
+    assert {t["state_name"] for t in first} == {"Completed"}
+
+    # dvc.lock: entries in the order `dvc repro <targets>` writes them, and each one up to date
+    monkeypatch.chdir(repo)
+    plan = plan_stages(TARGETS)
+    assert list(YAML(typ="safe").load((repo / "dvc.lock").read_text())["stages"]) == plan.order
+    assert plan.stale == set()
+    for name in ("serial", "parallel"):
+        assert json.loads((repo / "metrics" / f"{name}.json").read_text())["val_loss"] > 0
+
+    # MLflow: one parent run for the execution, every stage's run nested under it
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["archflow-smoke"], output_format="list")
+    [parent] = [r for r in runs if r.data.tags["stage"] == "pipeline"]
+    assert parent.info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted((r.data.tags["stage"], r.data.tags.get("model", "")) for r in children) == sorted(
+        [("prepare", "")] + [(s, m) for s in ("pretrain", "evaluate") for m in ("serial", "parallel")])
+
+    # a second run executes nothing: every task run finishes at once as Skipped
+    lock, weights = (repo / "dvc.lock").read_bytes(), sha(repo / "models/serial/model.safetensors")
+    out = run_flow(repo, api, tmp_path)
+    assert "Running stage" not in out
+    first, second = task_runs(api)
+    assert sorted(t["name"] for t in second) == sorted(STAGES)
+    assert {t["state_name"] for t in second} == {"Skipped"}
+    assert (repo / "dvc.lock").read_bytes() == lock
+
+    # plain `dvc repro` rebuilds the same weights byte for byte (the model directory's meta.json and
+    # curve.csv hold timings, so its hash in dvc.lock changes with any rebuild, flow or not)
+    sh(repo, "dvc", "repro", "--force", "--single-item", "pretrain@serial")
+    assert sha(repo / "models/serial/model.safetensors") == weights

@@ -1,0 +1,101 @@
+"""flows/pipeline.py on tiny DVC projects (cheap `python stage.py` stages, no training).
+
+    .venv/bin/python -m pytest tests/flows -q -m "not slow"
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from components.params import ParamsError
+from flows.pipeline import main, pipeline
+from tests.flows.conftest import make_project, runs, stage
+
+ROOT = Path(__file__).resolve().parents[2]
+
+DIAMOND = (stage("root") + stage("left", ["out/root.txt"], sleep=1.5)
+           + stage("right", ["out/root.txt"], sleep=0.2) + stage("join", ["out/left.txt", "out/right.txt"]))
+
+
+def test_stages_follow_the_dag_and_independent_ones_overlap(project):
+    root = project(stage("root") + stage("left", ["out/root.txt"], mode="meet=right")
+                   + stage("right", ["out/root.txt"], mode="meet=left") + stage("join", ["out/left.txt", "out/right.txt"]))
+    assert pipeline(max_parallel=2) == {"root": "ran", "left": "ran", "right": "ran", "join": "ran"}
+    t = runs(root)                                             # left and right each waited for the other
+    assert t["root"][1] <= min(t["left"][0], t["right"][0])
+    assert max(t["left"][1], t["right"][1]) <= t["join"][0]
+    parent = {p for _, _, p in t.values()}
+    assert len(parent) == 1 and mlflow.get_run(parent.pop()).data.tags["stage"] == "pipeline"
+
+
+def test_a_second_run_executes_nothing(project):
+    root = project(DIAMOND)
+    pipeline()
+    before = (root / "log/runs.txt").read_text()
+    assert set(pipeline().values()) == {"skipped"}
+    assert (root / "log/runs.txt").read_text() == before
+
+
+def test_dvc_lock_and_outputs_are_what_dvc_repro_writes(project, tmp_path):
+    by_flow = project(DIAMOND, "flow")          # `right` finishes before `left` here, not in dvc repro
+    pipeline(max_parallel=2)
+    by_dvc = make_project(tmp_path / "dvc", DIAMOND)
+    subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=by_dvc, check=True, capture_output=True)
+    files = ["dvc.lock"] + [f"out/{n}.txt" for n in ("root", "left", "right", "join")]
+    assert {f: (by_flow / f).read_bytes() for f in files} == {f: (by_dvc / f).read_bytes() for f in files}
+    assert sorted((by_flow / "out/.gitignore").read_text().split()) == sorted((by_dvc / "out/.gitignore").read_text().split())
+
+
+def test_a_failed_stage_fails_the_flow_by_name_and_independent_stages_finish(project):
+    root = project(stage("root") + stage("bad", ["out/root.txt"], mode="fail")
+                   + stage("after_bad", ["out/bad.txt"]) + stage("other", ["out/root.txt"], sleep=1.5))
+    state = pipeline(max_parallel=2, return_state=True)
+    assert state.is_failed()
+    assert "stage 'bad' failed" in state.message and "boom: this stage always fails" in state.message
+    assert "not run (upstream failed): after_bad" in state.message
+    assert set(runs(root)) == {"root", "other"}                # `other` was not cancelled
+    parent = runs(root)["other"][2]
+    assert mlflow.get_run(parent).info.status == "FAILED"
+
+
+def test_a_flaky_stage_succeeds_when_retried(project):
+    root = project(stage("flaky", mode="flaky") + stage("after", ["out/flaky.txt"]))
+    assert pipeline(retries=1) == {"flaky": "ran", "after": "ran"}
+    assert (root / "log/flaky.tried").exists() and set(runs(root)) == {"flaky", "after"}
+
+
+def test_targets_run_a_stage_or_a_foreach_group_with_their_upstream(project):
+    root = project(stage("root") + "  grp:\n    foreach: [a, b]\n    do:\n"
+                   "      cmd: python stage.py grp-${item} out/grp-${item}.txt 0 ok\n"
+                   "      deps:\n        - out/root.txt\n      outs:\n        - out/grp-${item}.txt\n"
+                   + stage("last", ["out/grp-a.txt", "out/grp-b.txt"]))
+    assert pipeline(targets=["grp@a"]) == {"root": "ran", "grp@a": "ran"}
+    assert pipeline(targets=["grp"]) == {"root": "skipped", "grp@a": "skipped", "grp@b": "ran"}
+    assert set(runs(root)) == {"root", "grp-a", "grp-b"}
+
+
+# Bad input: one clear message (a ParamsError; the command line prints it and exits 2), nothing run.
+
+def test_bad_input_is_named_before_any_stage_runs(project, tmp_path, monkeypatch):
+    root = project(DIAMOND)
+    with pytest.raises(ParamsError, match=r"unknown stage 'jion' in dvc.yaml; did you mean 'join'\?"):
+        main(["jion"])
+    (root / "params.yaml").write_text("pretrain:\n  variants:\n    tiny: {n_heads: 4}\n")
+    with pytest.raises(ParamsError, match=r"(?s)params.yaml is invalid .*did you mean 'n_head'\?"):
+        main([])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ParamsError, match="is not a DVC project"):
+        main([])
+    assert not (root / "out").exists()
+
+
+def test_an_unreachable_prefect_server_is_one_line_and_exit_2(tmp_path):
+    root = make_project(tmp_path / "p", DIAMOND)
+    r = subprocess.run([sys.executable, "-m", "flows.pipeline"], cwd=root, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": "http://127.0.0.1:9/api"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.startswith("error: no Prefect server answers at PREFECT_API_URL=http://127.0.0.1:9/api (")
+    assert not (root / "out").exists()
