@@ -6,10 +6,12 @@ these modules (TransformerLM calls `quantize_int8_`), so `load_model_dir` loads 
     Int8Linear:    y = (x @ W_q^T) * s + b
     Int8Embedding: e = W_q[idx] * s[idx]          (tied: the LM head is an Int8Linear on the same W_q, s)
 
-Two ways to compute Int8Linear, the same formula: `int8_mm`, PyTorch's fused CPU kernel
-`torch._weight_int8pack_mm` (the op torchao's int8 weight-only path lowers to on CPU; it reads the
-int8 weights directly), used on CPU when it exists; else `dequant`, a float copy of W_q * s per
-call. `int8_path()` says which one runs; `benchmarks/compress.py` measures both against fp32.
+Two ways to compute Int8Linear, the same formula: `dequant` (the default), x @ W_q.float()^T * s,
+a float copy of W_q per call; and `int8_mm`, PyTorch's fused CPU kernel `torch._weight_int8pack_mm`
+(the op torchao's int8 weight-only path lowers to on CPU), which reads the int8 weights directly but
+measured 3x (one token) to 40x (256 tokens) slower than fp32 on the development machine's AVX2 CPU,
+where dequant was 1.1-1.5x slower than fp32. `int8_path()` says which one runs, `set_int8_path`
+picks one; `benchmarks/compress.py` measures both against fp32 (pick int8_mm where it wins there).
 
     python -c "from components.quant import quantize_rows; import torch; print(quantize_rows(torch.randn(4, 8)))"
 """
@@ -20,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 PATHS = ("int8_mm", "dequant")
-_path = "int8_mm" if hasattr(torch, "_weight_int8pack_mm") else "dequant"
+_path = "dequant"
 
 
 def int8_path() -> str:
