@@ -156,7 +156,7 @@ def main():
 
     contenders = [Contender("fp32", src), Contender("int8 int8_mm", models["int8"], "int8_mm"),
                   Contender("int8 dequant", models["int8"], "dequant"),
-                  Contender("int8-linears int8_mm", models["int8-linears"], "int8_mm")]
+                  Contender("int8-linears dequant", models["int8-linears"], "dequant")]
     contenders += [Contender(n, models[n]) for n in models if n.startswith(("prune", "ffn"))]
     if not args.no_compile:
         contenders += [Contender("fp32 compiled", src, compiled=True),
