@@ -44,7 +44,8 @@ def compress(entry, source, calib: list) -> tuple:
     if entry.method == "prune":
         model = prune(source, *keep_by_score(importance(source, entry.criterion, calib), entry.fraction))
         return model, {"fraction": entry.fraction, "criterion": entry.criterion,
-                       "layer_n_head": model.cfg.layer_n_head, "layer_d_ff": model.cfg.layer_d_ff}
+                       "layer_n_head": model.cfg.layer_n_head, "layer_n_kv_head": model.cfg.layer_n_kv_head,
+                       "layer_d_ff": model.cfg.layer_d_ff}
     runs, searched = ([tuple(r) for r in entry.runs], []) if entry.runs else \
         search_runs(source, calib, entry.max_loss_increase)
     model = fuse_ffns(source, runs)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from components import quant
 from components.artifacts import load_model_dir, save_model_dir
 from components.compress import fuse_ffns, importance, keep_by_score, layer_linears, prune, quantize, search_runs
-from components.config import ModelConfig
+from components.config import PRESETS, ModelConfig
 from components.lit import lm_loss
 from components.model import TransformerLM
 from components.params import compress_shape_problems as shape_problems
@@ -268,3 +268,16 @@ def test_layer_linears_name_real_modules():
             parts = layer_linears(src.cfg, i)
             assert all(parts[k] in names for k in ("fc", "proj", "norm"))
             assert (parts["qkv"] in names) if parts["qkv"] else i == 2
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS) + ["moe"])
+def test_int8_of_every_preset_round_trips(tmp_path, preset):
+    """int8 takes any float model: every preset, and an MoE one (experts not stored as Linears stay float)."""
+    overrides = dict(n_expert=4, top_k=2) if preset == "moe" else PRESETS[preset]
+    src = model(**{**overrides, "ffn": "swiglu", "norm": "rmsnorm", "pos": "rope"})
+    q8 = quantize(src, embeddings=True)
+    save_model_dir(tmp_path / "q", q8, {})
+    loaded, _ = load_model_dir(tmp_path / "q")
+    x = tokens()
+    assert torch.equal(loaded(x), q8(x)) and max_diff(q8(x), src(x)) < 0.1 * src(x).abs().max()
+    assert loaded.num_params() == src.num_params()
