@@ -3,6 +3,7 @@ tokens/s of each kind of upcycled model.
 
     python -m benchmarks.moe [--n-embd 128] [--rounds 5] [--steps 10]
     python -m benchmarks.moe --quick        # tiny shapes, one short round: checks that it runs
+    python -m benchmarks.moe --device cuda  # on a GPU
 
 The default study's shapes (parallel block, 4 layers, d=128, SwiGLU, vocab 4096, batch 16 x 128).
 Contenders, all with the parent's dense weights' shapes:
@@ -39,14 +40,15 @@ CONTENDERS = {
 }
 
 
-def moe_trainer(cfg: ModelConfig, seed: int = 0):
+def moe_trainer(cfg: ModelConfig, device: str, seed: int = 0):
     """benchmarks.common.plain_trainer's loop with the MoE aux losses in the loss, as LitLM adds them."""
     torch.manual_seed(seed)
-    lit = LitLM(cfg, TRAIN)
+    lit = LitLM(cfg, TRAIN).to(device)
     opt_cfg = lit.configure_optimizers()
     opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
 
     def step(x, y):
+        x, y = x.to(device), y.to(device)
         loss = lm_loss(lit.model(x), y)
         if (aux := moe_losses(lit.model)) is not None:
             loss = loss + cfg.aux_loss_coef * aux["aux_loss"] + cfg.z_loss_coef * aux["z_loss"]
@@ -55,7 +57,7 @@ def moe_trainer(cfg: ModelConfig, seed: int = 0):
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        return loss.item()
+        return loss.item()                                 # waits for the device, as logging would
     return lit.model, step
 
 
@@ -66,6 +68,8 @@ def decode_seconds(model, prompt: torch.Tensor, n: int) -> float:
     t0 = time.perf_counter()
     for _ in range(n):
         logits = model(logits[:, -1:].argmax(-1), cache)
+    if logits.is_cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
@@ -76,6 +80,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="tiny shapes and one short round (a smoke check)")
     args = p.parse_args()
     if args.quick:
@@ -86,11 +91,11 @@ def main():
     cfgs = {name: ModelConfig(**base, **kw) for name, kw in CONTENDERS.items()}
     names = list(cfgs)
     data = batches(cfgs["dense"], args.batch_size)
-    trainers = {n: moe_trainer(cfgs[n]) for n in names}
+    trainers = {n: moe_trainer(cfgs[n], args.device) for n in names}
     for n in names:
         timed_steps(trainers[n][1], data, 0, 2)                 # warm-up
     train_s, decode_s = {n: [] for n in names}, {n: [] for n in names}
-    prompt = torch.randint(0, base["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(0, base["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(0)).to(args.device)
     for r in range(args.rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:   # rotate the order each round
             train_s[n].append(timed_steps(trainers[n][1], data, 2 + r * args.steps, args.steps)[0])
@@ -98,7 +103,7 @@ def main():
             decode_seconds(model, prompt, 4)                    # warm-up
             decode_s[n].append(decode_seconds(model, prompt, 32))
             model.train()
-    print(f"parallel block, n_embd={args.n_embd} n_layer={args.n_layer} batch={args.batch_size}x128 "
+    print(f"parallel block on {args.device}, n_embd={args.n_embd} n_layer={args.n_layer} batch={args.batch_size}x128 "
           f"threads={torch.get_num_threads()} rounds={args.rounds} x {args.steps} steps")
     print(f"  {'model':14s} {'params':>10s} {'active':>10s} {'step ms':>8s} {'x dense':>8s} {'decode tok/s':>13s} {'x dense':>8s}")
     for n in names:
