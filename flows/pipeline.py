@@ -13,7 +13,6 @@ Stages DVC reports up to date (with nothing stale upstream) finish at once as "S
 Prefect adds concurrency, retries, live logs, schedules and the UI; its result caching is off.
 Without PREFECT_API_URL the flow runs against a temporary local server (ephemeral mode).
 """
-from __future__ import annotations
 
 import argparse
 import collections
@@ -115,7 +114,9 @@ def preflight(targets: list[str]):
     """(study, plan), or a ParamsError naming what is wrong, before any stage runs."""
     check_dvc_project()
     study = load_study()                       # lists every problem of params.yaml with its fix
-    return study, plan_stages(targets)
+    plan = plan_stages(targets)
+    tracking.connect(study)                    # an unreachable MLflow backend (tracking.required: true)
+    return study, plan
 
 
 def plan_stages(targets: list[str]) -> Plan:
@@ -240,7 +241,7 @@ def keep_lock_order(plan: Plan) -> None:
     """Put dvc.lock's entries where `dvc repro` would have: stages finish in any order when parallel.
 
     `dvc repro` updates existing entries in place and appends new ones in the order it runs them,
-    which is plan.order; so after the flow dvc.lock is byte for byte what `dvc repro` writes.
+    which is plan.order; so for the same outputs dvc.lock is byte for byte what `dvc repro` writes.
     """
     current = lock_entries()
     want = [n for n in plan.lock_order if n in current] + [n for n in plan.order if n in current and n not in plan.lock_order]
