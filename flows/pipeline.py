@@ -312,7 +312,9 @@ def check_prefect_api(timeout: float = 3.0) -> None:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     serving = argv[:1] == ["serve"]
     p = argparse.ArgumentParser(prog="python -m flows.pipeline" + " serve" * serving,
-                                description="Run dvc.yaml's stages as a Prefect flow (DVC decides what reruns).")
+                                description="Run dvc.yaml's stages as a Prefect flow (DVC decides what reruns).",
+                                epilog=None if serving else "`python -m flows.pipeline serve --cron '0 3 * * *'` serves "
+                                "it as a deployment the Prefect UI can trigger (serve --help).")
     if serving:
         p.add_argument("--cron", help='schedule, e.g. "0 3 * * *" (nightly at 03:00); none: run on demand only')
         p.add_argument("--name", default="archflow", help="deployment name (default: archflow)")

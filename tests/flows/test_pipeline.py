@@ -2,11 +2,13 @@
 
     .venv/bin/python -m pytest tests/flows -q -m "not slow"
 """
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import mlflow
 import pytest
 
@@ -47,6 +49,25 @@ def test_dvc_lock_and_outputs_are_what_dvc_repro_writes(project, tmp_path):
     files = ["dvc.lock"] + [f"out/{n}.txt" for n in ("root", "left", "right", "join")]
     assert {f: (by_flow / f).read_bytes() for f in files} == {f: (by_dvc / f).read_bytes() for f in files}
     assert sorted((by_flow / "out/.gitignore").read_text().split()) == sorted((by_dvc / "out/.gitignore").read_text().split())
+
+
+def test_artifacts_hold_the_summary_table_and_where_the_mlflow_runs_are(project):
+    root = project(stage("root"))
+    (root / "reports").mkdir()
+    (root / "reports/summary.csv").write_text("model,val_loss\nserial,1.5\nparallel,1.25\n")
+    pipeline()
+    table, note = latest_artifact("archflow-summary"), latest_artifact("archflow-run")
+    assert table["type"] == "table" and json.loads(table["data"]) == [
+        {"model": "serial", "val_loss": "1.5"}, {"model": "parallel", "val_loss": "1.25"}]
+    assert note["type"] == "markdown" and "mlflow ui --backend-store-uri" in note["data"]
+    assert "| `root` | ran |" in note["data"]
+
+
+def latest_artifact(key: str) -> dict:
+    from prefect.settings import PREFECT_API_URL          # the test harness's server
+    r = httpx.post(f"{PREFECT_API_URL.value()}/artifacts/filter", timeout=30,
+                   json={"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1})
+    return r.json()[0]
 
 
 def test_a_failed_stage_fails_the_flow_by_name_and_independent_stages_finish(project):
