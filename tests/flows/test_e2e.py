@@ -1,6 +1,6 @@
 """End to end: the smoke study through `python -m flows.pipeline` against a real `prefect server`.
 
-    .venv/bin/python -m pytest tests/flows/test_e2e.py -q        # about 2 minutes on 2 cores; CI runs it
+    .venv/bin/python -m pytest tests/flows/test_e2e.py -q        # a few minutes on 2 cores (5 under heavy load); CI runs it
 
 For CI time it builds a subset of the smoke study, `evaluate@serial evaluate@parallel` and their
 upstream (validate, prepare, two pretrains, two evaluates: two independent branches); the whole
