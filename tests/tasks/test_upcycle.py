@@ -141,6 +141,25 @@ def test_missing_or_mismatched_inputs_fail_before_compute(project, tmp_path):
         upcycle.main(["nope"])
 
 
+def test_other_data_or_a_missing_domain_fail_before_compute(project):
+    """A branch trained on other prepared data (another tokenizer or corpus); data prepared
+    before its domain existed."""
+    meta_file, prepared = project / "branches/parallel/par-a/meta.json", project / "data/prepared/meta.json"
+    meta, data = meta_file.read_text(), prepared.read_text()
+    try:
+        meta_file.write_text(json.dumps({**json.loads(meta), "data_sha256": "0" * 64}))
+        with pytest.raises(ParamsError, match=r"'par-a' was trained on other prepared data"):
+            upcycle.main(["bam"])
+        without_b = json.loads(data)
+        del without_b["domains"]["b"]
+        prepared.write_text(json.dumps(without_b))
+        with pytest.raises(ParamsError, match=r"has no domain 'b' .*run `dvc repro prepare`"):
+            branch.main(["par-b"])
+    finally:
+        meta_file.write_text(meta)
+        prepared.write_text(data)
+
+
 BAD = {
     "upcycle: {u: {parent: serial, method: bam}}": "upcycle.u.parent: bam needs a parallel-block parent",
     "upcycle: {u: {parent: parallel, method: sparse, n_expert: 2, top_k: 3}}":
