@@ -21,7 +21,8 @@ from components import tracking  # noqa: E402
 from components.params import ParamsError, cli, load_study  # noqa: E402
 
 OUT = Path("reports")
-ARCH = ["block", "layout", "n_loop", "dwa", "n_layer", "n_embd", "n_head", "n_kv_head", "d_ff", "ffn", "norm", "pos"]
+ARCH = ["block", "layout", "n_loop", "dwa", "n_layer", "n_embd", "n_head", "n_kv_head", "d_ff", "ffn", "norm", "pos",
+        "n_expert", "top_k", "n_attn_expert", "quant"]
 METRICS = ["val_loss", "val_ppl", "val_bpb", "params", "active_params", "size_bytes",
            "prefill_tokens_per_s", "decode_tokens_per_s", "train_tokens", "train_seconds"]
 SPEED_NOTE = ("Speeds are batch-1 medians measured one stage at a time; on a shared or thermally "
@@ -37,11 +38,14 @@ def summary_table(study) -> pd.DataFrame:
             raise ParamsError(f"{metrics_file} is missing: run `dvc repro` (its evaluate stage) first")
         config = json.loads((study.model_dir(name) / "config.json").read_text())
         meta = json.loads((study.model_dir(name) / "meta.json").read_text())
+        curve = study.model_dir(name) / "curve.csv"
+        stage_tokens = int(pd.read_csv(curve)["tokens"].max()) if curve.exists() else 0   # no curve: no training
         rows.append({"model": name, "stage": meta["stage"], "method": meta.get("method", ""),
-                     "parents": ",".join(meta["parents"]),
+                     "parents": ",".join(meta["parents"]), "stage_tokens": stage_tokens,
                      **{k: config[k] for k in ARCH}, **json.loads(metrics_file.read_text())})
     df = pd.DataFrame(rows).set_index("model")
-    df["train_tokens_per_s"] = df["train_tokens"] / df["train_seconds"]
+    # this stage's training speed: its own tokens (not those inherited from parents) over its own time
+    df["train_tokens_per_s"] = (df["stage_tokens"] / df["train_seconds"]).where(df["stage_tokens"] > 0)
     return df
 
 
@@ -52,7 +56,8 @@ def comparisons(df: pd.DataFrame, pairs: list[tuple[str, str]]) -> pd.DataFrame:
         A, B = df.loc[a], df.loc[b]
         rows.append({"model": a, "baseline": b,
                      "d_val_loss": A.val_loss - B.val_loss, "d_val_bpb": A.val_bpb - B.val_bpb,
-                     "params_ratio": A.params / B.params,
+                     "params_ratio": A.params / B.params, "active_params_ratio": A.active_params / B.active_params,
+                     "size_ratio": A.size_bytes / B.size_bytes, "tokens_ratio": A.train_tokens / B.train_tokens,
                      "train_speed_ratio": A.train_tokens_per_s / B.train_tokens_per_s,
                      "prefill_speed_ratio": A.prefill_tokens_per_s / B.prefill_tokens_per_s,
                      "decode_speed_ratio": A.decode_tokens_per_s / B.decode_tokens_per_s})
@@ -91,9 +96,9 @@ def plot_quality_vs_speed(df: pd.DataFrame, path: Path) -> None:
 
 
 def markdown(study, df: pd.DataFrame, comp: pd.DataFrame) -> str:
-    table = df[["stage", "method", "parents", "block", "n_kv_head"] + METRICS + ["train_tokens_per_s"]].copy()
+    table = df[["stage", "method", "parents", "block", "n_kv_head", "n_expert"] + METRICS + ["train_tokens_per_s"]].copy()
     speeds = ["prefill_tokens_per_s", "decode_tokens_per_s", "train_tokens_per_s"]
-    table[speeds] = table[speeds].round().astype(int)
+    table[speeds] = table[speeds].round().astype("Int64")     # no training: no train speed (<NA>)
     table = table.round({"val_loss": 4, "val_ppl": 2, "val_bpb": 4, "train_seconds": 1})
     parts = [f"# Study `{study.study.name}`", "", "## Models", "", table.to_markdown(floatfmt="g"), ""]
     if len(comp):
