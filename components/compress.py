@@ -115,7 +115,7 @@ def rebuild(model: TransformerLM, sd: dict, widths: list[tuple[int, int, int]]) 
     """A new model of `model`'s config with per-layer (n_head, n_kv_head, d_ff) `widths`, holding `sd`."""
     n_head, n_kv_head, d_ff = (list(w) for w in zip(*widths))
     cfg = replace(model.cfg, n_layer=len(widths), layer_n_head=n_head, layer_n_kv_head=n_kv_head, layer_d_ff=d_ff)
-    new = TransformerLM(cfg)
+    new = TransformerLM(cfg).to(next(model.parameters()).device)        # on the source's device
     new.load_state_dict({k: v.clone() for k, v in sd.items()})
     return new.eval()
 

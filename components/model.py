@@ -100,6 +100,8 @@ def attend(qkv: torch.Tensor, n_head: int, n_kv_head: int, rope: Rope | None = N
     attend to all pos+T keys so far.
     """
     B, T, _ = qkv.shape
+    if qkv.stride(1) % 8:       # CUDA attention kernels fault on rows not 16-byte aligned: a fused w_in whose
+        qkv = qkv.contiguous()  # width is odd (pruned FFN channels) leaves them so; found on an H200
     q, k, v = split_heads(qkv, n_head, n_kv_head)           # (B, nh, T, hs), (B, nkv, T, hs) x2
     if rope is not None:
         q, k = apply_rope(q, rope), apply_rope(k, rope)

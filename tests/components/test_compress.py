@@ -281,3 +281,24 @@ def test_int8_of_every_preset_round_trips(tmp_path, preset):
     x = tokens()
     assert torch.equal(loaded(x), q8(x)) and max_diff(q8(x), src(x)) < 0.1 * src(x).abs().max()
     assert loaded.num_params() == src.num_params()
+
+
+def test_attention_gets_16_byte_aligned_rows_when_a_pruned_fused_width_is_odd(monkeypatch):
+    """Found on an H200: a parallel block whose w_in width is odd (a pruned d_ff of 351) handed SDPA
+    q/k/v views with misaligned rows, and CUDA's attention kernels fault on them ("misaligned address")."""
+    import components.model as model_module
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append([t.stride()[:-1] for t in (q, k, v)])
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", spy)
+    cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32, block="parallel", ffn="swiglu",
+                      layer_n_head=[4, 4], layer_n_kv_head=[4, 4], layer_d_ff=[85, 86])
+    torch.manual_seed(0)
+    model = TransformerLM(cfg).eval()
+    x = torch.randint(0, 64, (2, 16))
+    y = model(x)
+    assert len(seen) == 2 and all(s % 8 == 0 for strides in seen for t in strides for s in t), seen
+    assert torch.allclose(y, model(x))
