@@ -241,7 +241,9 @@ def keep_lock_order(plan: Plan) -> None:
     """Put dvc.lock's entries where `dvc repro` would have: stages finish in any order when parallel.
 
     `dvc repro` updates existing entries in place and appends new ones in the order it runs them,
-    which is plan.order; so for the same outputs dvc.lock is byte for byte what `dvc repro` writes.
+    which is plan.order. That order is itself not fixed for independent stages: DVC orders them
+    by string hashes, which change with PYTHONHASHSEED from one process to the next; so dvc.lock
+    is one that `dvc repro` could have written, with every stage after its upstream.
     """
     current = lock_entries()
     want = [n for n in plan.lock_order if n in current] + [n for n in plan.order if n in current and n not in plan.lock_order]

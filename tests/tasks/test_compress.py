@@ -5,7 +5,6 @@ bad input stopped before compute.
     .venv/bin/python -m pytest tests/tasks/test_compress.py -q
 """
 import json
-import random
 
 import mlflow
 import pandas as pd
@@ -17,6 +16,7 @@ from components.config import ModelConfig
 from components.model import TransformerLM
 from components.params import ParamsError, load_study
 from tasks import compress, evaluate, prepare
+from tests.tasks.tiny_corpus import write_corpus
 
 PARAMS = """\
 study: {{name: tiny, seed: 7}}
@@ -65,11 +65,7 @@ def save_source(root, name="serial", block="serial"):
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
-    rng = random.Random(0)
-    words = ["def", "return", "self", "x", "(", ")", ":", "=", "+", "1", "if", "else", "for", "in", "\n"]
-    (tmp_path / "corpus").mkdir()
-    for i in range(4):
-        (tmp_path / "corpus" / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(3000)))
+    write_corpus(tmp_path)
     write_params(tmp_path)
     monkeypatch.chdir(tmp_path)
     prepare.main([])

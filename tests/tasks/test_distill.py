@@ -4,7 +4,6 @@ pinned first losses, teacher init, no training, and each bad input stopped befor
     .venv/bin/python -m pytest tests/tasks/test_distill.py -q
 """
 import json
-import random
 import shutil
 
 import mlflow
@@ -17,6 +16,7 @@ from components.config import ModelConfig
 from components.model import TransformerLM
 from components.params import ParamsError
 from tasks import distill, prepare
+from tests.tasks.tiny_corpus import write_corpus
 
 PARAMS = """\
 study: {{name: tiny, seed: 7}}
@@ -56,11 +56,7 @@ def save_teacher(root, vocab_size=257, **meta):
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
-    rng = random.Random(0)
-    words = ["def", "return", "self", "x", "(", ")", ":", "=", "+", "1", "if", "else", "for", "in", "\n"]
-    (tmp_path / "corpus").mkdir()
-    for i in range(4):
-        (tmp_path / "corpus" / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(3000)))
+    write_corpus(tmp_path)
     write_params(tmp_path)
     monkeypatch.chdir(tmp_path)
     prepare.main([])

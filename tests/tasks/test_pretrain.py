@@ -4,7 +4,6 @@
 """
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tasks import prepare, pretrain
+from tests.tasks.tiny_corpus import write_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 PARAMS = """\
@@ -41,11 +41,7 @@ def write_params(root: Path, max_steps=4, eval_every=1, ckpt_every=100, devices=
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """A prepared tiny study in tmp_path (the cwd), on made-up but deterministic text."""
-    rng = random.Random(0)
-    words = ["def", "return", "self", "x", "(", ")", ":", "=", "+", "1", "if", "else", "for", "in", "\n"]
-    (tmp_path / "corpus").mkdir()
-    for i in range(4):
-        (tmp_path / "corpus" / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(3000)))
+    write_corpus(tmp_path)
     write_params(tmp_path)
     monkeypatch.chdir(tmp_path)
     prepare.main([])

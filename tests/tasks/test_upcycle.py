@@ -13,6 +13,7 @@ import pytest
 
 from components.params import ParamsError, load_study
 from tasks import branch, evaluate, prepare, pretrain, upcycle
+from tests.tasks.tiny_corpus import WORDS
 
 PARAMS = """\
 study: {name: tiny, seed: 7}
@@ -43,7 +44,7 @@ def built(tmp_path_factory):
     """A prepared tiny study with its parent and both branches built, then every upcycle."""
     root = tmp_path_factory.mktemp("upcycle")
     rng = random.Random(0)
-    words = ["def", "return", "self", "x", "(", ")", ":", "=", "+", "1", "if", "else", "for", "in", "\n"]
+    words = WORDS
     for i, domain in enumerate("aabb"):
         (root / "corpus" / domain).mkdir(parents=True, exist_ok=True)
         vocab = words[:10] if domain == "a" else words[5:]          # the domains differ
