@@ -431,14 +431,17 @@ def upcycle_experts(study: Study, name: str) -> list[str]:
     return []
 
 
+def unread_options(where: str, entry, readers: dict[str, tuple]) -> list[str]:
+    """Options an entry sets that its method never reads (they would be silent no-ops)."""
+    return [f"{where}.{key}: only read by method {' or '.join(readers[key])}, not {entry.method}: remove it"
+            for key in sorted(entry.model_fields_set & readers.keys()) if entry.method not in readers[key]]
+
+
 def upcycle_problems(study: Study) -> list[str]:
     p = []
     for name, u in study.upcycle.items():
         where = f"upcycle.{name}"
-        for key in sorted(u.model_fields_set & UPCYCLE_READERS.keys()):
-            if u.method not in UPCYCLE_READERS[key]:
-                p.append(f"{where}.{key}: only read by method {' or '.join(UPCYCLE_READERS[key])}, "
-                         f"not {u.method}: remove it")
+        p += unread_options(where, u, UPCYCLE_READERS)
         if u.method == "continue" or u.parent not in study.pretrain.variants:   # unknown parent: reported already
             continue
         parent = _unchecked_config(study.variant_overrides(u.parent))
@@ -536,10 +539,7 @@ def compress_problems(study: Study) -> list[str]:
     p = []
     for name, c in study.compress.items():
         where = f"compress.{name}"
-        for key in sorted(c.model_fields_set & COMPRESS_READERS.keys()):
-            if c.method not in COMPRESS_READERS[key]:
-                p.append(f"{where}.{key}: only read by method {' or '.join(COMPRESS_READERS[key])}, not {c.method}: "
-                         f"remove it")
+        p += unread_options(where, c, COMPRESS_READERS)
         if c.method == "int8" and c.max_steps:
             p.append(f"{where}.max_steps: int8 does not train (its weights are not trainable): remove max_steps")
         if c.method == "prune" and (c.fraction is None or not 0.0 <= c.fraction < 1.0):
