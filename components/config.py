@@ -181,6 +181,9 @@ class ModelConfig:
             p.append(f"n_attn_expert needs n_loop 1, got {self.n_loop}")
         if self.n_attn_expert <= 0 and self.moa != ModelConfig.moa:
             p.append(f"moa={self.moa!r} is only read with n_attn_expert >= 1: set n_attn_expert or remove it")
+        if (self.n_expert > 0 or self.n_attn_expert > 0) and (self.layer_n_head or self.layer_d_ff):
+            p.append("per-layer widths (layer_n_head/layer_d_ff, from pruning) are not supported with MoE or "
+                     "mixture of attention: upcycle the unpruned model, or prune a dense one")
         return p
 
     def compressed_problems(self) -> list[str]:

@@ -170,3 +170,9 @@ def test_continue_keeps_the_config():
     assert upcycled_config(cfg, "continue", 0) == cfg
     assert upcycled_config(cfg, "bam", 2, top_k=1, router="softmax-topk") == replace(
         cfg, n_expert=2, top_k=1, router="softmax-topk", n_attn_expert=2)
+
+
+def test_moe_with_per_layer_widths_is_rejected_with_the_fix():
+    with pytest.raises(ValueError, match="per-layer widths .* not supported with MoE"):
+        ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_embd=32, block="parallel", n_expert=2, top_k=2,
+                    layer_n_head=[4, 4], layer_n_kv_head=[4, 4], layer_d_ff=[64, 80])
