@@ -45,7 +45,7 @@ def fit(name, lit, steps, precision=PRECISION):
                         ckpt_every=10, precision=precision, deterministic="warn").model_dump()
     lit.train_params = train
     curve = TrainingCurve(val, 64, 16, 2, 10, steps)
-    data = LMDataModule(prep, 64, 16, 1337, steps_per_epoch=10)
+    data = LMDataModule(prep, 64, 16, 1337)
     trainer = make_trainer(train, out / "ckpt" / name, [curve], False)
     t0 = time.perf_counter()
     trainer.fit(lit, datamodule=data)

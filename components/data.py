@@ -9,6 +9,7 @@ No Lightning here: evaluation imports this too.
 """
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -52,22 +53,16 @@ class StepBatches(Dataset):
                             self.block_size)
 
 
-class EpochOfSteps(Sampler):
-    """Epoch e yields steps e*n .. e*n + n-1. With checkpoints at epoch ends, a resumed run starts
-    an epoch cleanly and sees exactly the steps an uninterrupted run would (Lightning calls
-    set_epoch), with no mid-epoch fast-forwarding."""
+class StepsFrom(Sampler):
+    """Steps start(), start()+1, ... without end (training stops at max_steps). `start` is read when
+    an iteration begins, so a run resumed at step s draws the batches of steps s, s+1, ... exactly
+    as an uninterrupted run would."""
 
-    def __init__(self, steps_per_epoch: int):
-        self.n, self.epoch = steps_per_epoch, 0
-
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
-
-    def __len__(self):
-        return self.n
+    def __init__(self, start):
+        self.start = start
 
     def __iter__(self):
-        return iter(range(self.epoch * self.n, (self.epoch + 1) * self.n))
+        return itertools.count(self.start())
 
 
 def eval_offsets(n_tokens: int, block_size: int, count: int) -> list[int]:

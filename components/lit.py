@@ -15,12 +15,11 @@ import lightning.pytorch as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
 from components.config import ModelConfig
-from components.data import EpochOfSteps, StepBatches, eval_offsets, load_tokens, window_batch
+from components.data import StepBatches, StepsFrom, eval_offsets, load_tokens, window_batch
 from components.model import TransformerLM
 from components.moe import moe_layers, moe_losses
 
@@ -94,6 +93,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
+class StepCheckpoint(L.Callback):
+    """Save `path` every `every` steps, so a killed run resumes from its last multiple of `every`.
+    (Lightning's ModelCheckpoint(save_last=True, save_top_k=0) writes last.ckpt only when fit
+    ends.) Runs after the step's optimizer and lr-scheduler updates and after the callbacks
+    listed before it (the curve), so everything the next step needs is in the file."""
+
+    def __init__(self, path: Path, every: int):
+        self.path, self.every = path, every
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step % self.every == 0:
+            trainer.save_checkpoint(self.path)              # every rank calls it; global rank 0 writes
+
+
 class TrainingCurve(L.Callback):
     """Every `eval_every` steps and at the last step: one row of the training curve with the
     validation loss on fixed windows, the mean train loss since the previous row, the lr and
@@ -151,19 +164,20 @@ class TrainingCurve(L.Callback):
 
 
 class LMDataModule(L.LightningDataModule):
-    """Training batches by step; an epoch is `steps_per_epoch` steps (the checkpoint interval).
+    """Training batches by step, from the trainer's step on (one endless epoch; max_steps ends it).
     `split`: "train", or "domains/<name>/train" for one domain (branch training)."""
 
-    def __init__(self, prepared, block_size, batch_size, seed, steps_per_epoch, split="train"):
+    def __init__(self, prepared, block_size, batch_size, seed, split="train"):
         super().__init__()
         self.prepared, self.block_size, self.batch_size = prepared, block_size, batch_size
-        self.seed, self.steps_per_epoch, self.split = seed, steps_per_epoch, split
+        self.seed, self.split = seed, split
 
     def train_dataloader(self):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         ds = StepBatches(load_tokens(self.prepared, self.split), self.block_size, self.batch_size, self.seed,
                          rank, world)
-        return DataLoader(ds, batch_size=None, sampler=EpochOfSteps(self.steps_per_epoch), num_workers=0)
+        start = (lambda: self.trainer.global_step) if self.trainer else (lambda: 0)
+        return DataLoader(ds, batch_size=None, sampler=StepsFrom(start), num_workers=0)
 
 
 def resume_step(ckpt: Path, key: str) -> int:
@@ -183,15 +197,15 @@ def resume_step(ckpt: Path, key: str) -> int:
 
 
 def make_trainer(train: dict, ckpt_dir: Path, callbacks: list, logger) -> L.Trainer:
-    """The Trainer every training stage uses: `train` settings, epoch-aligned resumable checkpoints
-    in ckpt_dir (outside DVC outs), no Lightning validation loop (the curve callback does it)."""
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, save_on_train_epoch_end=True)
+    """The Trainer every training stage uses: `train` settings, a resumable checkpoint every
+    ckpt_every steps in ckpt_dir (outside DVC outs), no Lightning validation loop (the curve callback does it)."""
     trainer = L.Trainer(
         accelerator=train["accelerator"], devices=train["devices"], num_nodes=train["num_nodes"],
         strategy=train["strategy"], precision=train["precision"], deterministic=train["deterministic"],
         max_steps=train["max_steps"], max_epochs=-1, gradient_clip_val=train["grad_clip"] or None,
         use_distributed_sampler=False,          # each rank slices the global batch itself
-        callbacks=[*callbacks, checkpoint], plugins=[AtomicCheckpointIO()], logger=logger,
+        callbacks=[*callbacks, StepCheckpoint(ckpt_dir / "last.ckpt", train["ckpt_every"])],
+        enable_checkpointing=False, plugins=[AtomicCheckpointIO()], logger=logger,
         limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
         log_every_n_steps=min(50, train["ckpt_every"]))
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)

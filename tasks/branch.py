@@ -54,7 +54,7 @@ def main(argv: list[str]) -> None:
     # 2. The parent's copy, the domain's batches (by (data_seed, step)) and the curve on its val split.
     L.seed_everything(seed, verbose=False)
     lit = LitLM(cfg, train, key, model=model.train())
-    data = LMDataModule(PREPARED, cfg.block_size, train["batch_size"], data_seed, steps_per_epoch=train["ckpt_every"],
+    data = LMDataModule(PREPARED, cfg.block_size, train["batch_size"], data_seed,
                         split=f"domains/{entry.domain}/train")
     curve = TrainingCurve(load_tokens(PREPARED, f"domains/{entry.domain}/val"), cfg.block_size, train["batch_size"],
                           train["eval_batches"], train["eval_every"], train["max_steps"])

@@ -103,7 +103,7 @@ def main(argv: list[str]) -> None:
             model.train()                           # load_model_dir and the transforms leave eval mode
             lit = (LitDistill(model, source, train, key, alpha=entry.alpha, temperature=entry.temperature)
                    if entry.recover == "distill" else LitLM(model.cfg, train, key, model=model))
-            data = LMDataModule(PREPARED, block_size, train["batch_size"], seed, steps_per_epoch=train["ckpt_every"])
+            data = LMDataModule(PREPARED, block_size, train["batch_size"], seed)
             logger = MLFlowLogger(tracking_uri=tracking.tracking_uri(), run_id=run_id) if run_id else False
             trainer = make_trainer(train, ckpt_dir, [curve], logger)
             trainer.fit(lit, datamodule=data, ckpt_path=ckpt_dir / "last.ckpt" if start_step else None)

@@ -62,7 +62,7 @@ def main(argv: list[str]) -> None:
         init_from_teacher(student, teacher)
     lit = LitDistill(student, teacher, train, key, alpha=entry.alpha, temperature=entry.temperature,
                      reverse=entry.reverse, hidden_weight=entry.hidden_weight)
-    data = LMDataModule(PREPARED, cfg.block_size, train["batch_size"], seed, steps_per_epoch=train["ckpt_every"])
+    data = LMDataModule(PREPARED, cfg.block_size, train["batch_size"], seed)
     curve = TrainingCurve(load_tokens(PREPARED, "val"), cfg.block_size, train["batch_size"],
                           train["eval_batches"], train["eval_every"], train["max_steps"])
 

@@ -51,7 +51,7 @@ def main(argv: list[str]) -> None:
     # 2. Model, data and the curve: all determined by (seed, step).
     L.seed_everything(seed, verbose=False)
     lit = LitLM(cfg, train, key)
-    data = LMDataModule(PREPARED, cfg.block_size, train["batch_size"], seed, steps_per_epoch=train["ckpt_every"])
+    data = LMDataModule(PREPARED, cfg.block_size, train["batch_size"], seed)
     curve = TrainingCurve(load_tokens(PREPARED, "val"), cfg.block_size, train["batch_size"],
                           train["eval_batches"], train["eval_every"], train["max_steps"])
 

@@ -64,7 +64,7 @@ def main(argv: list[str]) -> None:
     # 2. The transformed model, the mixed data's batches and the curve (from step 0).
     L.seed_everything(seed, verbose=False)
     lit = LitLM(cfg, train, key, model=model.train())
-    data = LMDataModule(PREPARED, cfg.block_size, train["batch_size"], data_seed, steps_per_epoch=train["ckpt_every"])
+    data = LMDataModule(PREPARED, cfg.block_size, train["batch_size"], data_seed)
     curve = TrainingCurve(load_tokens(PREPARED, "val"), cfg.block_size, train["batch_size"],
                           train["eval_batches"], train["eval_every"], train["max_steps"])
     curve.rows = [{"step": 0, "tokens": 0, "train_loss": math.nan, "val_loss": curve.val_loss(model),
