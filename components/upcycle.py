@@ -25,8 +25,7 @@ from dataclasses import replace
 import torch
 
 from components.config import ModelConfig
-from components.model import TransformerLM, ffn_in_dim, module_prefix, qkv_dim
-from components.moe import is_moe_layer
+from components.model import TransformerLM, ffn_in_dim, is_moe_layer, module_prefix, qkv_dim
 
 ROUTER_INITS = ("random", "zero", "uniform")
 

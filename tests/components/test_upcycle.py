@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from components.config import ModelConfig
-from components.model import CausalSelfAttention, TransformerLM
-from components.moe import MixtureOfAttention, MoE
+from components.model import CausalSelfAttention, MixtureOfAttention, MoE, TransformerLM
 from components.upcycle import unfuse_parallel_state_dict, upcycle_state_dict, upcycled_config
 
 torch.set_num_threads(1)
