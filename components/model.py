@@ -92,7 +92,8 @@ def qkv_dim(cfg: ModelConfig) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# attention core, shared by CausalSelfAttention and the fused ParallelBlock
+# attention core, shared by CausalSelfAttention, MixtureOfAttention, the fused ParallelBlock and
+# the HybridMixer
 
 
 def split_heads(qkv: torch.Tensor, n_head: int, n_kv_head: int):
@@ -112,14 +113,12 @@ def causal_mask(T: int, pos: int, device) -> torch.Tensor | None:
     return torch.arange(pos + T, device=device)[None, :] <= torch.arange(pos, pos + T, device=device)[:, None]
 
 
-def attend(qkv: torch.Tensor, n_head: int, n_kv_head: int, rope: Rope | None = None,
-           kv: KV | None = None, pos: int = 0, dropout_p: float = 0.0) -> torch.Tensor:
-    """Causal attention from the flat projection qkv (B, T, q_dim + 2*kv_dim) to (B, T, q_dim).
-
-    With a cache `kv`, this call's keys/values are written at pos..pos+T and the queries
-    attend to all pos+T keys so far.
-    """
-    B, T, _ = qkv.shape
+def cached_heads(qkv: torch.Tensor, n_head: int, n_kv_head: int, rope: Rope | None = None,
+                 kv: KV | None = None, pos: int = 0):
+    """q (B, nh, T, hs) and the keys/values so far, k and v (B, nkv, S, hs), from the flat
+    projection qkv (B, T, q_dim + 2*kv_dim). With a cache `kv`, this call's keys/values are
+    written at pos..pos+T and S = pos+T; without, S = T."""
+    T = qkv.size(1)
     if qkv.stride(1) % 8:       # CUDA attention kernels fault on rows not 16-byte aligned: a fused w_in whose
         qkv = qkv.contiguous()  # width is odd (pruned FFN channels) leaves them so; found on an H200
     q, k, v = split_heads(qkv, n_head, n_kv_head)           # (B, nh, T, hs), (B, nkv, T, hs) x2
@@ -129,12 +128,30 @@ def attend(qkv: torch.Tensor, n_head: int, n_kv_head: int, rope: Rope | None = N
         kv[0][:, :, pos:pos + T] = k
         kv[1][:, :, pos:pos + T] = v
         k, v = kv[0][:, :, :pos + T].to(q.dtype), kv[1][:, :, :pos + T].to(q.dtype)  # (B, nkv, S, hs)
-    if n_kv_head != n_head:                                 # GQA/MQA: each kv head serves a group
-        k = k.repeat_interleave(n_head // n_kv_head, dim=1)  # (B, nh, S, hs)
-        v = v.repeat_interleave(n_head // n_kv_head, dim=1)
+    return q, k, v
+
+
+def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int = 0,
+                dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention of q (B, nh, T, hs) at positions pos.. over k, v (B, nkv, S, hs) -> (B, T, nh*hs)."""
+    B, n_head, T, _ = q.shape
+    if k.size(1) != n_head:                                 # GQA/MQA: each kv head serves a group
+        k = k.repeat_interleave(n_head // k.size(1), dim=1)  # (B, nh, S, hs)
+        v = v.repeat_interleave(n_head // v.size(1), dim=1)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, pos, q.device),
                                        dropout_p=dropout_p, is_causal=pos == 0)  # (B, nh, T, hs)
     return y.transpose(1, 2).reshape(B, T, -1)              # (B, T, nh*hs)
+
+
+def attend(qkv: torch.Tensor, n_head: int, n_kv_head: int, rope: Rope | None = None,
+           kv: KV | None = None, pos: int = 0, dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention from the flat projection qkv (B, T, q_dim + 2*kv_dim) to (B, T, q_dim).
+
+    With a cache `kv`, this call's keys/values are written at pos..pos+T and the queries
+    attend to all pos+T keys so far.
+    """
+    q, k, v = cached_heads(qkv, n_head, n_kv_head, rope, kv, pos)
+    return causal_sdpa(q, k, v, pos, dropout_p)
 
 
 def kv_slot(batch_size: int, n_kv_head: int, max_len: int, head_size: int, device, dtype) -> KV:
@@ -274,23 +291,13 @@ class MixtureOfAttention(nn.Module):
 
     def forward(self, h, rope=None, kv=None, pos=0):
         B, T, C = h.shape
-        N, nh = self.n_expert, self.n_head
-        q, k, v = split_heads(self.qkv(h), N * nh, self.n_kv_total)    # (B, N*nh, T, hs), (B, nkv_total, T, hs)
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if kv is not None:
-            kv[0][:, :, pos:pos + T], kv[1][:, :, pos:pos + T] = k, v
-            k, v = kv[0][:, :, :pos + T].to(q.dtype), kv[1][:, :, :pos + T].to(q.dtype)   # (B, nkv_total, S, hs)
+        N = self.n_expert
+        q, k, v = cached_heads(self.qkv(h), N * self.n_head, self.n_kv_total, rope, kv, pos)
         if self.kv_shared:                                   # every expert reads the same k/v heads
             k, v = k.repeat(1, N, 1, 1), v.repeat(1, N, 1, 1)   # (B, N*nkv, S, hs), expert-major
-        if nh != self.n_kv_head:                             # GQA inside each expert
-            k = k.repeat_interleave(nh // self.n_kv_head, dim=1)   # (B, N*nh, S, hs)
-            v = v.repeat_interleave(nh // self.n_kv_head, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, pos, q.device),
-                                           dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=pos == 0)                # (B, N*nh, T, hs)
+        y = causal_sdpa(q, k, v, pos, self.dropout if self.training else 0.0)   # (B, T, N*nh*hs)
         p = F.softmax(self.router(h).float(), dim=-1).to(y.dtype)            # (B, T, N)
-        y = y.transpose(1, 2).reshape(B, T, N, -1) * p[..., None]            # (B, T, N, nh*hs)
+        y = y.view(B, T, N, -1) * p[..., None]                               # (B, T, N, nh*hs)
         return self.drop(self.proj(y.reshape(B, T, -1)))                     # (B, T, C)
 
     def new_slot(self, batch_size: int, max_len: int, device, dtype) -> KV:
