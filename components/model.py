@@ -82,9 +82,11 @@ def swiglu(z: torch.Tensor) -> torch.Tensor:
 ACTIVATIONS = {"gelu": F.gelu, "swiglu": swiglu}            # F.gelu is the exact (erf) GELU
 
 
-def ffn_in_dim(cfg: ModelConfig) -> int:
-    """Width of the FFN input matmul: swiglu computes gate and up in one matrix."""
-    return 2 * cfg.d_ff if cfg.ffn == "swiglu" else cfg.d_ff
+def ffn_in_dim(cfg: ModelConfig, d_ff: int | None = None) -> int:
+    """Width of the FFN input matmul (d_ff: a layer's own, else the config's): swiglu computes
+    gate and up in one matrix."""
+    d_ff = d_ff or cfg.d_ff
+    return 2 * d_ff if cfg.ffn == "swiglu" else d_ff
 
 
 def qkv_dim(cfg: ModelConfig) -> int:
@@ -187,7 +189,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, d_ff: int | None = None):
         super().__init__()
         d_ff = d_ff or cfg.d_ff
-        self.fc = nn.Linear(cfg.n_embd, 2 * d_ff if cfg.ffn == "swiglu" else d_ff, bias=cfg.bias)
+        self.fc = nn.Linear(cfg.n_embd, ffn_in_dim(cfg, d_ff), bias=cfg.bias)
         self.act = ACTIVATIONS[cfg.ffn]
         self.proj = nn.Linear(d_ff, cfg.n_embd, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
@@ -393,14 +395,14 @@ class ParallelBlock(nn.Module):
             +---------------------------------------------------+
 
     w_in.weight rows are [q; k; v; ffn input] = cat([attn.qkv.weight, mlp.fc.weight]) of the
-    unfused block, so `fuse_parallel_block` converts one into the other exactly.
+    unfused block (FUSED_NAMES), so `fuse_parallel_block` converts one into the other exactly.
     """
 
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.n_head, self.n_kv_head, d_ff = cfg.layer_widths(layer)
         self.dropout, self.head_size = cfg.dropout, cfg.head_size
-        self.split = [(self.n_head + 2 * self.n_kv_head) * cfg.head_size, 2 * d_ff if cfg.ffn == "swiglu" else d_ff]
+        self.split = fused_split(cfg, layer)                # [q,k,v rows, FFN input rows]
         self.ln = make_norm(cfg)
         self.w_in = nn.Linear(cfg.n_embd, sum(self.split), bias=cfg.bias)
         self.act = ACTIVATIONS[cfg.ffn]
@@ -586,30 +588,62 @@ class DepthWeightedAverage(nn.Module):
 
 
 
+# ---------------------------------------------------------------------------------------------
+# the fused parallel layout: ParallelBlock's names for UnfusedParallelBlock's modules (w_in holds
+# attn.qkv's rows, then mlp.fc's: fused_split). Converters both ways and compress.py read it here.
+
+FUSED_NAMES = {"attn.qkv": "w_in", "mlp.fc": "w_in", "attn.proj": "attn_proj", "mlp.proj": "mlp_proj"}
+
+
+def fused_split(cfg: ModelConfig, layer: int = 0) -> list[int]:
+    """Rows of layer `layer`'s w_in: [q; k; v] of its heads, then its FFN input."""
+    n_head, n_kv_head, d_ff = cfg.layer_widths(layer)
+    return [(n_head + 2 * n_kv_head) * cfg.head_size, ffn_in_dim(cfg, d_ff)]
+
+
 def fuse_parallel_state_dict(sd: dict) -> dict:
     """Map a parallel-unfused state dict (of a block or a whole model) to the fused layout:
     w_in = cat([attn.qkv, mlp.fc]), attn.proj -> attn_proj, mlp.proj -> mlp_proj; rest as is."""
     out = {}
     for name, t in sd.items():
-        path, _, leaf = name.rpartition(".")                # "blocks.0.attn.qkv", "weight"
-        if (p := module_prefix(path, "attn.qkv")) is not None:
-            out[f"{p}w_in.{leaf}"] = torch.cat([t, sd[f"{p}mlp.fc.{leaf}"]])  # rows [q; k; v; ffn]
-        elif module_prefix(path, "mlp.fc") is not None:
-            continue                                        # consumed with attn.qkv
-        elif (p := module_prefix(path, "attn.proj")) is not None:
-            out[f"{p}attn_proj.{leaf}"] = t
-        elif (p := module_prefix(path, "mlp.proj")) is not None:
-            out[f"{p}mlp_proj.{leaf}"] = t
-        else:
+        p, module, leaf = split_name(name, FUSED_NAMES)     # "blocks.0.", "attn.qkv", "weight"
+        if module is None:
             out[name] = t
+        elif module == "attn.qkv":
+            out[f"{p}w_in.{leaf}"] = torch.cat([t, sd[f"{p}mlp.fc.{leaf}"]])  # rows [q; k; v; ffn]
+        elif module != "mlp.fc":                            # mlp.fc went into w_in with attn.qkv
+            out[f"{p}{FUSED_NAMES[module]}.{leaf}"] = t
     return out
 
 
-def module_prefix(path: str, module: str) -> str | None:
-    """"blocks.0.attn.qkv", "attn.qkv" -> "blocks.0."; "attn.qkv" -> ""; no match -> None."""
-    if path == module:
-        return ""
-    return path[: -len(module)] if path.endswith("." + module) else None
+def unfuse_parallel_state_dict(sd: dict, cfg: ModelConfig) -> dict:
+    """The inverse of fuse_parallel_state_dict for a `parallel` model: w_in -> attn.qkv and
+    mlp.fc, attn_proj -> attn.proj, mlp_proj -> mlp.proj (UnfusedParallelBlock names). Other
+    blocks' state dicts are returned as they are."""
+    if cfg.block != "parallel":
+        return dict(sd)
+    unfused = {fused: name for name, fused in FUSED_NAMES.items() if fused != "w_in"}   # attn_proj -> attn.proj
+    out = {}
+    for name, t in sd.items():
+        p, module, leaf = split_name(name, ["w_in", *unfused])
+        if module is None:
+            out[name] = t
+        elif module == "w_in":
+            layer = int(p.split(".")[-2]) if p else 0       # "blocks.3." -> 3; a lone block's "" -> 0
+            out[f"{p}attn.qkv.{leaf}"], out[f"{p}mlp.fc.{leaf}"] = t.split(fused_split(cfg, layer))
+        else:
+            out[f"{p}{unfused[module]}.{leaf}"] = t
+    return out
+
+
+def split_name(name: str, modules) -> tuple[str, str | None, str]:
+    """"blocks.0.attn.qkv.weight" -> ("blocks.0.", "attn.qkv", "weight") when "attn.qkv" is in
+    `modules` ("attn.qkv.weight" -> ("", "attn.qkv", "weight")); (name, None, leaf) when none is."""
+    path, _, leaf = name.rpartition(".")
+    for module in modules:
+        if path == module or path.endswith("." + module):
+            return path[: len(path) - len(module)], module, leaf
+    return name, None, leaf
 
 
 def fuse_parallel_block(unfused: UnfusedParallelBlock, cfg: ModelConfig) -> ParallelBlock:

@@ -20,6 +20,7 @@ from components.model import (
     fuse_parallel_block,
     fuse_parallel_state_dict,
     rope_tables,
+    unfuse_parallel_state_dict,
 )
 
 torch.set_num_threads(1)  # tiny matmuls: threads only add overhead on a shared 2-core box
@@ -96,6 +97,18 @@ def test_fused_state_dict_names():
     assert {"blocks.0.w_in.weight", "blocks.0.w_in.bias", "blocks.1.attn_proj.weight",
             "blocks.1.mlp_proj.bias", "blocks.0.ln.weight", "wte.weight"} <= fused_names
     assert not any(".attn." in n or ".mlp." in n for n in fused_names)
+
+
+def test_unfuse_inverts_fuse_with_per_layer_widths():
+    """A pruned fused model's w_in splits at each layer's own widths, and fusing gives it back."""
+    model = tiny_model(block="parallel", bias=True, ffn="swiglu", n_kv_head=2,
+                       layer_n_head=[4, 2], layer_n_kv_head=[2, 1], layer_d_ff=[64, 100])
+    sd = model.state_dict()
+    unfused = unfuse_parallel_state_dict(sd, model.cfg)
+    assert unfused["blocks.1.attn.qkv.weight"].shape[0] == (2 + 2 * 1) * 8      # head size 8
+    assert unfused["blocks.1.mlp.fc.weight"].shape[0] == 2 * 100                # swiglu: gate and up
+    back = fuse_parallel_state_dict(unfused)
+    assert list(back) == list(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
 
 
 # ---------------------------------------------------------------------------------------------
