@@ -538,7 +538,7 @@ class HybridBlock(nn.Module):
 
 # The classes of config.BLOCKS's names, built per layer as cls(cfg, layer); par and one-wide-ffn
 # are stacks that make_blocks builds from AttentionSublayer/FFNSublayer and SharedFFNBlock.
-BLOCKS = {"serial": SerialBlock, "parallel": ParallelBlock, "parallel-unfused": UnfusedParallelBlock,
+BLOCK_CLASSES = {"serial": SerialBlock, "parallel": ParallelBlock, "parallel-unfused": UnfusedParallelBlock,
                  "parallel-2norm": Parallel2NormBlock, "hybrid": HybridBlock}
 
 
@@ -558,7 +558,7 @@ def block_class(cfg: ModelConfig, layer: int) -> type[nn.Module]:
         return FFNSublayer
     if cfg.block == "parallel" and (is_moe_layer(cfg, layer) or cfg.n_attn_expert):
         return UnfusedParallelBlock
-    return BLOCKS[cfg.block]
+    return BLOCK_CLASSES[cfg.block]
 
 
 class DepthWeightedAverage(nn.Module):
@@ -744,9 +744,10 @@ class TransformerLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 sample_top_k: int | None = None, generator: torch.Generator | None = None,
                  use_cache: bool = True) -> torch.Tensor:
-        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy.
+        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy, sample_top_k
+        keeps the k most likely tokens (not the MoE's cfg.top_k, the experts per token).
         Call model.eval() first, or dropout stays on. Without the cache the context slides
         (cropped to block_size); with it, T + max_new_tokens - 1 must fit in block_size."""
         need = idx.size(1) + max_new_tokens - 1             # the last sampled token is never fed
@@ -759,7 +760,7 @@ class TransformerLM(nn.Module):
                 logits = self(idx[:, -self.cfg.block_size:])
             else:
                 logits = self(idx if i == 0 else idx[:, -1:], cache)
-            idx = torch.cat([idx, sample(logits[:, -1], temperature, top_k, generator)], dim=1)
+            idx = torch.cat([idx, sample(logits[:, -1], temperature, sample_top_k, generator)], dim=1)
         return idx
 
     def num_params(self) -> int:
@@ -779,13 +780,13 @@ def init_weights(module: nn.Module):
         nn.init.zeros_(module.bias)
 
 
-def sample(logits: torch.Tensor, temperature: float, top_k: int | None,
+def sample(logits: torch.Tensor, temperature: float, sample_top_k: int | None,
            generator: torch.Generator | None) -> torch.Tensor:
     """logits (B, vocab) -> next token ids (B, 1)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+    if sample_top_k is not None:
+        kth = torch.topk(logits, min(sample_top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)

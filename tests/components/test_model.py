@@ -11,6 +11,7 @@ import torch
 
 from components.config import BLOCKS, FFNS, NORMS, POSITIONS, ModelConfig
 from components.model import (
+    BLOCK_CLASSES,
     MLP,
     CausalSelfAttention,
     ParallelBlock,
@@ -151,7 +152,7 @@ def test_sampling_is_reproducible_and_top_k_restricts():
     a = model.generate(prompt, 8, generator=torch.Generator().manual_seed(5))
     b = model.generate(prompt, 8, generator=torch.Generator().manual_seed(5), use_cache=False)
     assert torch.equal(a, b)
-    top1 = model.generate(prompt, 8, top_k=1, generator=torch.Generator().manual_seed(5))
+    top1 = model.generate(prompt, 8, sample_top_k=1, generator=torch.Generator().manual_seed(5))
     assert torch.equal(top1, model.generate(prompt, 8, temperature=0))
 
 
@@ -222,6 +223,13 @@ def test_causal(block, pos):
     assert a.shape == (2, 12, TINY["vocab_size"])
     assert max_diff(a[:, :t + 1], b[:, :t + 1]) < 1e-6
     assert (a[:, t + 1:] - b[:, t + 1:]).abs().amax(dim=-1).min() > 1e-3  # every later position moves
+
+
+def test_block_names_and_classes_agree():
+    """config.BLOCKS names what model.BLOCK_CLASSES builds; par and one-wide-ffn are stacks of their own."""
+    assert set(BLOCK_CLASSES) | {"par", "one-wide-ffn"} == set(BLOCKS)
+    for name, cls in BLOCK_CLASSES.items():
+        assert all(type(b) is cls for b in TransformerLM(tiny_cfg(block=name)).blocks), name
 
 
 # ---------------------------------------------------------------------------------------------
