@@ -28,7 +28,7 @@ import torch
 from benchmarks.common import TRAIN, batches, median_ratio, timed_steps
 from components.config import ModelConfig
 from components.lit import LitLM, lm_loss
-from components.moe import moe_losses
+from components.model import moe_losses
 
 CONTENDERS = {
     "dense": {},

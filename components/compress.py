@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from components.config import ModelConfig
 from components.lit import lm_loss
-from components.model import TransformerLM
+from components.model import FUSED_NAMES, TransformerLM, fused_split
 from components.quant import quantize_int8_
 
 CRITERIA = ("magnitude", "wanda", "taylor")
@@ -49,16 +49,14 @@ def quantize(model: TransformerLM, embeddings: bool) -> TransformerLM:
 def layer_linears(cfg: ModelConfig, i: int) -> dict:
     """Names of layer i's matrices: qkv (input rows of q, k, v), o (attention output), fc (FFN input
     rows, from row fc_offset), proj (FFN output), norm (the norm before the FFN). The fused parallel
-    block keeps qkv and fc in one matrix, w_in; an FFN-only layer has no qkv or o."""
-    n_head, n_kv_head, _ = cfg.layer_widths(i)
+    block keeps qkv and fc in one matrix (model.FUSED_NAMES); an FFN-only layer has no qkv or o."""
     b = f"blocks.{i}."
-    if n_head == 0:
+    if cfg.layer_widths(i)[0] == 0:
         return {"qkv": None, "o": None, "fc": b + "mlp.fc", "fc_offset": 0, "proj": b + "mlp.proj", "norm": b + "ln"}
-    if cfg.block == "parallel":
-        return {"qkv": b + "w_in", "o": b + "attn_proj", "fc": b + "w_in", "norm": b + "ln",
-                "fc_offset": (n_head + 2 * n_kv_head) * cfg.head_size, "proj": b + "mlp_proj"}
-    return {"qkv": b + "attn.qkv", "o": b + "attn.proj", "fc": b + "mlp.fc", "fc_offset": 0,
-            "proj": b + "mlp.proj", "norm": b + "ln_2"}
+    fused = cfg.block == "parallel"
+    name = {m: b + (FUSED_NAMES[m] if fused else m) for m in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")}
+    return {"qkv": name["attn.qkv"], "o": name["attn.proj"], "fc": name["mlp.fc"], "proj": name["mlp.proj"],
+            "fc_offset": fused_split(cfg, i)[0] if fused else 0, "norm": b + ("ln" if fused else "ln_2")}
 
 
 def group_index(cfg: ModelConfig, i: int, groups: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ BLOCKS = ("serial", "parallel", "parallel-unfused", "parallel-2norm", "par", "on
 FFNS = ("gelu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
-ROUTERS = ("topk-softmax", "softmax-topk")          # MoE router conventions (components/moe.py)
+ROUTERS = ("topk-softmax", "softmax-topk")          # MoE router conventions (components/model.py)
 MOAS = ("kv-experts", "kv-shared")                  # mixture-of-attention parameterisations (BAM)
 MOE_BLOCKS = ("serial", "parallel", "parallel-unfused")   # blocks that take an MoE FFN
 MOA_BLOCKS = ("parallel", "parallel-unfused")       # attention and FFN experts on the same normalised input
@@ -59,7 +59,7 @@ class ModelConfig:
     bias: bool = False
     dropout: float = 0.0
     norm_eps: float = 1e-5
-    # Mixture-of-Experts (components/moe.py): made by upcycle@, or set on a variant to train one from scratch.
+    # Mixture-of-Experts (components/model.py): made by upcycle@, or set on a variant to train one from scratch.
     n_expert: int = 0             # FFN experts of an MoE layer; 0 = dense FFN
     top_k: int = 2                # experts each token uses
     router: str = "topk-softmax"  # topk-softmax: softmax of the top-k logits (Mixtral) | softmax-topk (Switch)

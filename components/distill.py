@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from components.lit import LitLM, lm_loss
-from components.model import TransformerLM
-from components.moe import moe_losses
+from components.model import TransformerLM, moe_losses
 from components.params import ParamsError
 
 KD_CHUNK = 1024     # positions per KD chunk: bounds the fp32 (chunk, vocab) temporaries

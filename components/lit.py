@@ -20,8 +20,7 @@ from torch.utils.data import DataLoader
 
 from components.config import ModelConfig
 from components.data import StepBatches, StepsFrom, eval_offsets, load_tokens, window_batch
-from components.model import TransformerLM
-from components.moe import moe_layers, moe_losses
+from components.model import TransformerLM, moe_layers, moe_losses
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

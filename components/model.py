@@ -7,7 +7,27 @@ looped (`n_loop`) and DenseFormer's depth-weighted averaging (`dwa`). LayerNorm 
 or SwiGLU FFN; learned or rotary positions; MHA/GQA/MQA; a preallocated cache (keys/values, SSM
 state) for generation. The model returns logits; the loss lives in the training module.
 
+Mixture of experts (`n_expert`) and soft mixture of attention (`n_attn_expert`) are parts that the
+serial and unfused parallel blocks pick per layer (`is_moe_layer`): the FFN becomes an `MoE`, the
+attention a `MixtureOfAttention`. A routed layer of a fused `parallel` model is built unfused (the
+fused input matmul cannot hold a router): attention and FFN get separate input matmuls on the same
+normalised input.
+
+MoE (METHODS.md b2): router logits s = W_r x (fp32), two conventions:
+    topk-softmax (Mixtral): w = softmax(top-k of s), weights sum to 1;
+    softmax-topk (Switch, ST-MoE): p = softmax(s), w_i = p_i for i in the top k, not renormalised.
+y = sum_i w_i FFN_i(x) (+ a shared dense FFN). Dispatch is dropless: the (token, slot) pairs are
+sorted by expert, each expert runs once on its gathered tokens, index_add_ scatters back.
+In training mode each MoE layer keeps its last Switch load-balancing loss E * sum_i f_i P_i, its
+router z-loss mean_t logsumexp(s_t)^2 and its expert load f (`moe_layers`, `moe_losses`).
+
+MoA (METHODS.md b5, soft routing): y = sum_i softmax(W_a h)_i Attn_i(h); every token uses every
+expert. The N experts run as one attention with N x n_head heads: expert e owns query heads
+e*nh .. (e+1)*nh - 1, and with kv-experts its own n_kv_head k/v heads (the cache holds N x nkv
+heads, one k/v cache per expert), with kv-shared one set of k/v heads that every expert reads.
+
     python -c "from components.config import ModelConfig; from components.model import TransformerLM; import torch; print(TransformerLM(ModelConfig(vocab_size=100))(torch.zeros(1, 8, dtype=torch.long)).shape)"
+    python -c "from components.config import ModelConfig; from components.model import TransformerLM; import torch; m = TransformerLM(ModelConfig(vocab_size=100, block='parallel', n_expert=4, n_attn_expert=2)); print(m(torch.zeros(1, 8, dtype=torch.long)).shape, m.num_params(), m.num_active_params())"
 """
 from __future__ import annotations
 
@@ -62,9 +82,11 @@ def swiglu(z: torch.Tensor) -> torch.Tensor:
 ACTIVATIONS = {"gelu": F.gelu, "swiglu": swiglu}            # F.gelu is the exact (erf) GELU
 
 
-def ffn_in_dim(cfg: ModelConfig) -> int:
-    """Width of the FFN input matmul: swiglu computes gate and up in one matrix."""
-    return 2 * cfg.d_ff if cfg.ffn == "swiglu" else cfg.d_ff
+def ffn_in_dim(cfg: ModelConfig, d_ff: int | None = None) -> int:
+    """Width of the FFN input matmul (d_ff: a layer's own, else the config's): swiglu computes
+    gate and up in one matrix."""
+    d_ff = d_ff or cfg.d_ff
+    return 2 * d_ff if cfg.ffn == "swiglu" else d_ff
 
 
 def qkv_dim(cfg: ModelConfig) -> int:
@@ -72,7 +94,8 @@ def qkv_dim(cfg: ModelConfig) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# attention core, shared by CausalSelfAttention and the fused ParallelBlock
+# attention core, shared by CausalSelfAttention, MixtureOfAttention, the fused ParallelBlock and
+# the HybridMixer
 
 
 def split_heads(qkv: torch.Tensor, n_head: int, n_kv_head: int):
@@ -92,14 +115,12 @@ def causal_mask(T: int, pos: int, device) -> torch.Tensor | None:
     return torch.arange(pos + T, device=device)[None, :] <= torch.arange(pos, pos + T, device=device)[:, None]
 
 
-def attend(qkv: torch.Tensor, n_head: int, n_kv_head: int, rope: Rope | None = None,
-           kv: KV | None = None, pos: int = 0, dropout_p: float = 0.0) -> torch.Tensor:
-    """Causal attention from the flat projection qkv (B, T, q_dim + 2*kv_dim) to (B, T, q_dim).
-
-    With a cache `kv`, this call's keys/values are written at pos..pos+T and the queries
-    attend to all pos+T keys so far.
-    """
-    B, T, _ = qkv.shape
+def cached_heads(qkv: torch.Tensor, n_head: int, n_kv_head: int, rope: Rope | None = None,
+                 kv: KV | None = None, pos: int = 0):
+    """q (B, nh, T, hs) and the keys/values so far, k and v (B, nkv, S, hs), from the flat
+    projection qkv (B, T, q_dim + 2*kv_dim). With a cache `kv`, this call's keys/values are
+    written at pos..pos+T and S = pos+T; without, S = T."""
+    T = qkv.size(1)
     if qkv.stride(1) % 8:       # CUDA attention kernels fault on rows not 16-byte aligned: a fused w_in whose
         qkv = qkv.contiguous()  # width is odd (pruned FFN channels) leaves them so; found on an H200
     q, k, v = split_heads(qkv, n_head, n_kv_head)           # (B, nh, T, hs), (B, nkv, T, hs) x2
@@ -109,12 +130,36 @@ def attend(qkv: torch.Tensor, n_head: int, n_kv_head: int, rope: Rope | None = N
         kv[0][:, :, pos:pos + T] = k
         kv[1][:, :, pos:pos + T] = v
         k, v = kv[0][:, :, :pos + T].to(q.dtype), kv[1][:, :, :pos + T].to(q.dtype)  # (B, nkv, S, hs)
-    if n_kv_head != n_head:                                 # GQA/MQA: each kv head serves a group
-        k = k.repeat_interleave(n_head // n_kv_head, dim=1)  # (B, nh, S, hs)
-        v = v.repeat_interleave(n_head // n_kv_head, dim=1)
+    return q, k, v
+
+
+def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int = 0,
+                dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention of q (B, nh, T, hs) at positions pos.. over k, v (B, nkv, S, hs) -> (B, T, nh*hs)."""
+    B, n_head, T, _ = q.shape
+    if k.size(1) != n_head:                                 # GQA/MQA: each kv head serves a group
+        k = k.repeat_interleave(n_head // k.size(1), dim=1)  # (B, nh, S, hs)
+        v = v.repeat_interleave(n_head // v.size(1), dim=1)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, pos, q.device),
                                        dropout_p=dropout_p, is_causal=pos == 0)  # (B, nh, T, hs)
     return y.transpose(1, 2).reshape(B, T, -1)              # (B, T, nh*hs)
+
+
+def attend(qkv: torch.Tensor, n_head: int, n_kv_head: int, rope: Rope | None = None,
+           kv: KV | None = None, pos: int = 0, dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention from the flat projection qkv (B, T, q_dim + 2*kv_dim) to (B, T, q_dim).
+
+    With a cache `kv`, this call's keys/values are written at pos..pos+T and the queries
+    attend to all pos+T keys so far.
+    """
+    q, k, v = cached_heads(qkv, n_head, n_kv_head, rope, kv, pos)
+    return causal_sdpa(q, k, v, pos, dropout_p)
+
+
+def kv_slot(batch_size: int, n_kv_head: int, max_len: int, head_size: int, device, dtype) -> KV:
+    """An empty cache slot of one attention: k and v, each (B, nkv, max_len, hs)."""
+    shape = (batch_size, n_kv_head, max_len, head_size)
+    return torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -123,7 +168,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, n_head: int | None = None, n_kv_head: int | None = None):
         super().__init__()
         self.n_head, self.n_kv_head = n_head or cfg.n_head, n_kv_head or cfg.n_kv_head
-        self.dropout = cfg.dropout
+        self.dropout, self.head_size = cfg.dropout, cfg.head_size
         self.qkv = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv_head) * cfg.head_size, bias=cfg.bias)
         self.proj = nn.Linear(self.n_head * cfg.head_size, cfg.n_embd, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
@@ -133,6 +178,9 @@ class CausalSelfAttention(nn.Module):
         y = attend(self.qkv(x), self.n_head, self.n_kv_head, rope, kv, pos, p)  # (B, T, q_dim)
         return self.drop(self.proj(y))                                          # (B, T, C)
 
+    def new_slot(self, batch_size: int, max_len: int, device, dtype) -> KV:
+        return kv_slot(batch_size, self.n_kv_head, max_len, self.head_size, device, dtype)
+
 
 class MLP(nn.Module):
     """gelu: proj(gelu(fc(x))); swiglu: proj(silu(gate) * up) with [gate; up] = fc(x).
@@ -141,7 +189,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, d_ff: int | None = None):
         super().__init__()
         d_ff = d_ff or cfg.d_ff
-        self.fc = nn.Linear(cfg.n_embd, 2 * d_ff if cfg.ffn == "swiglu" else d_ff, bias=cfg.bias)
+        self.fc = nn.Linear(cfg.n_embd, ffn_in_dim(cfg, d_ff), bias=cfg.bias)
         self.act = ACTIVATIONS[cfg.ffn]
         self.proj = nn.Linear(d_ff, cfg.n_embd, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
@@ -151,11 +199,135 @@ class MLP(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# blocks: forward(x, rope, kv, pos) -> x, all (B, T, C); kv is the block's cache slot or None
+# mixture of experts: routing, losses, dispatch (pure functions, tested against closed forms and
+# a naive loop), the MoE FFN and the soft mixture of attention
+
+
+def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
+    return cfg.n_expert > 0 and (layer + 1) % cfg.moe_every == 0
+
+
+def route(logits: torch.Tensor, k: int, router: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits (N, E) -> weights (N, k) and expert ids (N, k) of each token's k slots."""
+    if router == "topk-softmax":
+        top, idx = logits.topk(k, dim=-1)
+        return F.softmax(top, dim=-1), idx
+    return F.softmax(logits, dim=-1).topk(k, dim=-1)
+
+
+def expert_load(idx: torch.Tensor, n_expert: int) -> torch.Tensor:
+    """f_i: the fraction of the N x k token slots routed to expert i, (E,), sums to 1."""
+    return torch.bincount(idx.flatten(), minlength=n_expert).float() / idx.numel()
+
+
+def load_balancing_loss(probs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Switch: E * sum_i f_i * P_i, f from the top-k slots (no gradient), P_i the mean router
+    probability (N, E) of expert i. 1 when routing is uniform; HF's load_balancing_loss_func / k."""
+    E = probs.size(-1)
+    return E * (expert_load(idx, E) * probs.mean(dim=0)).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE: mean over tokens of logsumexp(logits)^2, logits (N, E)."""
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def dispatch(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
+    """y_t = sum_j weights[t, j] * experts[idx[t, j]](x_t), x (N, C) -> (N, C); each expert runs once
+    on the tokens routed to it (slots grouped by a stable sort), no token is dropped."""
+    k = idx.size(1)
+    order = idx.flatten().argsort(stable=True)              # (N*k,) slots grouped by expert
+    counts = torch.bincount(idx.flatten(), minlength=len(experts)).tolist()
+    token = order // k                                      # (N*k,) the token of each sorted slot
+    groups = x[token].split(counts)                         # E x (n_e, C), one gather
+    out = torch.cat([experts[e](g) for e, g in enumerate(groups) if len(g)])   # (N*k, C)
+    out = out * weights.flatten()[order, None].to(out.dtype)
+    return x.new_zeros(x.shape).index_add_(0, token, out.to(x.dtype))  # sum each token's k slots
+
+
+class MoE(nn.Module):
+    """Top-k routed FFN experts (each an MLP of the dense model's shape), optional shared expert."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.router_kind = cfg.top_k, cfg.router
+        self.router = nn.Linear(cfg.n_embd, cfg.n_expert, bias=False)
+        self.experts = nn.ModuleList(MLP(cfg) for _ in range(cfg.n_expert))
+        self.shared = MLP(cfg) if cfg.shared_expert else None
+        self.aux_loss = self.z_loss = self.load = None      # of the last forward in training mode
+
+    def forward(self, x):
+        B, T, C = x.shape
+        h = x.reshape(B * T, C)
+        logits = self.router(h).float()                     # (N, E), routing in fp32
+        weights, idx = route(logits, self.top_k, self.router_kind)   # (N, k), (N, k)
+        if self.training:
+            self.aux_loss = load_balancing_loss(F.softmax(logits, dim=-1), idx)
+            self.z_loss, self.load = router_z_loss(logits), expert_load(idx, len(self.experts))
+        y = dispatch(h, weights, idx, self.experts)         # (N, C)
+        if self.shared is not None:
+            y = y + self.shared(h)
+        return y.view(B, T, C)
+
+    def inactive_params(self) -> int:
+        """Weights a token skips: the n_expert - top_k experts it is not routed to."""
+        per_expert = sum(p.numel() for p in self.experts[0].parameters())
+        return (len(self.experts) - self.top_k) * per_expert
+
+
+class MixtureOfAttention(nn.Module):
+    """Soft MoA (BAM): y = proj(concat_e p_e * attn_e(h)) = sum_e p_e attn_e(h) W_o,e^T (+ bias),
+    p = softmax(router(h)). qkv rows: [q of expert 0..N-1; k; v], k and v per expert (kv-experts)
+    or once (kv-shared). proj columns: expert 0's heads, then expert 1's, ..."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        N, hs = cfg.n_attn_expert, cfg.head_size
+        self.n_expert, self.n_head, self.n_kv_head, self.dropout = N, cfg.n_head, cfg.n_kv_head, cfg.dropout
+        self.kv_shared, self.head_size = cfg.moa == "kv-shared", hs
+        self.n_kv_total = cfg.n_kv_head * (1 if self.kv_shared else N)   # k/v heads computed and cached
+        self.router = nn.Linear(cfg.n_embd, N, bias=False)
+        self.qkv = nn.Linear(cfg.n_embd, (N * cfg.n_head + 2 * self.n_kv_total) * hs, bias=cfg.bias)
+        self.proj = nn.Linear(N * cfg.n_head * hs, cfg.n_embd, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, h, rope=None, kv=None, pos=0):
+        B, T, C = h.shape
+        N = self.n_expert
+        q, k, v = cached_heads(self.qkv(h), N * self.n_head, self.n_kv_total, rope, kv, pos)
+        if self.kv_shared:                                   # every expert reads the same k/v heads
+            k, v = k.repeat(1, N, 1, 1), v.repeat(1, N, 1, 1)   # (B, N*nkv, S, hs), expert-major
+        y = causal_sdpa(q, k, v, pos, self.dropout if self.training else 0.0)   # (B, T, N*nh*hs)
+        p = F.softmax(self.router(h).float(), dim=-1).to(y.dtype)            # (B, T, N)
+        y = y.view(B, T, N, -1) * p[..., None]                               # (B, T, N, nh*hs)
+        return self.drop(self.proj(y.reshape(B, T, -1)))                     # (B, T, C)
+
+    def new_slot(self, batch_size: int, max_len: int, device, dtype) -> KV:
+        """Every expert's k/v heads (kv-experts), or the one shared set (kv-shared)."""
+        return kv_slot(batch_size, self.n_kv_total, max_len, self.head_size, device, dtype)
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
+    """(name, layer) of every MoE layer of a model, in order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+
+
+def moe_losses(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """Mean load-balancing and z-loss over the MoE layers' last training forward; None if dense."""
+    layers = [m for _, m in moe_layers(model) if m.aux_loss is not None]
+    if not layers:
+        return None
+    return {"aux_loss": torch.stack([m.aux_loss for m in layers]).mean(),
+            "z_loss": torch.stack([m.z_loss for m in layers]).mean()}
+
+
+# ---------------------------------------------------------------------------------------------
+# blocks: forward(x, rope, kv, pos) -> x, all (B, T, C); kv is the block's cache slot or None;
+# new_slot(batch_size, max_len, device, dtype) -> an empty cache slot for it (None: it needs none)
 
 
 class SerialBlock(nn.Module):
-    """Pre-norm serial block (GPT-2/Llama):
+    """Pre-norm serial block (GPT-2/Llama); on an MoE layer the FFN is an MoE:
 
         x --+-- ln_1 -- attn --(+)--+-- ln_2 -- mlp --(+)--> y
             |                   ^   |                  ^
@@ -166,29 +338,52 @@ class SerialBlock(nn.Module):
         super().__init__()
         n_head, n_kv_head, d_ff = cfg.layer_widths(layer)
         self.ln_1, self.attn = make_norm(cfg), CausalSelfAttention(cfg, n_head, n_kv_head)
-        self.ln_2, self.mlp = make_norm(cfg), MLP(cfg, d_ff)
+        self.ln_2, self.mlp = make_norm(cfg), MoE(cfg) if is_moe_layer(cfg, layer) else MLP(cfg, d_ff)
 
     def forward(self, x, rope=None, kv=None, pos=0):
         x = x + self.attn(self.ln_1(x), rope, kv, pos)
         return x + self.mlp(self.ln_2(x))
 
+    def new_slot(self, batch_size, max_len, device, dtype) -> KV:
+        return self.attn.new_slot(batch_size, max_len, device, dtype)
 
-class UnfusedParallelBlock(nn.Module):
-    """Parallel block (GPT-J/PaLM), one shared norm, attention and FFN as separate modules:
 
-                  +-- attn --+
-        x --+- ln-+          +--(+)--> y        y = x + attn(ln(x)) + mlp(ln(x))
-            |     +-- mlp ---+   ^
-            +--------------------+
+class Parallel2NormBlock(SerialBlock):
+    """Parallel block with one norm per branch (GPT-NeoX, Falcon-40B); SerialBlock's parts, wired
+    side by side:
+
+                +-- ln_1 -- attn --+
+        x --+---+                  +--(+)--> y        y = x + attn(ln_1(x)) + mlp(ln_2(x))
+            |   +-- ln_2 -- mlp ---+   ^
+            +--------------------------+
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def forward(self, x, rope=None, kv=None, pos=0):
+        return x + self.attn(self.ln_1(x), rope, kv, pos) + self.mlp(self.ln_2(x))
+
+
+class UnfusedParallelBlock(nn.Module):
+    """Parallel block (GPT-J/PaLM), one shared norm, attention and FFN as separate modules; with
+    routed parts BAM's block, y = x + MoA(ln(x)) + MoE(ln(x)):
+
+                  +-- attn (MoA) --+
+        x --+- ln-+                +--(+)--> y        y = x + attn(ln(x)) + mlp(ln(x))
+            |     +-- mlp (MoE) ---+   ^
+            +--------------------------+
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
-        self.ln, self.attn, self.mlp = make_norm(cfg), CausalSelfAttention(cfg), MLP(cfg)
+        self.ln = make_norm(cfg)
+        self.attn = MixtureOfAttention(cfg) if cfg.n_attn_expert else CausalSelfAttention(cfg)
+        self.mlp = MoE(cfg) if is_moe_layer(cfg, layer) else MLP(cfg)
 
     def forward(self, x, rope=None, kv=None, pos=0):
         h = self.ln(x)
         return x + self.attn(h, rope, kv, pos) + self.mlp(h)
+
+    def new_slot(self, batch_size, max_len, device, dtype) -> KV:
+        return self.attn.new_slot(batch_size, max_len, device, dtype)
 
 
 class ParallelBlock(nn.Module):
@@ -200,14 +395,14 @@ class ParallelBlock(nn.Module):
             +---------------------------------------------------+
 
     w_in.weight rows are [q; k; v; ffn input] = cat([attn.qkv.weight, mlp.fc.weight]) of the
-    unfused block, so `fuse_parallel_block` converts one into the other exactly.
+    unfused block (FUSED_NAMES), so `fuse_parallel_block` converts one into the other exactly.
     """
 
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.n_head, self.n_kv_head, d_ff = cfg.layer_widths(layer)
-        self.dropout = cfg.dropout
-        self.split = [(self.n_head + 2 * self.n_kv_head) * cfg.head_size, 2 * d_ff if cfg.ffn == "swiglu" else d_ff]
+        self.dropout, self.head_size = cfg.dropout, cfg.head_size
+        self.split = fused_split(cfg, layer)                # [q,k,v rows, FFN input rows]
         self.ln = make_norm(cfg)
         self.w_in = nn.Linear(cfg.n_embd, sum(self.split), bias=cfg.bias)
         self.act = ACTIVATIONS[cfg.ffn]
@@ -221,24 +416,8 @@ class ParallelBlock(nn.Module):
         att = attend(qkv, self.n_head, self.n_kv_head, rope, kv, pos, p)  # (B, T, q_dim)
         return x + self.drop(self.attn_proj(att)) + self.drop(self.mlp_proj(self.act(ffn_in)))
 
-
-class Parallel2NormBlock(nn.Module):
-    """Parallel block with one norm per branch (GPT-NeoX, Falcon-40B):
-
-                +-- ln_1 -- attn --+
-        x --+---+                  +--(+)--> y        y = x + attn(ln_1(x)) + mlp(ln_2(x))
-            |   +-- ln_2 -- mlp ---+   ^
-            +--------------------------+
-    """
-
-    def __init__(self, cfg: ModelConfig, layer: int = 0):
-        super().__init__()
-        n_head, n_kv_head, d_ff = cfg.layer_widths(layer)
-        self.ln_1, self.attn = make_norm(cfg), CausalSelfAttention(cfg, n_head, n_kv_head)
-        self.ln_2, self.mlp = make_norm(cfg), MLP(cfg, d_ff)
-
-    def forward(self, x, rope=None, kv=None, pos=0):
-        return x + self.attn(self.ln_1(x), rope, kv, pos) + self.mlp(self.ln_2(x))
+    def new_slot(self, batch_size, max_len, device, dtype) -> KV:
+        return kv_slot(batch_size, self.n_kv_head, max_len, self.head_size, device, dtype)
 
 
 class AttentionSublayer(nn.Module):
@@ -252,6 +431,9 @@ class AttentionSublayer(nn.Module):
     def forward(self, x, rope=None, kv=None, pos=0):
         return x + self.attn(self.ln(x), rope, kv, pos)
 
+    def new_slot(self, batch_size, max_len, device, dtype) -> KV:
+        return self.attn.new_slot(batch_size, max_len, device, dtype)
+
 
 class FFNSublayer(nn.Module):
     """PAR's `f`: x --+-- ln -- mlp --(+)--> y   (a serial block's second half; no cache slot)
@@ -264,6 +446,9 @@ class FFNSublayer(nn.Module):
 
     def forward(self, x, rope=None, kv=None, pos=0):
         return x + self.mlp(self.ln(x))
+
+    def new_slot(self, batch_size, max_len, device, dtype) -> None:
+        return None
 
 
 class SharedFFNBlock(nn.Module):
@@ -285,6 +470,9 @@ class SharedFFNBlock(nn.Module):
         x = x + self.attn(self.ln_1(x), rope, kv, pos)
         return x + self.shared[0](self.ln_2(x))
 
+    def new_slot(self, batch_size, max_len, device, dtype) -> KV:
+        return self.attn.new_slot(batch_size, max_len, device, dtype)
+
 
 class HybridMixer(nn.Module):
     """Hymba's hybrid-head module: n_head attention heads and n_head SSM heads (components/ssm.py,
@@ -297,6 +485,7 @@ class HybridMixer(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.dropout, self.hs = cfg.n_head, cfg.n_kv_head, cfg.dropout, cfg.head_size
         C, N = cfg.n_embd, cfg.d_state
+        self.d_state = N
         self.split = [qkv_dim(cfg), C, C, N, N, cfg.n_head]                 # q,k,v | x | z | B | C | dt
         self.w_in = nn.Linear(C, sum(self.split), bias=cfg.bias)
         dt = torch.logspace(-3, -1, cfg.n_head)                             # one time scale per head
@@ -318,6 +507,11 @@ class HybridMixer(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C) * F.silu(z)                 # (B, T, C), gated as in Mamba
         return self.drop(self.proj((self.norm_attn(att) + self.norm_ssm(y)) / 2))
 
+    def new_slot(self, batch_size: int, max_len: int, device, dtype) -> KV:
+        """k, v (B, nkv, max_len, hs) and the SSM state (B, nh, d_state, hs)."""
+        ssm = torch.zeros(batch_size, self.n_head, self.d_state, self.hs, device=device, dtype=dtype)
+        return *kv_slot(batch_size, self.n_kv_head, max_len, self.hs, device, dtype), ssm
+
 
 class HybridBlock(nn.Module):
     """Hybrid-head block (Hymba arXiv:2411.13676, Falcon-H1): attention heads and SSM heads side
@@ -329,7 +523,7 @@ class HybridBlock(nn.Module):
             +----------------------------------------------------------+    +------------------+
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.ln_1, self.mixer = make_norm(cfg), HybridMixer(cfg)
         self.ln_2, self.mlp = make_norm(cfg), MLP(cfg)
@@ -338,9 +532,14 @@ class HybridBlock(nn.Module):
         x = x + self.mixer(self.ln_1(x), rope, kv, pos)
         return x + self.mlp(self.ln_2(x))
 
+    def new_slot(self, batch_size, max_len, device, dtype) -> KV:
+        return self.mixer.new_slot(batch_size, max_len, device, dtype)
 
-BLOCKS = {"serial": SerialBlock, "parallel": ParallelBlock, "parallel-unfused": UnfusedParallelBlock,
-          "parallel-2norm": Parallel2NormBlock, "hybrid": HybridBlock}
+
+# The classes of config.BLOCKS's names, built per layer as cls(cfg, layer); par and one-wide-ffn
+# are stacks that make_blocks builds from AttentionSublayer/FFNSublayer and SharedFFNBlock.
+BLOCK_CLASSES = {"serial": SerialBlock, "parallel": ParallelBlock, "parallel-unfused": UnfusedParallelBlock,
+                 "parallel-2norm": Parallel2NormBlock, "hybrid": HybridBlock}
 
 
 def make_blocks(cfg: ModelConfig, shared_mlp: MLP | None) -> list[nn.Module]:
@@ -349,12 +548,17 @@ def make_blocks(cfg: ModelConfig, shared_mlp: MLP | None) -> list[nn.Module]:
         return [AttentionSublayer(cfg) if c == "s" else FFNSublayer(cfg) for c in cfg.layout]
     if cfg.block == "one-wide-ffn":
         return [SharedFFNBlock(cfg, shared_mlp) for _ in range(cfg.n_layer)]
-    if cfg.n_expert or cfg.n_attn_expert:                   # MoE FFN / mixture of attention layers
-        from components.moe import routed_blocks            # moe.py builds on this module: import here
-        return routed_blocks(cfg)
-    if cfg.layer_n_head:                                    # per-layer widths; 0 heads: an FFN-only layer
-        return [BLOCKS[cfg.block](cfg, i) if cfg.layer_n_head[i] else FFNSublayer(cfg, i) for i in range(cfg.n_layer)]
-    return [BLOCKS[cfg.block](cfg) for _ in range(cfg.n_layer)]
+    return [block_class(cfg, i)(cfg, i) for i in range(cfg.n_layer)]
+
+
+def block_class(cfg: ModelConfig, layer: int) -> type[nn.Module]:
+    """The block of layer `layer`: an FFN-only layer where pruning left 0 heads; unfused where a
+    fused parallel layer has an MoE FFN or mixture of attention (w_in cannot hold a router)."""
+    if cfg.layer_n_head and not cfg.layer_n_head[layer]:
+        return FFNSublayer
+    if cfg.block == "parallel" and (is_moe_layer(cfg, layer) or cfg.n_attn_expert):
+        return UnfusedParallelBlock
+    return BLOCK_CLASSES[cfg.block]
 
 
 class DepthWeightedAverage(nn.Module):
@@ -383,30 +587,63 @@ class DepthWeightedAverage(nn.Module):
         return torch.einsum("n,nbtc->btc", self.alphas[i // self.period - 1].to(picked.dtype), picked)
 
 
+
+# ---------------------------------------------------------------------------------------------
+# the fused parallel layout: ParallelBlock's names for UnfusedParallelBlock's modules (w_in holds
+# attn.qkv's rows, then mlp.fc's: fused_split). Converters both ways and compress.py read it here.
+
+FUSED_NAMES = {"attn.qkv": "w_in", "mlp.fc": "w_in", "attn.proj": "attn_proj", "mlp.proj": "mlp_proj"}
+
+
+def fused_split(cfg: ModelConfig, layer: int = 0) -> list[int]:
+    """Rows of layer `layer`'s w_in: [q; k; v] of its heads, then its FFN input."""
+    n_head, n_kv_head, d_ff = cfg.layer_widths(layer)
+    return [(n_head + 2 * n_kv_head) * cfg.head_size, ffn_in_dim(cfg, d_ff)]
+
+
 def fuse_parallel_state_dict(sd: dict) -> dict:
     """Map a parallel-unfused state dict (of a block or a whole model) to the fused layout:
     w_in = cat([attn.qkv, mlp.fc]), attn.proj -> attn_proj, mlp.proj -> mlp_proj; rest as is."""
     out = {}
     for name, t in sd.items():
-        path, _, leaf = name.rpartition(".")                # "blocks.0.attn.qkv", "weight"
-        if (p := module_prefix(path, "attn.qkv")) is not None:
-            out[f"{p}w_in.{leaf}"] = torch.cat([t, sd[f"{p}mlp.fc.{leaf}"]])  # rows [q; k; v; ffn]
-        elif module_prefix(path, "mlp.fc") is not None:
-            continue                                        # consumed with attn.qkv
-        elif (p := module_prefix(path, "attn.proj")) is not None:
-            out[f"{p}attn_proj.{leaf}"] = t
-        elif (p := module_prefix(path, "mlp.proj")) is not None:
-            out[f"{p}mlp_proj.{leaf}"] = t
-        else:
+        p, module, leaf = split_name(name, FUSED_NAMES)     # "blocks.0.", "attn.qkv", "weight"
+        if module is None:
             out[name] = t
+        elif module == "attn.qkv":
+            out[f"{p}w_in.{leaf}"] = torch.cat([t, sd[f"{p}mlp.fc.{leaf}"]])  # rows [q; k; v; ffn]
+        elif module != "mlp.fc":                            # mlp.fc went into w_in with attn.qkv
+            out[f"{p}{FUSED_NAMES[module]}.{leaf}"] = t
     return out
 
 
-def module_prefix(path: str, module: str) -> str | None:
-    """"blocks.0.attn.qkv", "attn.qkv" -> "blocks.0."; "attn.qkv" -> ""; no match -> None."""
-    if path == module:
-        return ""
-    return path[: -len(module)] if path.endswith("." + module) else None
+def unfuse_parallel_state_dict(sd: dict, cfg: ModelConfig) -> dict:
+    """The inverse of fuse_parallel_state_dict for a `parallel` model: w_in -> attn.qkv and
+    mlp.fc, attn_proj -> attn.proj, mlp_proj -> mlp.proj (UnfusedParallelBlock names). Other
+    blocks' state dicts are returned as they are."""
+    if cfg.block != "parallel":
+        return dict(sd)
+    unfused = {fused: name for name, fused in FUSED_NAMES.items() if fused != "w_in"}   # attn_proj -> attn.proj
+    out = {}
+    for name, t in sd.items():
+        p, module, leaf = split_name(name, ["w_in", *unfused])
+        if module is None:
+            out[name] = t
+        elif module == "w_in":
+            layer = int(p.split(".")[-2]) if p else 0       # "blocks.3." -> 3; a lone block's "" -> 0
+            out[f"{p}attn.qkv.{leaf}"], out[f"{p}mlp.fc.{leaf}"] = t.split(fused_split(cfg, layer))
+        else:
+            out[f"{p}{unfused[module]}.{leaf}"] = t
+    return out
+
+
+def split_name(name: str, modules) -> tuple[str, str | None, str]:
+    """"blocks.0.attn.qkv.weight" -> ("blocks.0.", "attn.qkv", "weight") when "attn.qkv" is in
+    `modules` ("attn.qkv.weight" -> ("", "attn.qkv", "weight")); (name, None, leaf) when none is."""
+    path, _, leaf = name.rpartition(".")
+    for module in modules:
+        if path == module or path.endswith("." + module):
+            return path[: len(path) - len(module)], module, leaf
+    return name, None, leaf
 
 
 def fuse_parallel_block(unfused: UnfusedParallelBlock, cfg: ModelConfig) -> ParallelBlock:
@@ -498,22 +735,8 @@ class TransformerLM(nn.Module):
         if max_len > self.cfg.block_size:
             raise ValueError(f"max_len={max_len} exceeds block_size={self.cfg.block_size}: "
                              f"the model cannot attend further back; use max_len <= block_size")
-        w, c = self.wte.weight, self.cfg
-        zeros = lambda *shape: torch.zeros(shape, device=w.device, dtype=w.dtype)  # noqa: E731
-        kv = (batch_size, c.n_kv_head, max_len, c.head_size)
-
-        def slot(block: nn.Module) -> KV | None:
-            if hasattr(block, "new_slot"):                  # its own layout (MoA: every expert's k/v heads)
-                return block.new_slot(batch_size, max_len, w)
-            if isinstance(block, FFNSublayer):
-                return None
-            if c.layer_n_head:                              # this layer's own K/V heads (pruned models)
-                n_kv_head = block.n_kv_head if isinstance(block, ParallelBlock) else block.attn.n_kv_head
-                return zeros(batch_size, n_kv_head, max_len, c.head_size), zeros(batch_size, n_kv_head, max_len, c.head_size)
-            if isinstance(block, HybridBlock):
-                return zeros(*kv), zeros(*kv), zeros(batch_size, c.n_head, c.d_state, c.head_size)
-            return zeros(*kv), zeros(*kv)
-        return KVCache([slot(b) for b in self.applications()], max_len)
+        w = self.wte.weight                                 # slots take the embedding's device and dtype
+        return KVCache([b.new_slot(batch_size, max_len, w.device, w.dtype) for b in self.applications()], max_len)
 
     def applications(self) -> list[nn.Module]:
         """The blocks in the order they run: the stack, n_loop times over (weights shared)."""
@@ -521,9 +744,10 @@ class TransformerLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 sample_top_k: int | None = None, generator: torch.Generator | None = None,
                  use_cache: bool = True) -> torch.Tensor:
-        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy.
+        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy, sample_top_k
+        keeps the k most likely tokens (not the MoE's cfg.top_k, the experts per token).
         Call model.eval() first, or dropout stays on. Without the cache the context slides
         (cropped to block_size); with it, T + max_new_tokens - 1 must fit in block_size."""
         need = idx.size(1) + max_new_tokens - 1             # the last sampled token is never fed
@@ -536,7 +760,7 @@ class TransformerLM(nn.Module):
                 logits = self(idx[:, -self.cfg.block_size:])
             else:
                 logits = self(idx if i == 0 else idx[:, -1:], cache)
-            idx = torch.cat([idx, sample(logits[:, -1], temperature, top_k, generator)], dim=1)
+            idx = torch.cat([idx, sample(logits[:, -1], temperature, sample_top_k, generator)], dim=1)
         return idx
 
     def num_params(self) -> int:
@@ -556,13 +780,13 @@ def init_weights(module: nn.Module):
         nn.init.zeros_(module.bias)
 
 
-def sample(logits: torch.Tensor, temperature: float, top_k: int | None,
+def sample(logits: torch.Tensor, temperature: float, sample_top_k: int | None,
            generator: torch.Generator | None) -> torch.Tensor:
     """logits (B, vocab) -> next token ids (B, 1)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+    if sample_top_k is not None:
+        kth = torch.topk(logits, min(sample_top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)

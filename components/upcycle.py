@@ -25,8 +25,7 @@ from dataclasses import replace
 import torch
 
 from components.config import ModelConfig
-from components.model import TransformerLM, ffn_in_dim, module_prefix, qkv_dim
-from components.moe import is_moe_layer
+from components.model import TransformerLM, is_moe_layer, unfuse_parallel_state_dict
 
 ROUTER_INITS = ("random", "zero", "uniform")
 
@@ -129,22 +128,3 @@ def new_router(shape: tuple[int, int], seed: int, slot: int, init: str) -> torch
 def mean_of(tensors: list[torch.Tensor]) -> torch.Tensor:
     return tensors[0].clone() if len(tensors) == 1 else torch.stack(tensors).mean(dim=0)
 
-
-def unfuse_parallel_state_dict(sd: dict, cfg: ModelConfig) -> dict:
-    """The inverse of model.fuse_parallel_state_dict for a `parallel` model: w_in -> attn.qkv and
-    mlp.fc, attn_proj -> attn.proj, mlp_proj -> mlp.proj (UnfusedParallelBlock names). Other
-    blocks' state dicts are returned as they are."""
-    if cfg.block != "parallel":
-        return dict(sd)
-    out = {}
-    for name, t in sd.items():
-        path, _, leaf = name.rpartition(".")
-        if (p := module_prefix(path, "w_in")) is not None:
-            out[f"{p}attn.qkv.{leaf}"], out[f"{p}mlp.fc.{leaf}"] = t.split([qkv_dim(cfg), ffn_in_dim(cfg)])
-        elif (p := module_prefix(path, "attn_proj")) is not None:
-            out[f"{p}attn.proj.{leaf}"] = t
-        elif (p := module_prefix(path, "mlp_proj")) is not None:
-            out[f"{p}mlp.proj.{leaf}"] = t
-        else:
-            out[name] = t
-    return out

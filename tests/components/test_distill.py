@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 from components.config import ModelConfig
 from components.distill import LitDistill, hidden_cosine_loss, init_from_teacher, kd_loss, method_name
-from components.model import TransformerLM
-from components.moe import moe_losses
+from components.model import TransformerLM, moe_losses
 from components.params import ParamsError, load_study
 
 TRAIN = {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2, "max_steps": 10, "weight_decay": 0.1,

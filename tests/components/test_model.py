@@ -11,6 +11,7 @@ import torch
 
 from components.config import BLOCKS, FFNS, NORMS, POSITIONS, ModelConfig
 from components.model import (
+    BLOCK_CLASSES,
     MLP,
     CausalSelfAttention,
     ParallelBlock,
@@ -20,6 +21,7 @@ from components.model import (
     fuse_parallel_block,
     fuse_parallel_state_dict,
     rope_tables,
+    unfuse_parallel_state_dict,
 )
 
 torch.set_num_threads(1)  # tiny matmuls: threads only add overhead on a shared 2-core box
@@ -98,6 +100,18 @@ def test_fused_state_dict_names():
     assert not any(".attn." in n or ".mlp." in n for n in fused_names)
 
 
+def test_unfuse_inverts_fuse_with_per_layer_widths():
+    """A pruned fused model's w_in splits at each layer's own widths, and fusing gives it back."""
+    model = tiny_model(block="parallel", bias=True, ffn="swiglu", n_kv_head=2,
+                       layer_n_head=[4, 2], layer_n_kv_head=[2, 1], layer_d_ff=[64, 100])
+    sd = model.state_dict()
+    unfused = unfuse_parallel_state_dict(sd, model.cfg)
+    assert unfused["blocks.1.attn.qkv.weight"].shape[0] == (2 + 2 * 1) * 8      # head size 8
+    assert unfused["blocks.1.mlp.fc.weight"].shape[0] == 2 * 100                # swiglu: gate and up
+    back = fuse_parallel_state_dict(unfused)
+    assert list(back) == list(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. KV-cache decoding == full forward, for every original block x ffn x norm x pos x heads
 #    (the presets' blocks and stacks: tests/components/test_presets.py)
@@ -138,7 +152,7 @@ def test_sampling_is_reproducible_and_top_k_restricts():
     a = model.generate(prompt, 8, generator=torch.Generator().manual_seed(5))
     b = model.generate(prompt, 8, generator=torch.Generator().manual_seed(5), use_cache=False)
     assert torch.equal(a, b)
-    top1 = model.generate(prompt, 8, top_k=1, generator=torch.Generator().manual_seed(5))
+    top1 = model.generate(prompt, 8, sample_top_k=1, generator=torch.Generator().manual_seed(5))
     assert torch.equal(top1, model.generate(prompt, 8, temperature=0))
 
 
@@ -209,6 +223,13 @@ def test_causal(block, pos):
     assert a.shape == (2, 12, TINY["vocab_size"])
     assert max_diff(a[:, :t + 1], b[:, :t + 1]) < 1e-6
     assert (a[:, t + 1:] - b[:, t + 1:]).abs().amax(dim=-1).min() > 1e-3  # every later position moves
+
+
+def test_block_names_and_classes_agree():
+    """config.BLOCKS names what model.BLOCK_CLASSES builds; par and one-wide-ffn are stacks of their own."""
+    assert set(BLOCK_CLASSES) | {"par", "one-wide-ffn"} == set(BLOCKS)
+    for name, cls in BLOCK_CLASSES.items():
+        assert all(type(b) is cls for b in TransformerLM(tiny_cfg(block=name)).blocks), name
 
 
 # ---------------------------------------------------------------------------------------------

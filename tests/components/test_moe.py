@@ -1,4 +1,4 @@
-"""Pins components/moe.py against references: routing conventions, the Switch load-balancing loss
+"""Pins the MoE and mixture-of-attention parts of components/model.py against references: routing conventions, the Switch load-balancing loss
 and the z-loss against their closed forms on hand-made routings, dropless dispatch against a naive
 per-token loop, the mixture of attention against separate attention modules, KV-cache decoding
 against the full forward, active parameter counts in closed form, config round trips and checks.
@@ -13,12 +13,14 @@ import torch.nn.functional as F
 
 from components.artifacts import load_model_dir, save_model_dir
 from components.config import ModelConfig
-from components.model import MLP, CausalSelfAttention, TransformerLM
-from components.moe import (
+from components.model import (
+    MLP,
+    CausalSelfAttention,
     MixtureOfAttention,
     MoE,
-    MoESerialBlock,
-    RoutedParallelBlock,
+    SerialBlock,
+    TransformerLM,
+    UnfusedParallelBlock,
     dispatch,
     expert_load,
     load_balancing_loss,
@@ -221,11 +223,11 @@ def test_cache_matches_full_forward_and_is_causal(name):
 
 def test_blocks_per_layer():
     model = TransformerLM(cfg_of(block="parallel", n_expert=2, moe_every=2, n_layer=4))
-    assert [type(b).__name__ for b in model.blocks] == ["ParallelBlock", "RoutedParallelBlock"] * 2
+    assert [type(b).__name__ for b in model.blocks] == ["ParallelBlock", "UnfusedParallelBlock"] * 2
     model = TransformerLM(cfg_of(block="serial", n_expert=2, n_layer=2))
-    assert all(isinstance(b, MoESerialBlock) for b in model.blocks)
+    assert all(isinstance(b, SerialBlock) and isinstance(b.mlp, MoE) for b in model.blocks)
     model = TransformerLM(cfg_of(block="parallel", n_attn_expert=2, n_expert=2, moe_every=2))
-    assert all(isinstance(b, RoutedParallelBlock) for b in model.blocks)
+    assert all(isinstance(b, UnfusedParallelBlock) and isinstance(b.attn, MixtureOfAttention) for b in model.blocks)
     assert isinstance(model.blocks[0].mlp, MLP) and isinstance(model.blocks[1].mlp, MoE)
 
 

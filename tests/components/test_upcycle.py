@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from components.config import ModelConfig
-from components.model import CausalSelfAttention, TransformerLM
-from components.moe import MixtureOfAttention, MoE
-from components.upcycle import unfuse_parallel_state_dict, upcycle_state_dict, upcycled_config
+from components.model import CausalSelfAttention, MixtureOfAttention, MoE, TransformerLM, unfuse_parallel_state_dict
+from components.upcycle import upcycle_state_dict, upcycled_config
 
 torch.set_num_threads(1)
 
