@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import statistics
 
-import torch
 
 from benchmarks.common import batches, median_ratio, plain_trainer, timed_steps
 from components.config import ModelConfig

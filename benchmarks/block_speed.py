@@ -9,22 +9,16 @@ accelerator effect (run with --device cuda where a GPU is present).
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
 
-from benchmarks.common import batches, median_ratio, plain_trainer, timed_steps
+from benchmarks.common import batches, median_ratio, plain_trainer, shape_parser, timed_steps
 from components.config import ModelConfig
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--steps", type=int, default=20)
+    p = shape_parser(__doc__, rounds=7, steps=20)
     args = p.parse_args()
     blocks = ["serial", "parallel-unfused", "parallel"]
     cfgs = {b: ModelConfig(vocab_size=4096, block_size=128, n_layer=args.n_layer, n_embd=args.n_embd,

@@ -5,6 +5,7 @@ rounds and are compared by the median of per-round ratios, never by separate ave
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -55,3 +56,27 @@ def timed_steps(step, data: StepBatches, start: int, n: int) -> tuple[float, flo
 
 def median_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
+
+
+def shape_parser(doc: str, rounds: int, steps: int) -> argparse.ArgumentParser:
+    """The options of the training-speed benchmarks: model width and depth, batch, interleaved rounds."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--steps", type=int, default=steps)
+    return p
+
+
+@torch.inference_mode()
+def decode_seconds(model, prompt: torch.Tensor, n: int) -> float:
+    """Seconds for n greedy one-token steps after the prompt's prefill (the prefill not timed)."""
+    cache = model.new_cache(1, prompt.size(1) + n)
+    logits = model(prompt, cache)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        logits = model(logits[:, -1:].argmax(-1), cache)
+    if logits.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0

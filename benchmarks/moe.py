@@ -19,13 +19,11 @@ cached single-token steps, median over rounds.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
 
 import torch
 
-from benchmarks.common import TRAIN, batches, median_ratio, timed_steps
+from benchmarks.common import TRAIN, batches, decode_seconds, median_ratio, shape_parser, timed_steps
 from components.config import ModelConfig
 from components.lit import LitLM, lm_loss
 from components.model import moe_losses
@@ -61,25 +59,9 @@ def moe_trainer(cfg: ModelConfig, device: str, seed: int = 0):
     return lit.model, step
 
 
-@torch.inference_mode()
-def decode_seconds(model, prompt: torch.Tensor, n: int) -> float:
-    cache = model.new_cache(1, prompt.size(1) + n)
-    logits = model(prompt, cache)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        logits = model(logits[:, -1:].argmax(-1), cache)
-    if logits.is_cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=10)
+    p = shape_parser(__doc__, rounds=5, steps=10)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="tiny shapes and one short round (a smoke check)")
     args = p.parse_args()

@@ -12,13 +12,11 @@ rounds in rotating order after a warm-up; a ratio is the median of per-round rat
 """
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
 
 import torch
 
-from benchmarks.common import batches, median_ratio, plain_trainer, timed_steps
+from benchmarks.common import batches, decode_seconds, median_ratio, plain_trainer, shape_parser, timed_steps
 from components.config import PRESETS, ModelConfig
 from components.model import TransformerLM
 
@@ -38,23 +36,9 @@ def matched(name: str, base: dict, target: int) -> ModelConfig:
     return ModelConfig.from_preset(name, **{**base, "d_ff": max(8, 8 * round(d_ff / 8))})
 
 
-@torch.inference_mode()
-def decode_seconds(model: TransformerLM, prompt: torch.Tensor, n: int) -> float:
-    cache = model.new_cache(1, prompt.size(1) + n)
-    logits = model(prompt, cache)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        logits = model(logits[:, -1:].argmax(-1), cache)
-    return time.perf_counter() - t0
-
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=10)
+    p = shape_parser(__doc__, rounds=5, steps=10)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
