@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from components.config import ModelConfig
 from components.model import TransformerLM
-from components.params import ParamsError
+from components.errors import ParamsError
 
 
 def dumps(obj) -> str:

@@ -13,6 +13,7 @@ stage may use LitDistill for recovery training:
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -22,7 +23,10 @@ from torch.utils.checkpoint import checkpoint
 from components.lit import LitLM, lm_loss
 from components.model import TransformerLM
 from components.moe import moe_losses
-from components.params import ParamsError
+from components.errors import ParamsError
+
+if TYPE_CHECKING:                     # only the type: the schema is not needed to train
+    from components.params import TrainParams
 
 KD_CHUNK = 1024     # positions per KD chunk: bounds the fp32 (chunk, vocab) temporaries
 
@@ -82,7 +86,7 @@ class LitDistill(LitLM):
     parameters() (the optimizer), state_dict() (checkpoints), DDP and Lightning's device moves
     (on_fit_start moves it). The hidden-state projection, when there is one, trains with the student."""
 
-    def __init__(self, student: TransformerLM, teacher: TransformerLM, train: dict, key: str = "", *,
+    def __init__(self, student: TransformerLM, teacher: TransformerLM, train: TrainParams, key: str = "", *,
                  alpha: float = 0.5, temperature: float = 2.0, reverse: bool = False, hidden_weight: float = 0.0):
         super().__init__(student.cfg, train, key, model=student)
         if not 0.0 <= alpha <= 1.0 or temperature <= 0 or hidden_weight < 0:

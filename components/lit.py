@@ -10,6 +10,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning.pytorch as L
 import numpy as np
@@ -22,6 +23,9 @@ from components.config import ModelConfig
 from components.data import StepBatches, StepsFrom, eval_offsets, load_tokens, window_batch
 from components.model import TransformerLM
 from components.moe import moe_layers, moe_losses
+
+if TYPE_CHECKING:                     # only the type: the schema is not needed to train
+    from components.params import TrainParams
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -39,7 +43,7 @@ def lr_factor(step: int, warmup: int, max_steps: int, lr: float, min_lr: float) 
 class LitLM(L.LightningModule):
     """Next-token training of `model` (a new TransformerLM(cfg) unless given, e.g. a parent's copy)."""
 
-    def __init__(self, cfg: ModelConfig, train: dict, key: str = "", model: TransformerLM | None = None):
+    def __init__(self, cfg: ModelConfig, train: TrainParams, key: str = "", model: TransformerLM | None = None):
         super().__init__()
         self.cfg, self.train_params, self.key = cfg, train, key
         self.model = model if model is not None else TransformerLM(cfg)
@@ -63,11 +67,11 @@ class LitLM(L.LightningModule):
         t = self.train_params
         decay = [p for p in self.parameters() if p.dim() >= 2]    # matmuls and embeddings
         no_decay = [p for p in self.parameters() if p.dim() < 2]  # norms and biases
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": t["weight_decay"]},
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}],
-                                lr=t["lr"], betas=(t["beta1"], t["beta2"]))
+                                lr=t.lr, betas=(t.beta1, t.beta2))
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, t["warmup_steps"], t["max_steps"], t["lr"], t["min_lr"]))
+            opt, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.lr, t.min_lr))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # Resume bit-identically: the global RNG (dropout) travels with the checkpoint.
@@ -196,17 +200,17 @@ def resume_step(ckpt: Path, key: str) -> int:
     return state["global_step"]
 
 
-def make_trainer(train: dict, ckpt_dir: Path, callbacks: list, logger) -> L.Trainer:
+def make_trainer(train: TrainParams, ckpt_dir: Path, callbacks: list, logger) -> L.Trainer:
     """The Trainer every training stage uses: `train` settings, a resumable checkpoint every
     ckpt_every steps in ckpt_dir (outside DVC outs), no Lightning validation loop (the curve callback does it)."""
     trainer = L.Trainer(
-        accelerator=train["accelerator"], devices=train["devices"], num_nodes=train["num_nodes"],
-        strategy=train["strategy"], precision=train["precision"], deterministic=train["deterministic"],
-        max_steps=train["max_steps"], max_epochs=-1, gradient_clip_val=train["grad_clip"] or None,
+        accelerator=train.accelerator, devices=train.devices, num_nodes=train.num_nodes,
+        strategy=train.strategy, precision=train.precision, deterministic=train.deterministic,
+        max_steps=train.max_steps, max_epochs=-1, gradient_clip_val=train.grad_clip or None,
         use_distributed_sampler=False,          # each rank slices the global batch itself
-        callbacks=[*callbacks, StepCheckpoint(ckpt_dir / "last.ckpt", train["ckpt_every"])],
+        callbacks=[*callbacks, StepCheckpoint(ckpt_dir / "last.ckpt", train.ckpt_every)],
         enable_checkpointing=False, plugins=[AtomicCheckpointIO()], logger=logger,
         limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
-        log_every_n_steps=min(50, train["ckpt_every"]))
+        log_every_n_steps=min(50, train.ckpt_every))
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     return trainer

@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import math
 import re
-import sys
 import warnings
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -18,13 +17,10 @@ from typing import Annotated, Literal, Optional, get_args, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from components.config import PER_LAYER_BLOCKS, PRESETS, ModelConfig, preset_problems
+from components.config import PER_LAYER_BLOCKS, ModelConfig, merge_preset, preset_problems
+from components.errors import ParamsError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-
-
-class ParamsError(ValueError):
-    """A problem in the user's params.yaml (or another user input); the message says the fix."""
 
 
 class Strict(BaseModel):
@@ -206,10 +202,10 @@ class Study(Strict):
     def branches_of(self, parent: str) -> list[str]:
         return [name for name, b in self.branch.items() if b.parent == parent]
 
-    def stage_train(self, overrides: StageTrainParams) -> dict:
-        """The `train` section with a stage's own max_steps/lr/min_lr/warmup_steps over it."""
-        own = {k: v for k, v in overrides.model_dump().items() if k in StageTrainParams.model_fields and v is not None}
-        return {**self.train.model_dump(), **own}
+    def stage_train(self, entry: StageTrainParams) -> TrainParams:
+        """The `train` section with a stage entry's own max_steps/lr/min_lr/warmup_steps over it."""
+        own = {k: getattr(entry, k) for k in StageTrainParams.model_fields if getattr(entry, k) is not None}
+        return self.train.model_copy(update=own)      # each value was validated where it was set
 
     def variant_config(self, name: str, vocab_size: int) -> ModelConfig:
         """The resolved config of pretrain variant `name`: defaults <- model <- preset <- variant."""
@@ -217,19 +213,18 @@ class Study(Strict):
 
     def variant_overrides(self, name: str) -> dict:
         """The ModelConfig fields variant `name` sets: model <- PRESETS[its preset] <- its own keys."""
-        own = _set(self.pretrain.variants[name])
-        preset = PRESETS.get(own.pop("preset", None), {})      # an unknown name is a validation problem
-        return {**_set(self.model), **preset, **own}
+        return self.with_preset(self.pretrain.variants[name])
 
     def student_overrides(self, name: str) -> dict:
         """The ModelConfig fields distill student `name` sets. init scratch: model <- PRESETS[its preset] <-
         its own keys, like a variant; teacher-every-other: its own keys only (they go over the teacher's)."""
         entry = self.distill[name]
-        own = _set(entry.student)
-        if entry.init != "scratch":
-            return own
-        preset = PRESETS.get(own.pop("preset", None), {})      # an unknown name is a validation problem
-        return {**_set(self.model), **preset, **own}
+        return self.with_preset(entry.student) if entry.init == "scratch" else _set(entry.student)
+
+    def with_preset(self, variant: VariantParams) -> dict:
+        """model <- PRESETS[variant.preset] <- the variant's own keys (an unknown preset is a validation problem)."""
+        own = _set(variant)
+        return merge_preset(_set(self.model), own.pop("preset", None), own)
 
     def student_config(self, name: str, teacher: ModelConfig) -> ModelConfig:
         """The resolved student of distill `name` (same vocabulary as its teacher). teacher-every-other:
@@ -364,6 +359,23 @@ def semantic_problems(study: Study) -> list[str]:
                          f"v<number> are reserved): rename the model or set register: false")
     if study.train.min_lr > study.train.lr:
         p.append(f"train.min_lr={study.train.min_lr} exceeds train.lr={study.train.lr}: lower min_lr")
+    return p + stage_lr_problems(study)
+
+
+def stage_lr_problems(study: Study) -> list[str]:
+    """min_lr <= lr after each stage entry's own lr/min_lr go over `train` (the cosine decays from lr to min_lr)."""
+    p = []
+    for section in ("branch", "upcycle", "distill", "compress"):
+        for name, entry in getattr(study, section).items():
+            t, where = study.stage_train(entry), f"{section}.{name}"
+            if t.min_lr <= t.lr or (entry.lr is None and entry.min_lr is None):   # train's own: reported above
+                continue
+            if entry.min_lr is None:
+                p.append(f"{where}.lr: {t.lr} is below train.min_lr={t.min_lr}, where the cosine would end: "
+                         f"also set {where}.min_lr <= {t.lr}, or raise lr")
+            else:
+                p.append(f"{where}.min_lr: {t.min_lr} exceeds {'train.' * (entry.lr is None)}lr={t.lr}: "
+                         f"lower min_lr" + (f", or set {where}.lr" if entry.lr is None else ""))
     return p
 
 
@@ -614,12 +626,3 @@ def format_problems(path: Path, problems: list[str]) -> str:
     n = len(problems)
     lines = "\n".join(f"  - {p}" for p in problems)
     return f"{path} is invalid ({n} problem{'s' * (n != 1)}); nothing was run:\n{lines}"
-
-
-def cli(main) -> None:
-    """Run a stage's main(argv); a user error prints one clear message and exits 2."""
-    try:
-        main(sys.argv[1:])
-    except ParamsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

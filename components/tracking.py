@@ -29,7 +29,7 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 
 import mlflow  # noqa: E402  imported once, in the main thread (concurrent first imports crash)
 
-from components.params import ParamsError  # noqa: E402
+from components.errors import ParamsError  # noqa: E402
 
 PARENT_RUN_ENV = "ARCHFLOW_PARENT_RUN_ID"   # a pipeline's MLflow run id: stage runs nest under it
 ARTIFACTS = "mlartifacts"                   # next to mlflow.db, for the default local backend

@@ -27,7 +27,8 @@ from components import tracking
 from components.artifacts import load_model_dir, save_model_dir, short_hash
 from components.data import load_tokens
 from components.lit import LitLM, LMDataModule, TrainingCurve, make_trainer, resume_step
-from components.params import ParamsError, cli, load_study
+from components.errors import ParamsError, cli
+from components.params import load_study
 
 PREPARED = Path("data/prepared")
 
@@ -45,7 +46,7 @@ def main(argv: list[str]) -> None:
     cfg, train, seed = model.cfg, study.stage_train(entry), study.study.seed
     data_seed = int(short_hash({"seed": seed, "branch": args.name}), 16) % 2**31   # not the parent's batches
     key = short_hash({"stage": "branch", "parent": parent_meta["params_hash"], "model": cfg.to_dict(),
-                      "train": train, "seed": data_seed, "domain": entry.domain, "data": data_meta["sha256"]})
+                      "train": train.model_dump(), "seed": data_seed, "domain": entry.domain, "data": data_meta["sha256"]})
 
     # 1. Resume from a checkpoint of the same inputs, if an earlier run was interrupted.
     ckpt_dir = Path("checkpoints") / args.name
@@ -54,32 +55,32 @@ def main(argv: list[str]) -> None:
     # 2. The parent's copy, the domain's batches (by (data_seed, step)) and the curve on its val split.
     L.seed_everything(seed, verbose=False)
     lit = LitLM(cfg, train, key, model=model.train())
-    data = LMDataModule(PREPARED, cfg.block_size, train["batch_size"], data_seed,
+    data = LMDataModule(PREPARED, cfg.block_size, train.batch_size, data_seed,
                         split=f"domains/{entry.domain}/train")
-    curve = TrainingCurve(load_tokens(PREPARED, f"domains/{entry.domain}/val"), cfg.block_size, train["batch_size"],
-                          train["eval_batches"], train["eval_every"], train["max_steps"])
+    curve = TrainingCurve(load_tokens(PREPARED, f"domains/{entry.domain}/val"), cfg.block_size, train.batch_size,
+                          train.eval_batches, train.eval_every, train.max_steps)
     curve.rows = [{"step": 0, "tokens": 0, "train_loss": math.nan, "val_loss": curve.val_loss(model),
                    "lr": 0.0, "tokens_per_s": math.nan}]        # the parent, on this domain
 
     # 3. Train; only rank 0 tracks (DDP runs this file once per rank).
     rank0 = rank_zero_only.rank == 0
-    params = {"model": cfg.to_dict(), "train": train, "study": {"seed": seed},
+    params = {"model": cfg.to_dict(), "train": train.model_dump(), "study": {"seed": seed},
               "branch": {args.name: entry.model_dump()}}
     run = tracking.stage_run(study, "branch", model=args.name, parents=[entry.parent], params=params,
                              tags={"domain": entry.domain}) if rank0 else contextlib.nullcontext()
     with run as run_id:
         logger = MLFlowLogger(tracking_uri=tracking.tracking_uri(), run_id=run_id) if run_id else False
-        if train["max_steps"]:                                  # 0: the parent's copy as it is
+        if train.max_steps:                                  # 0: the parent's copy as it is
             trainer = make_trainer(train, ckpt_dir, [curve], logger)
             trainer.fit(lit, datamodule=data, ckpt_path=ckpt_dir / "last.ckpt" if start_step else None)
         if not rank0:
             return
 
         # 4. Outputs first (DVC's), then MLflow mirrors them; the checkpoint goes last.
-        tokens = train["max_steps"] * train["batch_size"] * cfg.block_size
+        tokens = train.max_steps * train.batch_size * cfg.block_size
         meta = {"stage": "branch", "parents": [entry.parent], "domain": entry.domain,
                 "data_sha256": data_meta["sha256"], "params_hash": key,
-                "tokens_seen": parent_meta["tokens_seen"] + tokens, "steps": train["max_steps"],
+                "tokens_seen": parent_meta["tokens_seen"] + tokens, "steps": train.max_steps,
                 "train_seconds": round(curve.seconds, 3), "params": lit.model.num_params()}
         out = study.model_dir(args.name)
         save_model_dir(out, lit.model.cpu(), meta, {"curve.csv": pd.DataFrame(curve.rows).to_csv(index=False)})

@@ -31,7 +31,8 @@ from components.compress import fuse_ffns, importance, keep_by_score, mean_loss,
 from components.data import StepBatches, load_tokens
 from components.distill import LitDistill
 from components.lit import LitLM, LMDataModule, TrainingCurve, make_trainer, resume_step
-from components.params import ParamsError, cli, compress_shape_problems, fusion_run_problems, load_study
+from components.errors import ParamsError, cli
+from components.params import compress_shape_problems, fusion_run_problems, load_study
 from components.quant import int8_path
 
 PREPARED = Path("data/prepared")
@@ -74,28 +75,28 @@ def main(argv: list[str]) -> None:
     if problems:
         raise ParamsError("\n".join(f"compress.{args.name}: {p}" for p in problems))
     data_meta = json.loads((PREPARED / "meta.json").read_text())
-    train = {**study.stage_train(entry), **({"max_steps": 0} if entry.method == "int8" else {})}
+    train = study.stage_train(entry).model_copy(update={"max_steps": 0} if entry.method == "int8" else {})
     seed, block_size = study.study.seed, source.cfg.block_size
-    key = short_hash({"source": src_meta["params_hash"], "compress": entry.model_dump(), "train": train,
+    key = short_hash({"source": src_meta["params_hash"], "compress": entry.model_dump(), "train": train.model_dump(),
                       "seed": seed, "data": data_meta["sha256"]})
 
     # 1. The transform (deterministic: every DDP rank computes the same model).
     L.seed_everything(seed, verbose=False)
     t0 = time.perf_counter()
-    calib_data = StepBatches(load_tokens(PREPARED, "train"), block_size, train["batch_size"], seed + 1)
+    calib_data = StepBatches(load_tokens(PREPARED, "train"), block_size, train.batch_size, seed + 1)
     calib = [calib_data[s] for s in range(entry.calib_batches)] if entry.method != "int8" else []
     model, settings = compress(entry, source, calib)
-    curve = TrainingCurve(load_tokens(PREPARED, "val"), block_size, train["batch_size"],
-                          train["eval_batches"], train["eval_every"], max(train["max_steps"], 1))
+    curve = TrainingCurve(load_tokens(PREPARED, "val"), block_size, train.batch_size,
+                          train.eval_batches, train.eval_every, max(train.max_steps, 1))
     settings |= {"val_loss_source": curve.val_loss(source), "val_loss_compressed": curve.val_loss(model),
                  "compress_seconds": round(time.perf_counter() - t0, 3)}
 
     # 2. Recovery, resumable; only rank 0 tracks.
-    steps = train["max_steps"]
+    steps = train.max_steps
     ckpt_dir = Path("checkpoints") / args.name
     start_step = resume_step(ckpt_dir / "last.ckpt", key) if steps else 0
     rank0 = rank_zero_only.rank == 0
-    params = {"model": model.cfg.to_dict(), "train": train, "compress": entry.model_dump(), "study": {"seed": seed}}
+    params = {"model": model.cfg.to_dict(), "train": train.model_dump(), "compress": entry.model_dump(), "study": {"seed": seed}}
     run = tracking.stage_run(study, "compress", model=args.name, parents=[entry.source], params=params,
                              tags={"method": entry.method}) if rank0 else contextlib.nullcontext()
     with run as run_id:
@@ -103,7 +104,7 @@ def main(argv: list[str]) -> None:
             model.train()                           # load_model_dir and the transforms leave eval mode
             lit = (LitDistill(model, source, train, key, alpha=entry.alpha, temperature=entry.temperature)
                    if entry.recover == "distill" else LitLM(model.cfg, train, key, model=model))
-            data = LMDataModule(PREPARED, block_size, train["batch_size"], seed)
+            data = LMDataModule(PREPARED, block_size, train.batch_size, seed)
             logger = MLFlowLogger(tracking_uri=tracking.tracking_uri(), run_id=run_id) if run_id else False
             trainer = make_trainer(train, ckpt_dir, [curve], logger)
             trainer.fit(lit, datamodule=data, ckpt_path=ckpt_dir / "last.ckpt" if start_step else None)
@@ -113,7 +114,7 @@ def main(argv: list[str]) -> None:
             settings |= {"recover": entry.recover, "val_loss_recovered": curve.rows[-1]["val_loss"]}
 
         # 3. Outputs first (DVC's), then MLflow mirrors them; the checkpoint goes last.
-        tokens = steps * train["batch_size"] * block_size
+        tokens = steps * train.batch_size * block_size
         meta = {"stage": "compress", "method": entry.method, "parents": [entry.source],
                 "data_sha256": data_meta["sha256"], "params_hash": key, "tokens_seen": src_meta["tokens_seen"] + tokens,
                 "steps": steps, "train_seconds": round(curve.seconds, 3), "params": model.num_params(),

@@ -30,7 +30,8 @@ from components.data import load_tokens
 from components.distill import LitDistill, init_from_teacher, method_name
 from components.lit import LMDataModule, TrainingCurve, make_trainer, resume_step
 from components.model import TransformerLM
-from components.params import ParamsError, cli, load_study, teacher_init_problems
+from components.errors import ParamsError, cli
+from components.params import load_study, teacher_init_problems
 
 PREPARED = Path("data/prepared")
 
@@ -47,7 +48,7 @@ def main(argv: list[str]) -> None:
     data_meta, teacher_dir, teacher_cfg, teacher_meta = inputs(study, args.name)
     cfg = study.student_config(args.name, teacher_cfg)
     train, seed, method = study.stage_train(entry), study.study.seed, method_name(entry.reverse, entry.hidden_weight)
-    key = short_hash({"model": cfg.to_dict(), "train": train, "seed": seed, "data": data_meta["sha256"],
+    key = short_hash({"model": cfg.to_dict(), "train": train.model_dump(), "seed": seed, "data": data_meta["sha256"],
                       "teacher": teacher_meta["params_hash"], "distill": entry.model_dump()})
 
     # 1. Resume from a checkpoint of the same inputs, if an earlier run was interrupted.
@@ -62,19 +63,19 @@ def main(argv: list[str]) -> None:
         init_from_teacher(student, teacher)
     lit = LitDistill(student, teacher, train, key, alpha=entry.alpha, temperature=entry.temperature,
                      reverse=entry.reverse, hidden_weight=entry.hidden_weight)
-    data = LMDataModule(PREPARED, cfg.block_size, train["batch_size"], seed)
-    curve = TrainingCurve(load_tokens(PREPARED, "val"), cfg.block_size, train["batch_size"],
-                          train["eval_batches"], train["eval_every"], train["max_steps"])
+    data = LMDataModule(PREPARED, cfg.block_size, train.batch_size, seed)
+    curve = TrainingCurve(load_tokens(PREPARED, "val"), cfg.block_size, train.batch_size,
+                          train.eval_batches, train.eval_every, train.max_steps)
 
     # 3. Train (max_steps 0: the student as initialised); only rank 0 tracks.
     rank0 = rank_zero_only.rank == 0
-    params = {"model": cfg.to_dict(), "train": train, "study": {"seed": seed},
+    params = {"model": cfg.to_dict(), "train": train.model_dump(), "study": {"seed": seed},
               "distill": {args.name: entry.model_dump(exclude_none=True)}}
     run = tracking.stage_run(study, "distill", model=args.name, parents=[entry.teacher], params=params,
                              tags={"method": method, "teacher": entry.teacher, "init": entry.init}) \
         if rank0 else contextlib.nullcontext()
     with run as run_id:
-        if train["max_steps"]:
+        if train.max_steps:
             logger = MLFlowLogger(tracking_uri=tracking.tracking_uri(), run_id=run_id) if run_id else False
             trainer = make_trainer(train, ckpt_dir, [curve], logger)
             trainer.fit(lit, datamodule=data, ckpt_path=ckpt_dir / "last.ckpt" if start_step else None)
@@ -85,13 +86,13 @@ def main(argv: list[str]) -> None:
                                "lr": 0.0, "tokens_per_s": math.nan})
 
         # 4. Outputs first (DVC's), then MLflow mirrors them; the checkpoint goes last.
-        tokens = train["max_steps"] * train["batch_size"] * cfg.block_size
+        tokens = train.max_steps * train.batch_size * cfg.block_size
         inherited = teacher_meta["tokens_seen"] if entry.init == "teacher-every-other" else 0
         meta = {"stage": "distill", "method": method, "parents": [entry.teacher], "teacher": entry.teacher,
                 "init": entry.init, "alpha": entry.alpha, "temperature": entry.temperature, "reverse": entry.reverse,
                 "hidden_weight": entry.hidden_weight, "data_sha256": data_meta["sha256"], "params_hash": key,
                 "tokens_seen": inherited + tokens, "teacher_tokens_seen": teacher_meta["tokens_seen"],
-                "steps": train["max_steps"], "train_seconds": round(curve.seconds, 3),
+                "steps": train.max_steps, "train_seconds": round(curve.seconds, 3),
                 "params": student.num_params(), "teacher_params": teacher.num_params()}
         out = Path("models") / args.name
         save_model_dir(out, lit.model.cpu(), meta, {"curve.csv": pd.DataFrame(curve.rows).to_csv(index=False)})

@@ -24,7 +24,8 @@ from components import tracking
 from components.artifacts import save_model_dir, short_hash
 from components.data import load_tokens
 from components.lit import LitLM, LMDataModule, TrainingCurve, make_trainer, resume_step
-from components.params import ParamsError, cli, load_study
+from components.errors import ParamsError, cli
+from components.params import load_study
 
 PREPARED = Path("data/prepared")
 
@@ -40,9 +41,9 @@ def main(argv: list[str]) -> None:
         raise ParamsError(f"{PREPARED} is missing: run `dvc repro prepare` first")
     data_meta = json.loads((PREPARED / "meta.json").read_text())
     cfg = study.variant_config(args.name, vocab_size=data_meta["vocab_size"])
-    train = study.train.model_dump()
+    train = study.train
     seed = study.study.seed
-    key = short_hash({"model": cfg.to_dict(), "train": train, "seed": seed, "data": data_meta["sha256"]})
+    key = short_hash({"model": cfg.to_dict(), "train": train.model_dump(), "seed": seed, "data": data_meta["sha256"]})
 
     # 1. Resume from a checkpoint of the same inputs, if an earlier run was interrupted.
     ckpt_dir = Path("checkpoints") / args.name
@@ -51,13 +52,13 @@ def main(argv: list[str]) -> None:
     # 2. Model, data and the curve: all determined by (seed, step).
     L.seed_everything(seed, verbose=False)
     lit = LitLM(cfg, train, key)
-    data = LMDataModule(PREPARED, cfg.block_size, train["batch_size"], seed)
-    curve = TrainingCurve(load_tokens(PREPARED, "val"), cfg.block_size, train["batch_size"],
-                          train["eval_batches"], train["eval_every"], train["max_steps"])
+    data = LMDataModule(PREPARED, cfg.block_size, train.batch_size, seed)
+    curve = TrainingCurve(load_tokens(PREPARED, "val"), cfg.block_size, train.batch_size,
+                          train.eval_batches, train.eval_every, train.max_steps)
 
     # 3. Train; only rank 0 tracks (DDP runs this file once per rank).
     rank0 = rank_zero_only.rank == 0
-    params = {"model": cfg.to_dict(), "train": train, "study": {"seed": seed},
+    params = {"model": cfg.to_dict(), "train": train.model_dump(), "study": {"seed": seed},
               "pretrain": {"variants": {args.name: study.pretrain.variants[args.name].model_dump(exclude_none=True)}}}
     run = tracking.stage_run(study, "pretrain", model=args.name, tags={"variant": args.name, "params_hash": key},
                              params=params) \
@@ -71,9 +72,9 @@ def main(argv: list[str]) -> None:
 
         # 4. Outputs first (DVC's), then MLflow mirrors them; the checkpoint goes last, so a
         #    tracking failure here costs a rerun that resumes from it, not the training.
-        tokens = train["max_steps"] * train["batch_size"] * cfg.block_size
+        tokens = train.max_steps * train.batch_size * cfg.block_size
         meta = {"stage": "pretrain", "variant": args.name, "parents": [], "data_sha256": data_meta["sha256"],
-                "params_hash": key, "tokens_seen": tokens, "steps": train["max_steps"],
+                "params_hash": key, "tokens_seen": tokens, "steps": train.max_steps,
                 "train_seconds": round(curve.seconds, 3), "params": lit.model.num_params()}
         out = Path("models") / args.name
         save_model_dir(out, lit.model.cpu(), meta, {"curve.csv": pd.DataFrame(curve.rows).to_csv(index=False)})

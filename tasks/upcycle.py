@@ -30,7 +30,8 @@ from components.artifacts import load_model_dir, save_model_dir, short_hash
 from components.data import load_tokens
 from components.lit import LitLM, LMDataModule, TrainingCurve, make_trainer, resume_step
 from components.model import TransformerLM
-from components.params import UPCYCLE_READERS, ParamsError, cli, load_study, upcycle_experts
+from components.errors import ParamsError, cli
+from components.params import UPCYCLE_READERS, load_study, upcycle_experts
 from components.upcycle import upcycle_state_dict, upcycled_config
 
 PREPARED = Path("data/prepared")
@@ -54,7 +55,7 @@ def main(argv: list[str]) -> None:
     cfg, train, seed = model.cfg, study.stage_train(entry), study.study.seed
     data_seed = int(short_hash({"seed": seed, "mix": entry.parent}), 16) % 2**31
     key = short_hash({"stage": "upcycle", "sources": {n: m["params_hash"] for n, (_, m) in sources.items()},
-                      "model": cfg.to_dict(), "upcycle": entry.model_dump(), "train": train, "seed": seed,
+                      "model": cfg.to_dict(), "upcycle": entry.model_dump(), "train": train.model_dump(), "seed": seed,
                       "data_seed": data_seed, "data": data_meta["sha256"]})
 
     # 1. Resume from a checkpoint of the same inputs, if an earlier run was interrupted.
@@ -64,21 +65,21 @@ def main(argv: list[str]) -> None:
     # 2. The transformed model, the mixed data's batches and the curve (from step 0).
     L.seed_everything(seed, verbose=False)
     lit = LitLM(cfg, train, key, model=model.train())
-    data = LMDataModule(PREPARED, cfg.block_size, train["batch_size"], data_seed)
-    curve = TrainingCurve(load_tokens(PREPARED, "val"), cfg.block_size, train["batch_size"],
-                          train["eval_batches"], train["eval_every"], train["max_steps"])
+    data = LMDataModule(PREPARED, cfg.block_size, train.batch_size, data_seed)
+    curve = TrainingCurve(load_tokens(PREPARED, "val"), cfg.block_size, train.batch_size,
+                          train.eval_batches, train.eval_every, train.max_steps)
     curve.rows = [{"step": 0, "tokens": 0, "train_loss": math.nan, "val_loss": curve.val_loss(model),
                    "lr": 0.0, "tokens_per_s": math.nan}]
 
     # 3. Train (the mix phase); only rank 0 tracks.
     rank0 = rank_zero_only.rank == 0
-    params = {"model": cfg.to_dict(), "train": train, "study": {"seed": seed},
+    params = {"model": cfg.to_dict(), "train": train.model_dump(), "study": {"seed": seed},
               "upcycle": {args.name: entry.model_dump()}}
     run = tracking.stage_run(study, "upcycle", model=args.name, parents=parents, params=params,
                              tags={"method": entry.method}) if rank0 else contextlib.nullcontext()
     with run as run_id:
         logger = MLFlowLogger(tracking_uri=tracking.tracking_uri(), run_id=run_id) if run_id else False
-        if train["max_steps"]:                                  # 0: the transformed model as it is
+        if train.max_steps:                                  # 0: the transformed model as it is
             trainer = make_trainer(train, ckpt_dir, [curve], logger)
             trainer.fit(lit, datamodule=data, ckpt_path=ckpt_dir / "last.ckpt" if start_step else None)
         if not rank0:
@@ -95,7 +96,7 @@ def main(argv: list[str]) -> None:
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     print(f"upcycle@{args.name} ({entry.method} of {', '.join(parents)}): {meta['params']:,} params "
           f"({meta['active_params']:,} active), val_loss {curve.rows[0]['val_loss']:.4f} after the transform, "
-          f"{curve.rows[-1]['val_loss']:.4f} after {train['max_steps']} steps ({curve.seconds:.1f} s)")
+          f"{curve.rows[-1]['val_loss']:.4f} after {train.max_steps} steps ({curve.seconds:.1f} s)")
 
 
 def load_sources(study, names: list[str], data_meta: dict) -> dict:
@@ -140,13 +141,13 @@ def transform(study, name: str, sources: dict, experts: list[str]) -> Transforme
 
 def upcycle_meta(entry, parents, experts, sources, data_meta, key, train, cfg, curve, model) -> dict:
     """meta.json: lineage, the tokens beyond the parent (its branches' and this stage's), sizes."""
-    tokens = train["max_steps"] * train["batch_size"] * cfg.block_size
+    tokens = train.max_steps * train.batch_size * cfg.block_size
     parent_tokens = sources[entry.parent][1]["tokens_seen"]
     branch_tokens = sum(m["tokens_seen"] - parent_tokens for n, (_, m) in sources.items() if n != entry.parent)
     return {"stage": "upcycle", "method": entry.method, "parents": parents, "experts": experts,
             "data_sha256": data_meta["sha256"], "params_hash": key,
             "tokens_seen": parent_tokens + branch_tokens + tokens, "extra_tokens": branch_tokens + tokens,
-            "steps": train["max_steps"], "train_seconds": round(curve.seconds, 3),
+            "steps": train.max_steps, "train_seconds": round(curve.seconds, 3),
             "branch_train_seconds": round(sum(m["train_seconds"] for n, (_, m) in sources.items()
                                               if n != entry.parent), 3),
             "params": model.num_params(), "active_params": model.num_active_params(),

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from components.artifacts import load_model_dir, save_model_dir
 from components.config import ModelConfig
 from components.model import TransformerLM
-from components.params import ParamsError
+from components.errors import ParamsError
 
 SAVE = """
 import sys, torch

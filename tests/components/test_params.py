@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from components.config import PRESETS
-from components.params import ParamsError, load_study
+from components.errors import ParamsError
+from components.params import load_study
 
 ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = """
@@ -197,3 +198,14 @@ def test_shapes_that_do_not_divide_are_named_for_every_preset(tmp_path, preset):
 def test_preset_of_the_wrong_type(tmp_path):
     msg = problems(tmp_path, variants("a: {preset: 3}"))
     assert "pretrain.variants.a.preset: input should be a valid string" in msg
+
+
+def test_a_stage_lr_below_min_lr_is_rejected_on_the_merged_values(tmp_path):
+    """train: {lr: 1e-3, min_lr: 1e-4}; a branch's own lr 5e-5 would decay *up* to train's min_lr."""
+    base = MINIMAL + "data: {domains: {d: ['*.py']}}\n"
+    msg = problems(tmp_path, base + "branch:\n  b: {parent: serial, domain: d, lr: 5.0e-5}\n"
+                   "  c: {parent: serial, domain: d, min_lr: 2.0e-3}\n  ok: {parent: serial, domain: d, lr: 5.0e-5, "
+                   "min_lr: 1.0e-5}\n")
+    assert "branch.b.lr: 5e-05 is below train.min_lr=0.0001" in msg and "also set branch.b.min_lr <= 5e-05" in msg
+    assert "branch.c.min_lr: 0.002 exceeds train.lr=0.001: lower min_lr, or set branch.c.lr" in msg
+    assert "branch.ok" not in msg

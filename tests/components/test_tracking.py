@@ -10,7 +10,8 @@ from components import tracking
 from components.artifacts import save_model_dir
 from components.config import ModelConfig
 from components.model import TransformerLM
-from components.params import ParamsError, Study
+from components.errors import ParamsError
+from components.params import Study
 
 
 def study(**tracking_params) -> Study:

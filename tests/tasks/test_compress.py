@@ -14,7 +14,8 @@ import torch
 from components.artifacts import load_model_dir, save_model_dir
 from components.config import ModelConfig
 from components.model import TransformerLM
-from components.params import ParamsError, load_study
+from components.errors import ParamsError
+from components.params import load_study
 from tasks import compress, evaluate, prepare
 from tests.tasks.tiny_corpus import write_corpus
 
