@@ -43,9 +43,10 @@ def lr_factor(step: int, warmup: int, max_steps: int, lr: float, min_lr: float) 
 class LitLM(L.LightningModule):
     """Next-token training of `model` (a new TransformerLM(cfg) unless given, e.g. a parent's copy)."""
 
-    def __init__(self, cfg: ModelConfig, train: TrainParams, key: str = "", model: TransformerLM | None = None):
+    def __init__(self, cfg: ModelConfig, train: TrainParams, params_hash: str = "",
+                 model: TransformerLM | None = None):
         super().__init__()
-        self.cfg, self.train_params, self.key = cfg, train, key
+        self.cfg, self.train_params, self.params_hash = cfg, train, params_hash
         self.model = model if model is not None else TransformerLM(cfg)
         self._rng_state = None
 
@@ -77,7 +78,7 @@ class LitLM(L.LightningModule):
     # Resume bit-identically: the global RNG (dropout) travels with the checkpoint.
     def on_save_checkpoint(self, checkpoint):
         checkpoint["torch_rng_state"] = torch.get_rng_state()
-        checkpoint["archflow_key"] = self.key
+        checkpoint["params_hash"] = self.params_hash
 
     def on_load_checkpoint(self, checkpoint):
         self._rng_state = checkpoint["torch_rng_state"]
@@ -184,8 +185,8 @@ class LMDataModule(L.LightningDataModule):
         return DataLoader(ds, batch_size=None, sampler=StepsFrom(start), num_workers=0)
 
 
-def resume_step(ckpt: Path, key: str) -> int:
-    """The step to resume from: that of a checkpoint made with the same inputs (`key`), else 0."""
+def resume_step(ckpt: Path, params_hash: str) -> int:
+    """The step to resume from: that of a checkpoint made with the same inputs (`params_hash`), else 0."""
     if not ckpt.exists():
         return 0
     try:
@@ -193,7 +194,7 @@ def resume_step(ckpt: Path, key: str) -> int:
     except Exception as e:  # a checkpoint cut short by the interruption: start over, say so
         print(f"ignoring unreadable checkpoint {ckpt} ({e}); training from step 0")
         return 0
-    if state.get("archflow_key") != key:
+    if state.get("params_hash") != params_hash:
         print(f"ignoring {ckpt}: it was made with other params, data or code; training from step 0")
         return 0
     print(f"resuming from {ckpt} at step {state['global_step']}")

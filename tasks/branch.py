@@ -45,16 +45,17 @@ def main(argv: list[str]) -> None:
     model, parent_meta = load_parent(study, entry.parent, data_meta)
     cfg, train, seed = model.cfg, study.stage_train(entry), study.study.seed
     data_seed = int(short_hash({"seed": seed, "branch": args.name}), 16) % 2**31   # not the parent's batches
-    key = short_hash({"stage": "branch", "parent": parent_meta["params_hash"], "model": cfg.to_dict(),
-                      "train": train.model_dump(), "seed": data_seed, "domain": entry.domain, "data": data_meta["sha256"]})
+    params_hash = short_hash({"stage": "branch", "parent": parent_meta["params_hash"], "model": cfg.to_dict(),
+                              "train": train.model_dump(), "seed": data_seed, "domain": entry.domain,
+                              "data": data_meta["sha256"]})
 
     # 1. Resume from a checkpoint of the same inputs, if an earlier run was interrupted.
     ckpt_dir = Path("checkpoints") / args.name
-    start_step = resume_step(ckpt_dir / "last.ckpt", key)
+    start_step = resume_step(ckpt_dir / "last.ckpt", params_hash)
 
     # 2. The parent's copy, the domain's batches (by (data_seed, step)) and the curve on its val split.
     L.seed_everything(seed, verbose=False)
-    lit = LitLM(cfg, train, key, model=model.train())
+    lit = LitLM(cfg, train, params_hash, model=model.train())
     data = LMDataModule(PREPARED, cfg.block_size, train.batch_size, data_seed,
                         split=f"domains/{entry.domain}/train")
     curve = TrainingCurve(load_tokens(PREPARED, f"domains/{entry.domain}/val"), cfg.block_size, train.batch_size,
@@ -79,7 +80,7 @@ def main(argv: list[str]) -> None:
         # 4. Outputs first (DVC's), then MLflow mirrors them; the checkpoint goes last.
         tokens = train.max_steps * train.batch_size * cfg.block_size
         meta = {"stage": "branch", "parents": [entry.parent], "domain": entry.domain,
-                "data_sha256": data_meta["sha256"], "params_hash": key,
+                "data_sha256": data_meta["sha256"], "params_hash": params_hash,
                 "tokens_seen": parent_meta["tokens_seen"] + tokens, "steps": train.max_steps,
                 "train_seconds": round(curve.seconds, 3), "params": lit.model.num_params()}
         out = study.model_dir(args.name)

@@ -77,8 +77,8 @@ def main(argv: list[str]) -> None:
     data_meta = json.loads((PREPARED / "meta.json").read_text())
     train = study.stage_train(entry).model_copy(update={"max_steps": 0} if entry.method == "int8" else {})
     seed, block_size = study.study.seed, source.cfg.block_size
-    key = short_hash({"source": src_meta["params_hash"], "compress": entry.model_dump(), "train": train.model_dump(),
-                      "seed": seed, "data": data_meta["sha256"]})
+    params_hash = short_hash({"source": src_meta["params_hash"], "compress": entry.model_dump(),
+                              "train": train.model_dump(), "seed": seed, "data": data_meta["sha256"]})
 
     # 1. The transform (deterministic: every DDP rank computes the same model).
     L.seed_everything(seed, verbose=False)
@@ -94,16 +94,17 @@ def main(argv: list[str]) -> None:
     # 2. Recovery, resumable; only rank 0 tracks.
     steps = train.max_steps
     ckpt_dir = Path("checkpoints") / args.name
-    start_step = resume_step(ckpt_dir / "last.ckpt", key) if steps else 0
+    start_step = resume_step(ckpt_dir / "last.ckpt", params_hash) if steps else 0
     rank0 = rank_zero_only.rank == 0
-    params = {"model": model.cfg.to_dict(), "train": train.model_dump(), "compress": entry.model_dump(), "study": {"seed": seed}}
+    params = {"model": model.cfg.to_dict(), "train": train.model_dump(), "compress": entry.model_dump(),
+              "study": {"seed": seed}}
     run = tracking.stage_run(study, "compress", model=args.name, parents=[entry.source], params=params,
                              tags={"method": entry.method}) if rank0 else contextlib.nullcontext()
     with run as run_id:
         if steps:
             model.train()                           # load_model_dir and the transforms leave eval mode
-            lit = (LitDistill(model, source, train, key, alpha=entry.alpha, temperature=entry.temperature)
-                   if entry.recover == "distill" else LitLM(model.cfg, train, key, model=model))
+            lit = (LitDistill(model, source, train, params_hash, alpha=entry.alpha, temperature=entry.temperature)
+                   if entry.recover == "distill" else LitLM(model.cfg, train, params_hash, model=model))
             data = LMDataModule(PREPARED, block_size, train.batch_size, seed)
             logger = MLFlowLogger(tracking_uri=tracking.tracking_uri(), run_id=run_id) if run_id else False
             trainer = make_trainer(train, ckpt_dir, [curve], logger)
@@ -116,7 +117,8 @@ def main(argv: list[str]) -> None:
         # 3. Outputs first (DVC's), then MLflow mirrors them; the checkpoint goes last.
         tokens = steps * train.batch_size * block_size
         meta = {"stage": "compress", "method": entry.method, "parents": [entry.source],
-                "data_sha256": data_meta["sha256"], "params_hash": key, "tokens_seen": src_meta["tokens_seen"] + tokens,
+                "data_sha256": data_meta["sha256"], "params_hash": params_hash,
+                "tokens_seen": src_meta["tokens_seen"] + tokens,
                 "steps": steps, "train_seconds": round(curve.seconds, 3), "params": model.num_params(),
                 "source_params": source.num_params(), **settings}
         out = Path("models") / args.name

@@ -48,12 +48,13 @@ def main(argv: list[str]) -> None:
     data_meta, teacher_dir, teacher_cfg, teacher_meta = inputs(study, args.name)
     cfg = study.student_config(args.name, teacher_cfg)
     train, seed, method = study.stage_train(entry), study.study.seed, method_name(entry.reverse, entry.hidden_weight)
-    key = short_hash({"model": cfg.to_dict(), "train": train.model_dump(), "seed": seed, "data": data_meta["sha256"],
-                      "teacher": teacher_meta["params_hash"], "distill": entry.model_dump()})
+    params_hash = short_hash({"model": cfg.to_dict(), "train": train.model_dump(), "seed": seed,
+                              "data": data_meta["sha256"], "teacher": teacher_meta["params_hash"],
+                              "distill": entry.model_dump()})
 
     # 1. Resume from a checkpoint of the same inputs, if an earlier run was interrupted.
     ckpt_dir = Path("checkpoints") / args.name
-    start_step = resume_step(ckpt_dir / "last.ckpt", key)
+    start_step = resume_step(ckpt_dir / "last.ckpt", params_hash)
 
     # 2. Teacher, student, data and the curve: all determined by (seed, step).
     teacher, _ = load_model_dir(teacher_dir)
@@ -61,7 +62,7 @@ def main(argv: list[str]) -> None:
     student = TransformerLM(cfg)
     if entry.init == "teacher-every-other":
         init_from_teacher(student, teacher)
-    lit = LitDistill(student, teacher, train, key, alpha=entry.alpha, temperature=entry.temperature,
+    lit = LitDistill(student, teacher, train, params_hash, alpha=entry.alpha, temperature=entry.temperature,
                      reverse=entry.reverse, hidden_weight=entry.hidden_weight)
     data = LMDataModule(PREPARED, cfg.block_size, train.batch_size, seed)
     curve = TrainingCurve(load_tokens(PREPARED, "val"), cfg.block_size, train.batch_size,
@@ -90,7 +91,7 @@ def main(argv: list[str]) -> None:
         inherited = teacher_meta["tokens_seen"] if entry.init == "teacher-every-other" else 0
         meta = {"stage": "distill", "method": method, "parents": [entry.teacher], "teacher": entry.teacher,
                 "init": entry.init, "alpha": entry.alpha, "temperature": entry.temperature, "reverse": entry.reverse,
-                "hidden_weight": entry.hidden_weight, "data_sha256": data_meta["sha256"], "params_hash": key,
+                "hidden_weight": entry.hidden_weight, "data_sha256": data_meta["sha256"], "params_hash": params_hash,
                 "tokens_seen": inherited + tokens, "teacher_tokens_seen": teacher_meta["tokens_seen"],
                 "steps": train.max_steps, "train_seconds": round(curve.seconds, 3),
                 "params": student.num_params(), "teacher_params": teacher.num_params()}

@@ -43,15 +43,16 @@ def main(argv: list[str]) -> None:
     cfg = study.variant_config(args.name, vocab_size=data_meta["vocab_size"])
     train = study.train
     seed = study.study.seed
-    key = short_hash({"model": cfg.to_dict(), "train": train.model_dump(), "seed": seed, "data": data_meta["sha256"]})
+    params_hash = short_hash({"model": cfg.to_dict(), "train": train.model_dump(), "seed": seed,
+                              "data": data_meta["sha256"]})
 
     # 1. Resume from a checkpoint of the same inputs, if an earlier run was interrupted.
     ckpt_dir = Path("checkpoints") / args.name
-    start_step = resume_step(ckpt_dir / "last.ckpt", key)
+    start_step = resume_step(ckpt_dir / "last.ckpt", params_hash)
 
     # 2. Model, data and the curve: all determined by (seed, step).
     L.seed_everything(seed, verbose=False)
-    lit = LitLM(cfg, train, key)
+    lit = LitLM(cfg, train, params_hash)
     data = LMDataModule(PREPARED, cfg.block_size, train.batch_size, seed)
     curve = TrainingCurve(load_tokens(PREPARED, "val"), cfg.block_size, train.batch_size,
                           train.eval_batches, train.eval_every, train.max_steps)
@@ -60,8 +61,8 @@ def main(argv: list[str]) -> None:
     rank0 = rank_zero_only.rank == 0
     params = {"model": cfg.to_dict(), "train": train.model_dump(), "study": {"seed": seed},
               "pretrain": {"variants": {args.name: study.pretrain.variants[args.name].model_dump(exclude_none=True)}}}
-    run = tracking.stage_run(study, "pretrain", model=args.name, tags={"variant": args.name, "params_hash": key},
-                             params=params) \
+    run = tracking.stage_run(study, "pretrain", model=args.name, params=params,
+                             tags={"variant": args.name, "params_hash": params_hash}) \
         if rank0 else contextlib.nullcontext()
     with run as run_id:
         logger = MLFlowLogger(tracking_uri=tracking.tracking_uri(), run_id=run_id) if run_id else False
@@ -74,7 +75,7 @@ def main(argv: list[str]) -> None:
         #    tracking failure here costs a rerun that resumes from it, not the training.
         tokens = train.max_steps * train.batch_size * cfg.block_size
         meta = {"stage": "pretrain", "variant": args.name, "parents": [], "data_sha256": data_meta["sha256"],
-                "params_hash": key, "tokens_seen": tokens, "steps": train.max_steps,
+                "params_hash": params_hash, "tokens_seen": tokens, "steps": train.max_steps,
                 "train_seconds": round(curve.seconds, 3), "params": lit.model.num_params()}
         out = Path("models") / args.name
         save_model_dir(out, lit.model.cpu(), meta, {"curve.csv": pd.DataFrame(curve.rows).to_csv(index=False)})

@@ -54,17 +54,17 @@ def main(argv: list[str]) -> None:
     model = transform(study, args.name, sources, experts)
     cfg, train, seed = model.cfg, study.stage_train(entry), study.study.seed
     data_seed = int(short_hash({"seed": seed, "mix": entry.parent}), 16) % 2**31
-    key = short_hash({"stage": "upcycle", "sources": {n: m["params_hash"] for n, (_, m) in sources.items()},
-                      "model": cfg.to_dict(), "upcycle": entry.model_dump(), "train": train.model_dump(), "seed": seed,
-                      "data_seed": data_seed, "data": data_meta["sha256"]})
+    params_hash = short_hash({"stage": "upcycle", "sources": {n: m["params_hash"] for n, (_, m) in sources.items()},
+                              "model": cfg.to_dict(), "upcycle": entry.model_dump(), "train": train.model_dump(),
+                              "seed": seed, "data_seed": data_seed, "data": data_meta["sha256"]})
 
     # 1. Resume from a checkpoint of the same inputs, if an earlier run was interrupted.
     ckpt_dir = Path("checkpoints") / args.name
-    start_step = resume_step(ckpt_dir / "last.ckpt", key)
+    start_step = resume_step(ckpt_dir / "last.ckpt", params_hash)
 
     # 2. The transformed model, the mixed data's batches and the curve (from step 0).
     L.seed_everything(seed, verbose=False)
-    lit = LitLM(cfg, train, key, model=model.train())
+    lit = LitLM(cfg, train, params_hash, model=model.train())
     data = LMDataModule(PREPARED, cfg.block_size, train.batch_size, data_seed)
     curve = TrainingCurve(load_tokens(PREPARED, "val"), cfg.block_size, train.batch_size,
                           train.eval_batches, train.eval_every, train.max_steps)
@@ -86,7 +86,7 @@ def main(argv: list[str]) -> None:
             return
 
         # 4. Outputs first (DVC's), then MLflow mirrors them; the checkpoint goes last.
-        meta = upcycle_meta(entry, parents, experts, sources, data_meta, key, train, cfg, curve, lit.model)
+        meta = upcycle_meta(entry, parents, experts, sources, data_meta, params_hash, train, cfg, curve, lit.model)
         out = study.model_dir(args.name)
         save_model_dir(out, lit.model.cpu(), meta, {"curve.csv": pd.DataFrame(curve.rows).to_csv(index=False)})
         tracking.log_metrics({"init_val_loss": curve.rows[0]["val_loss"], "final_val_loss": curve.rows[-1]["val_loss"],
@@ -139,13 +139,13 @@ def transform(study, name: str, sources: dict, experts: list[str]) -> Transforme
     return model
 
 
-def upcycle_meta(entry, parents, experts, sources, data_meta, key, train, cfg, curve, model) -> dict:
+def upcycle_meta(entry, parents, experts, sources, data_meta, params_hash, train, cfg, curve, model) -> dict:
     """meta.json: lineage, the tokens beyond the parent (its branches' and this stage's), sizes."""
     tokens = train.max_steps * train.batch_size * cfg.block_size
     parent_tokens = sources[entry.parent][1]["tokens_seen"]
     branch_tokens = sum(m["tokens_seen"] - parent_tokens for n, (_, m) in sources.items() if n != entry.parent)
     return {"stage": "upcycle", "method": entry.method, "parents": parents, "experts": experts,
-            "data_sha256": data_meta["sha256"], "params_hash": key,
+            "data_sha256": data_meta["sha256"], "params_hash": params_hash,
             "tokens_seen": parent_tokens + branch_tokens + tokens, "extra_tokens": branch_tokens + tokens,
             "steps": train.max_steps, "train_seconds": round(curve.seconds, 3),
             "branch_train_seconds": round(sum(m["train_seconds"] for n, (_, m) in sources.items()
