@@ -30,29 +30,33 @@ from components.artifacts import load_model_dir, save_model_dir, short_hash
 from components.compress import fuse_ffns, importance, keep_by_score, mean_loss, prune, quantize, search_runs
 from components.data import StepBatches, load_tokens
 from components.distill import LitDistill
-from components.lit import LitLM, LMDataModule, TrainingCurve, make_trainer, resume_step
 from components.errors import ParamsError, cli
-from components.params import compress_shape_problems, fusion_run_problems, load_study
+from components.lit import LitLM, LMDataModule, TrainingCurve, make_trainer, resume_step
+from components.params import FfnFusion, Int8, Prune, load_study
 from components.quant import int8_path
 
 PREPARED = Path("data/prepared")
 
 
-def compress(entry, source, calib: list) -> tuple:
-    """(the compressed model, the method's settings for meta.json)."""
-    if entry.method == "int8":
-        return quantize(source, entry.embeddings), {"embeddings": entry.embeddings, "int8_path": int8_path()}
-    if entry.method == "prune":
-        model = prune(source, *keep_by_score(importance(source, entry.criterion, calib), entry.fraction))
-        return model, {"fraction": entry.fraction, "criterion": entry.criterion,
-                       "layer_n_head": model.cfg.layer_n_head, "layer_n_kv_head": model.cfg.layer_n_kv_head,
-                       "layer_d_ff": model.cfg.layer_d_ff}
-    runs, searched = ([tuple(r) for r in entry.runs], []) if entry.runs else \
-        search_runs(source, calib, entry.max_loss_increase)
-    model = fuse_ffns(source, runs)
-    return model, {"runs": [list(r) for r in runs], "searched": searched,
-                   "layers_removed": source.cfg.n_layer - model.cfg.n_layer,
-                   "calib_loss_increase": round(mean_loss(model, calib) - mean_loss(source, calib), 6)}
+def compress(entry, source, batches: StepBatches) -> tuple:
+    """(the compressed model, the method's settings for meta.json). batches[s]: calibration batch s."""
+    match entry:
+        case Int8():
+            return quantize(source, entry.embeddings), {"embeddings": entry.embeddings, "int8_path": int8_path()}
+        case Prune():
+            calib = [batches[s] for s in range(entry.calib_batches)]
+            model = prune(source, *keep_by_score(importance(source, entry.criterion, calib), entry.fraction))
+            return model, {"fraction": entry.fraction, "criterion": entry.criterion,
+                           "layer_n_head": model.cfg.layer_n_head, "layer_n_kv_head": model.cfg.layer_n_kv_head,
+                           "layer_d_ff": model.cfg.layer_d_ff}
+        case FfnFusion():
+            calib = [batches[s] for s in range(entry.calib_batches)]
+            runs, searched = ([tuple(r) for r in entry.runs], []) if entry.runs else \
+                search_runs(source, calib, entry.max_loss_increase)
+            model = fuse_ffns(source, runs)
+            return model, {"runs": [list(r) for r in runs], "searched": searched,
+                           "layers_removed": source.cfg.n_layer - model.cfg.n_layer,
+                           "calib_loss_increase": round(mean_loss(model, calib) - mean_loss(source, calib), 6)}
 
 
 def main(argv: list[str]) -> None:
@@ -70,12 +74,10 @@ def main(argv: list[str]) -> None:
     if not (PREPARED / "meta.json").exists():
         raise ParamsError(f"{PREPARED} is missing: run `dvc repro prepare` first")
     source, src_meta = load_model_dir(src_dir)
-    problems = compress_shape_problems(source.cfg, entry.method) + (
-        fusion_run_problems(source.cfg.n_layer, entry.runs) if entry.method == "ffn_fusion" else [])
-    if problems:
+    if problems := entry.source_problems(source.cfg):
         raise ParamsError("\n".join(f"compress.{args.name}: {p}" for p in problems))
     data_meta = json.loads((PREPARED / "meta.json").read_text())
-    train = study.stage_train(entry).model_copy(update={"max_steps": 0} if entry.method == "int8" else {})
+    train = study.stage_train(entry)                           # int8: max_steps 0
     seed, block_size = study.study.seed, source.cfg.block_size
     params_hash = short_hash({"source": src_meta["params_hash"], "compress": entry.model_dump(),
                               "train": train.model_dump(), "seed": seed, "data": data_meta["sha256"]})
@@ -83,8 +85,7 @@ def main(argv: list[str]) -> None:
     # 1. The transform (deterministic: every DDP rank computes the same model).
     L.seed_everything(seed, verbose=False)
     t0 = time.perf_counter()
-    calib_data = StepBatches(load_tokens(PREPARED, "train"), block_size, train.batch_size, seed + 1)
-    calib = [calib_data[s] for s in range(entry.calib_batches)] if entry.method != "int8" else []
+    calib = StepBatches(load_tokens(PREPARED, "train"), block_size, train.batch_size, seed + 1)
     model, settings = compress(entry, source, calib)
     curve = TrainingCurve(load_tokens(PREPARED, "val"), block_size, train.batch_size,
                           train.eval_batches, train.eval_every, max(train.max_steps, 1))

@@ -3,7 +3,7 @@ mixed data (the "mix" phase): `continue` (the dense control), `sparse`, `btx` or
 
     python -m tasks.upcycle parallel-bam    # what `dvc repro upcycle@parallel-bam` runs
 
-params.yaml `upcycle.<name>`: parent, method, the MoE settings (components/params.py UpcycleParams)
+params.yaml `upcycle.<name>`: parent, method, the method's settings (its class in components/params.py)
 and max_steps/lr/min_lr/warmup_steps over `train`. The transform is components/upcycle.py; the
 training is pretrain's, starting from the transformed model, with one extra curve row at step 0
 (the val loss right after the transform). The mix-phase batches are drawn from a seed of
@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -29,13 +30,12 @@ from components import tracking
 from components.artifacts import load_model_dir, save_model_dir, short_hash
 from components.data import load_tokens
 from components.lit import LitLM, LMDataModule, TrainingCurve, make_trainer, resume_step
-from components.model import TransformerLM
 from components.errors import ParamsError, cli
-from components.params import UPCYCLE_READERS, load_study, upcycle_experts
-from components.upcycle import upcycle_state_dict, upcycled_config
+from components.model import TransformerLM
+from components.params import Bam, Btx, Continue, Sparse, StageTrainParams, load_study
+from components.upcycle import upcycle_state_dict
 
 PREPARED = Path("data/prepared")
-MOE_KEYS = ("top_k", "router", "moe_every", "shared_expert", "aux_loss_coef", "z_loss_coef", "moa")
 
 
 def main(argv: list[str]) -> None:
@@ -50,8 +50,8 @@ def main(argv: list[str]) -> None:
         raise ParamsError(f"{PREPARED} is missing: run `dvc repro prepare` first")
     data_meta = json.loads((PREPARED / "meta.json").read_text())
     sources = load_sources(study, parents, data_meta)          # name -> (model, meta), checked alike
-    experts = upcycle_experts(study, args.name)
-    model = transform(study, args.name, sources, experts)
+    experts = entry.experts(study.branches_of(entry.parent))     # the model each expert comes from
+    model = transform(entry, sources, experts, study.study.seed)
     cfg, train, seed = model.cfg, study.stage_train(entry), study.study.seed
     data_seed = int(short_hash({"seed": seed, "mix": entry.parent}), 16) % 2**31
     params_hash = short_hash({"stage": "upcycle", "sources": {n: m["params_hash"] for n, (_, m) in sources.items()},
@@ -122,18 +122,21 @@ def load_sources(study, names: list[str], data_meta: dict) -> dict:
     return {name: load_model_dir(study.model_dir(name)) for name in names}
 
 
-def transform(study, name: str, sources: dict, experts: list[str]) -> TransformerLM:
-    """The model the mix phase starts from: the parent itself (continue) or its MoE."""
-    entry = study.upcycle[name]
+def transform(entry, sources: dict, experts: list[str], seed: int) -> TransformerLM:
+    """The model the mix phase starts from: the parent itself (continue) or its MoE, whose expert e
+    comes from experts[e]."""
     parent = sources[entry.parent][0]
-    if entry.method == "continue":
-        return parent
-    moe = {k: getattr(entry, k) for k in MOE_KEYS if k != "moa" or entry.method == "bam"}
-    cfg = upcycled_config(parent.cfg, entry.method, len(experts), **moe)
+    match entry:
+        case Continue():
+            return parent
+        case Sparse():
+            noise = entry.expert_noise
+        case Btx() | Bam():                                    # one expert per branch: no noise needed
+            noise = 0.0
+    cfg = replace(parent.cfg, **entry.config_fields(len(experts)))
     distinct = list(dict.fromkeys(experts))                    # sparse: [parent]; btx/bam: branches (+ parent)
     sd = upcycle_state_dict(cfg, parent.cfg, [sources[n][0].state_dict() for n in distinct],
-                            [distinct.index(n) for n in experts], study.study.seed, entry.router_init,
-                            entry.expert_noise)
+                            [distinct.index(n) for n in experts], seed, entry.router_init, noise)
     model = TransformerLM(cfg)
     model.load_state_dict(sd)
     return model
@@ -151,8 +154,7 @@ def upcycle_meta(entry, parents, experts, sources, data_meta, params_hash, train
             "branch_train_seconds": round(sum(m["train_seconds"] for n, (_, m) in sources.items()
                                               if n != entry.parent), 3),
             "params": model.num_params(), "active_params": model.num_active_params(),
-            "settings": {k: v for k, v in entry.model_dump().items()            # the keys its method reads
-                         if entry.method in UPCYCLE_READERS.get(k, ())}}
+            "settings": entry.model_dump(exclude={"method", "parent", *StageTrainParams.model_fields})}
 
 
 if __name__ == "__main__":

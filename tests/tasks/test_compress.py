@@ -154,7 +154,7 @@ def test_ffn_fusion_explicit_and_searched(project):
 
 @pytest.mark.parametrize("entry,words", [
     ("{source: serial, method: prune, fraction: 1.0}", "compress.bad.fraction: 1.0 is outside [0, 1)"),
-    ("{source: serial, method: prune}", "compress.bad.fraction: missing"),
+    ("{source: serial, method: prune}", "compress.bad.fraction: required but missing"),
     ("{source: serial, method: ffn_fusion, runs: [[2, 3]]}", "runs: [2, 3] is not a run of the source's layers"),
     ("{source: serial, method: ffn_fusion, runs: [[0, 1], [1, 2]]}", "runs: [1, 2] overlaps"),
     ("{source: par, method: prune, fraction: 0.3}", "cannot prune a par model"),
