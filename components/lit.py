@@ -1,7 +1,11 @@
-"""The thin Lightning layer: LM loss, AdamW with warmup + cosine, the training-curve callback
-and the data module.
+"""The thin Lightning layer: LM loss, AdamW with warmup + cosine, the training-curve callback,
+the data module, and `fit`, the resumable training every training stage runs.
 
 The model itself (components/model.py) knows nothing of Lightning.
+
+    curve.start(curve.val_loss(model))     # stages that start from trained weights: the step-0 row
+    if not fit(lit, data, curve, train, Path("checkpoints") / name, params_hash, logger):
+        return                             # a DDP rank other than 0: rank 0 writes the outputs
 """
 from __future__ import annotations
 
@@ -14,9 +18,11 @@ from typing import TYPE_CHECKING
 
 import lightning.pytorch as L
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
 from components.config import ModelConfig
@@ -127,6 +133,18 @@ class TrainingCurve(L.Callback):
         self.rows, self.seconds = [], 0.0
         self._loss_sum, self._steps, self._t0 = 0.0, 0, None
 
+    def start(self, val_loss: float) -> None:
+        """The step-0 row: the validation loss of the model training starts from. Stages that start
+        from trained weights (branch, upcycle, compress, distill from its teacher's layers) write it,
+        and so does one that trains no steps (its only row); a model trained from its random init
+        (pretrain, distill init scratch) starts at step eval_every."""
+        self.rows = [{"step": 0, "tokens": 0, "train_loss": math.nan, "val_loss": val_loss, "lr": 0.0,
+                      "tokens_per_s": math.nan}]
+
+    def csv(self) -> str:
+        """curve.csv: one line per row (NaN: no value, e.g. the step-0 row's train loss)."""
+        return pd.DataFrame(self.rows).to_csv(index=False)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._t0 is None:
             self._t0 = time.perf_counter()
@@ -215,3 +233,23 @@ def make_trainer(train: TrainParams, ckpt_dir: Path, callbacks: list, logger) ->
         log_every_n_steps=min(50, train.ckpt_every))
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     return trainer
+
+
+def global_rank0() -> bool:
+    """Whether this process is global rank 0, the one that writes outputs and talks to MLflow. DDP
+    runs the stage once per rank; a rank's environment says which it is before the Trainer starts."""
+    return rank_zero_only.rank == 0
+
+
+def fit(lit: LitLM, data: LMDataModule, curve: TrainingCurve, train: TrainParams, ckpt_dir: Path,
+        params_hash: str, logger) -> bool:
+    """Train `lit` train.max_steps steps (0: none) with the curve, resuming from ckpt_dir/last.ckpt if
+    an interrupted run with the same inputs (params_hash) left it; `logger`: Lightning's, or False.
+    Returns whether this process is global rank 0."""
+    if not train.max_steps:
+        return global_rank0()
+    ckpt = ckpt_dir / "last.ckpt"
+    start_step = resume_step(ckpt, params_hash)
+    trainer = make_trainer(train, ckpt_dir, [curve], logger)
+    trainer.fit(lit, datamodule=data, ckpt_path=ckpt if start_step else None)
+    return trainer.is_global_zero

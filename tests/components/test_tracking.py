@@ -47,6 +47,12 @@ def test_a_rerun_leaves_one_current_run_per_stage_and_model():
     assert mlflow.get_run(ids[0]).data.tags["current"] == "false"
 
 
+def test_a_ddp_rank_other_than_0_opens_no_run(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")     # not even asked: nothing listens there
+    with tracking.stage_run(study(), "pretrain", model="a", enabled=False) as run_id:
+        assert run_id is None and tracking.lightning_logger(run_id) is False
+
+
 def test_a_failed_stage_run_is_never_current():
     with tracking.stage_run(study(), "evaluate", model="a") as good:
         pass

@@ -176,7 +176,7 @@ def test_bad_entries_fail_validation(tmp_path, monkeypatch, entry, words):
 def test_bad_sources_on_disk_fail_before_compute(project):
     write_params(project, ENTRIES + "  deep: {source: fused, method: ffn_fusion, runs: [[0, 2]]}\n"
                  "  again: {source: fused, method: prune, fraction: 0.3}\n")
-    with pytest.raises(ParamsError, match="models/fused is missing: build it first"):
+    with pytest.raises(ParamsError, match=r"models/fused is missing\): run `dvc repro compress@fused` first"):
         compress.main(["again"])
     compress.main(["fused"])                                    # 2 layers now: [0, 2] no longer exists
     with pytest.raises(ParamsError, match=r"runs: \[0, 2\] is not a run of the source's layers.*n_layer=2"):
