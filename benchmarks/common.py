@@ -15,9 +15,10 @@ import torch
 from components.config import ModelConfig
 from components.data import StepBatches
 from components.lit import LitLM, lm_loss
+from components.params import TrainParams
 
-TRAIN = {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, "max_steps": 10_000, "weight_decay": 0.1,
-         "beta1": 0.9, "beta2": 0.95, "grad_clip": 1.0}
+TRAIN = TrainParams(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=10_000, weight_decay=0.1,
+                    beta1=0.9, beta2=0.95, grad_clip=1.0)
 
 
 def batches(cfg: ModelConfig, batch_size: int, seed: int = 0) -> StepBatches:
@@ -38,7 +39,7 @@ def plain_trainer(cfg: ModelConfig, precision: str = "32-true", seed: int = 0):
         with autocast:
             loss = lm_loss(lit.model(x), y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(lit.model.parameters(), TRAIN["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(lit.model.parameters(), TRAIN.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)

@@ -6,6 +6,7 @@ training must lower the validation loss on the GPU. Without a GPU it is a dry ru
     PYTHONPATH=. python benchmarks/cuda_smoke.py /tmp/cuda-smoke     # writes report.json there
 """
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -19,8 +20,8 @@ from components.config import ModelConfig
 from components.model import TransformerLM
 from components.lit import LitLM, LMDataModule, TrainingCurve, make_trainer
 from components.distill import LitDistill
-from components.params import TrainParams, UpcycleParams
-from components.upcycle import upcycled_config, upcycle_state_dict
+from components.params import Bam, TrainParams
+from components.upcycle import upcycle_state_dict
 from components import compress
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"       # cpu: a dry run of this script
@@ -42,7 +43,7 @@ report = {}
 
 def fit(name, lit, steps, precision=PRECISION):
     train = TrainParams(max_steps=steps, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_every=10,
-                        ckpt_every=10, precision=precision, deterministic="warn").model_dump()
+                        ckpt_every=10, precision=precision, deterministic="warn")
     lit.train_params = train
     curve = TrainingCurve(val, 64, 16, 2, 10, steps)
     data = LMDataModule(prep, 64, 16, 1337)
@@ -61,18 +62,15 @@ def fit(name, lit, steps, precision=PRECISION):
 L.seed_everything(0)
 cfg = ModelConfig(vocab_size=V, block_size=64, n_layer=4, n_head=4, n_embd=128, block="parallel", ffn="swiglu",
                   norm="rmsnorm", pos="rope")
-dense = fit("pretrain-parallel", LitLM(cfg, {}), 60)
+dense = fit("pretrain-parallel", LitLM(cfg, TrainParams()), 60)
 
 # BAM: two "branches" = the dense model and a noisy copy
-entry = UpcycleParams(parent="p", method="bam")
-moe = {k: getattr(entry, k) for k in ("top_k", "router", "moe_every", "shared_expert", "aux_loss_coef",
-                                       "z_loss_coef", "moa")}
-bam_cfg = upcycled_config(dense.cfg, "bam", 2, **moe)
+bam_cfg = dataclasses.replace(dense.cfg, **Bam(parent="p", method="bam").config_fields(2))
 sd = dense.cpu().state_dict()
 noisy = {k: v + 0.01 * torch.randn_like(v) if v.dim() == 2 else v for k, v in sd.items()}
 bam = TransformerLM(bam_cfg)
 bam.load_state_dict(upcycle_state_dict(bam_cfg, dense.cfg, [sd, noisy], [0, 1], 0))
-bam = fit("upcycle-bam", LitLM(bam_cfg, {}, model=bam), 30).to(DEV)
+bam = fit("upcycle-bam", LitLM(bam_cfg, TrainParams(), model=bam), 30).to(DEV)
 x = torch.from_numpy(np.asarray(val[:48], dtype=np.int64))[None].to(DEV)
 with torch.no_grad():
     bam.eval()
@@ -83,7 +81,7 @@ report["bam_cache_max_abs_diff"] = (full - inc).abs().max().item()
 
 # KD into a 1-layer student, the teacher on the GPU
 student = TransformerLM(ModelConfig(**{**dense.cfg.to_dict(), "n_layer": 1}))
-fit("distill", LitDistill(student, copy.deepcopy(dense).to(DEV), {}, alpha=0.5, temperature=2.0, hidden_weight=0.5), 30)
+fit("distill", LitDistill(student, copy.deepcopy(dense).to(DEV), TrainParams(), alpha=0.5, temperature=2.0, hidden_weight=0.5), 30)
 
 # prune 30% with the Taylor criterion on GPU batches, then KD recovery from the source
 calib = [(torch.from_numpy(np.asarray(val[i:i + 65], dtype=np.int64))[None, :-1].to(DEV),
@@ -91,7 +89,7 @@ calib = [(torch.from_numpy(np.asarray(val[i:i + 65], dtype=np.int64))[None, :-1]
 pruned = compress.prune(dense.to(DEV), *compress.keep_by_score(compress.importance(dense.to(DEV), "taylor", calib), 0.3))
 report["pruned_params"] = [dense.num_params(), pruned.num_params()]
 print("pruned widths", pruned.cfg.layer_n_head, pruned.cfg.layer_n_kv_head, pruned.cfg.layer_d_ff, flush=True)
-fit("prune-recover", LitDistill(pruned, copy.deepcopy(dense).to(DEV), {}), 20)
+fit("prune-recover", LitDistill(pruned, copy.deepcopy(dense).to(DEV), TrainParams()), 20)
 
 # FFN fusion search on the GPU, then int8 inference on the GPU
 runs, searched = compress.search_runs(dense.to(DEV), calib, 0.5)

@@ -32,7 +32,7 @@ def distill_trainer(student_cfg: ModelConfig, teacher: TransformerLM, hidden_wei
     def step(x, y):
         loss = lit.training_step((x, y), 0)["loss"]
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(lit.parameters(), TRAIN["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(lit.parameters(), TRAIN.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)

@@ -24,7 +24,7 @@ from components.lit import LitLM
 
 def lightning_steps(lit: LitLM, data, start: int, n: int) -> float:
     trainer = L.Trainer(max_steps=n, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=TRAIN["grad_clip"])
+                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=TRAIN.grad_clip)
     loader = DataLoader(data, batch_size=None, sampler=range(start, start + n))
     t0 = time.perf_counter()
     trainer.fit(lit, train_dataloaders=loader)

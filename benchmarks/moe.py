@@ -51,7 +51,7 @@ def moe_trainer(cfg: ModelConfig, device: str, seed: int = 0):
         if (aux := moe_losses(lit.model)) is not None:
             loss = loss + cfg.aux_loss_coef * aux["aux_loss"] + cfg.z_loss_coef * aux["z_loss"]
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(lit.model.parameters(), TRAIN["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(lit.model.parameters(), TRAIN.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)

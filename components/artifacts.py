@@ -1,9 +1,11 @@
-"""Model directories and small files, written atomically.
+"""Model directories and small files, written atomically; the checked reading of a stage's inputs.
 
 A model directory explains itself: `model.safetensors` (weights), `config.json` (the resolved
 ModelConfig: loading needs nothing else) and `meta.json` (stage, parents, hashes, tokens seen).
 
-    model, cfg, meta = load_model_dir("models/parallel")
+    model, meta = load_model_dir("models/parallel")
+    data_meta = prepared_meta()                       # data/prepared/meta.json, or the `dvc repro` fix
+    parent, meta = load_input(study, "parallel", data_meta, "branch.b.parent", "parent")
 """
 from __future__ import annotations
 
@@ -16,8 +18,10 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from components.config import ModelConfig
+from components.errors import ParamsError
 from components.model import TransformerLM
-from components.params import ParamsError
+
+PREPARED = Path("data/prepared")          # what the prepare stage writes: tokenizer, token ids, meta.json
 
 
 def dumps(obj) -> str:
@@ -76,3 +80,45 @@ def weights(model: TransformerLM) -> dict:
 def tied_head(model: TransformerLM) -> set[str]:
     """The lm_head tensors that are the embedding's (lm_head.weight; int8: lm_head.weight_q and .scale)."""
     return {k for k in model.state_dict() if k.startswith("lm_head.")} if model.cfg.tie_embeddings else set()
+
+
+# ---------------------------------------------------------------------------------------------
+# a stage's inputs, checked before any compute: each problem names the `dvc repro` that fixes it
+
+
+def prepared_meta(domain: str | None = None) -> dict:
+    """data/prepared/meta.json, once the prepare stage has written it (and, with `domain`, that
+    domain's token files)."""
+    if not (PREPARED / "meta.json").exists():
+        raise ParamsError(f"{PREPARED} is missing: run `dvc repro prepare` first")
+    meta = json.loads((PREPARED / "meta.json").read_text())
+    if domain is not None and domain not in meta.get("domains", {}):
+        raise ParamsError(f"{PREPARED} has no domain '{domain}' (it has {', '.join(meta.get('domains', {}))}): "
+                          f"data was prepared before data.domains.{domain} was added; run `dvc repro prepare`")
+    return meta
+
+
+def input_problems(study, name: str, data_meta: dict, role: str) -> list[str]:
+    """Why model `name` of the study cannot be a stage's input (its `role`: parent, teacher, ...):
+    not built, or made from other prepared data (another corpus, or another tokenizer: its token
+    ids would mean other text). Empty if it can."""
+    path, stage = study.model_dir(name), study.models()[name]["stage"]
+    fix = f"`dvc repro {stage}@{name}`"
+    if not (path / "model.safetensors").exists():
+        return [f"the {role} '{name}' is not built ({path} is missing): run {fix} first"]
+    config, meta = (json.loads((path / f).read_text()) for f in ("config.json", "meta.json"))
+    p = []
+    if meta.get("data_sha256") != data_meta["sha256"]:
+        p.append(f"the {role} '{name}' was trained on other prepared data (another corpus): rebuild it with {fix}")
+    if config["vocab_size"] != data_meta["vocab_size"]:
+        p.append(f"the {role} '{name}' has vocab_size {config['vocab_size']} but {PREPARED} has "
+                 f"{data_meta['vocab_size']} (another tokenizer): rebuild it with {fix}")
+    return p
+
+
+def load_input(study, name: str, data_meta: dict, where: str, role: str) -> tuple[TransformerLM, dict]:
+    """(model, meta) of model `name`, once input_problems finds none; `where` (the params.yaml key
+    that names it, e.g. distill.kd.teacher) starts each message."""
+    if problems := input_problems(study, name, data_meta, role):
+        raise ParamsError("\n".join(f"{where}: {p}" for p in problems))
+    return load_model_dir(study.model_dir(name))

@@ -102,7 +102,7 @@ class ModelConfig:
         """defaults <- PRESETS[name] <- overrides."""
         if problems := preset_problems(name):
             raise ValueError(problems[0])
-        return cls(**{**PRESETS[name], **overrides})
+        return cls(**merge_preset({}, name, overrides))
 
     def problems(self) -> list[str]:
         """Every reason this config cannot be built, each with its fix (empty if fine)."""
@@ -233,6 +233,13 @@ def par_layout(n_layer: int) -> str:
     followed by an FFN, at the start; the rest FFNs. 4 -> 'sfsfffff', 2 -> 'sfff', 6 -> 'sfsf' + 8*'f'."""
     n_attn = math.ceil(n_layer / 3)
     return "sf" * n_attn + "f" * (2 * n_layer - 2 * n_attn)
+
+
+def merge_preset(base: dict, preset: str | None, own: dict) -> dict:
+    """The field values of base <- PRESETS[preset] <- own: the one place presets are applied (to
+    from_preset and to params.yaml's variants and students). No preset, or an unknown one (which
+    preset_problems names), adds nothing."""
+    return {**base, **PRESETS.get(preset, {}), **own}
 
 
 def preset_problems(name: str) -> list[str]:

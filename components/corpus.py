@@ -14,7 +14,7 @@ import hashlib
 import sysconfig
 from pathlib import Path
 
-from components.params import ParamsError
+from components.errors import ParamsError
 
 
 def source_root(source: str) -> Path:

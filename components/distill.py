@@ -8,11 +8,12 @@ The teacher is any model of the study, used as a black box `logits = teacher(x)`
 hidden-state term also calls `teacher.hidden(x)`). Used by tasks/distill.py; the compression
 stage may use LitDistill for recovery training:
 
-    lit = LitDistill(student, teacher, train, key, alpha=0.5, temperature=2.0)
+    lit = LitDistill(student, teacher, train, params_hash, alpha=0.5, temperature=2.0)
 """
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -20,8 +21,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from components.lit import LitLM, lm_loss
+from components.errors import ParamsError
 from components.model import TransformerLM, moe_losses
-from components.params import ParamsError
+
+if TYPE_CHECKING:                     # only the type: the schema is not needed to train
+    from components.params import TrainParams
 
 KD_CHUNK = 1024     # positions per KD chunk: bounds the fp32 (chunk, vocab) temporaries
 
@@ -81,9 +85,9 @@ class LitDistill(LitLM):
     parameters() (the optimizer), state_dict() (checkpoints), DDP and Lightning's device moves
     (on_fit_start moves it). The hidden-state projection, when there is one, trains with the student."""
 
-    def __init__(self, student: TransformerLM, teacher: TransformerLM, train: dict, key: str = "", *,
+    def __init__(self, student: TransformerLM, teacher: TransformerLM, train: TrainParams, params_hash: str = "", *,
                  alpha: float = 0.5, temperature: float = 2.0, reverse: bool = False, hidden_weight: float = 0.0):
-        super().__init__(student.cfg, train, key, model=student)
+        super().__init__(student.cfg, train, params_hash, model=student)
         if not 0.0 <= alpha <= 1.0 or temperature <= 0 or hidden_weight < 0:
             raise ValueError(f"alpha={alpha} must be in [0, 1], temperature={temperature} > 0 and "
                              f"hidden_weight={hidden_weight} >= 0")

@@ -1,7 +1,11 @@
-"""The thin Lightning layer: LM loss, AdamW with warmup + cosine, the training-curve callback
-and the data module.
+"""The thin Lightning layer: LM loss, AdamW with warmup + cosine, the training-curve callback,
+the data module, and `fit`, the resumable training every training stage runs.
 
 The model itself (components/model.py) knows nothing of Lightning.
+
+    curve.start(curve.val_loss(model))     # stages that start from trained weights: the step-0 row
+    if not fit(lit, data, curve, train, Path("checkpoints") / name, params_hash, logger):
+        return                             # a DDP rank other than 0: rank 0 writes the outputs
 """
 from __future__ import annotations
 
@@ -10,17 +14,23 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning.pytorch as L
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
 from components.config import ModelConfig
 from components.data import StepBatches, StepsFrom, eval_offsets, load_tokens, window_batch
 from components.model import TransformerLM, moe_layers, moe_losses
+
+if TYPE_CHECKING:                     # only the type: the schema is not needed to train
+    from components.params import TrainParams
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -38,9 +48,10 @@ def lr_factor(step: int, warmup: int, max_steps: int, lr: float, min_lr: float) 
 class LitLM(L.LightningModule):
     """Next-token training of `model` (a new TransformerLM(cfg) unless given, e.g. a parent's copy)."""
 
-    def __init__(self, cfg: ModelConfig, train: dict, key: str = "", model: TransformerLM | None = None):
+    def __init__(self, cfg: ModelConfig, train: TrainParams, params_hash: str = "",
+                 model: TransformerLM | None = None):
         super().__init__()
-        self.cfg, self.train_params, self.key = cfg, train, key
+        self.cfg, self.train_params, self.params_hash = cfg, train, params_hash
         self.model = model if model is not None else TransformerLM(cfg)
         self._rng_state = None
 
@@ -62,17 +73,17 @@ class LitLM(L.LightningModule):
         t = self.train_params
         decay = [p for p in self.parameters() if p.dim() >= 2]    # matmuls and embeddings
         no_decay = [p for p in self.parameters() if p.dim() < 2]  # norms and biases
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": t["weight_decay"]},
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}],
-                                lr=t["lr"], betas=(t["beta1"], t["beta2"]))
+                                lr=t.lr, betas=(t.beta1, t.beta2))
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, t["warmup_steps"], t["max_steps"], t["lr"], t["min_lr"]))
+            opt, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.lr, t.min_lr))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # Resume bit-identically: the global RNG (dropout) travels with the checkpoint.
     def on_save_checkpoint(self, checkpoint):
         checkpoint["torch_rng_state"] = torch.get_rng_state()
-        checkpoint["archflow_key"] = self.key
+        checkpoint["params_hash"] = self.params_hash
 
     def on_load_checkpoint(self, checkpoint):
         self._rng_state = checkpoint["torch_rng_state"]
@@ -120,6 +131,18 @@ class TrainingCurve(L.Callback):
         self.tokens_per_step = batch_size * block_size
         self.rows, self.seconds = [], 0.0
         self._loss_sum, self._steps, self._t0 = 0.0, 0, None
+
+    def start(self, val_loss: float) -> None:
+        """The step-0 row: the validation loss of the model training starts from. Stages that start
+        from trained weights (branch, upcycle, compress, distill from its teacher's layers) write it,
+        and so does one that trains no steps (its only row); a model trained from its random init
+        (pretrain, distill init scratch) starts at step eval_every."""
+        self.rows = [{"step": 0, "tokens": 0, "train_loss": math.nan, "val_loss": val_loss, "lr": 0.0,
+                      "tokens_per_s": math.nan}]
+
+    def csv(self) -> str:
+        """curve.csv: one line per row (NaN: no value, e.g. the step-0 row's train loss)."""
+        return pd.DataFrame(self.rows).to_csv(index=False)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._t0 is None:
@@ -179,8 +202,8 @@ class LMDataModule(L.LightningDataModule):
         return DataLoader(ds, batch_size=None, sampler=StepsFrom(start), num_workers=0)
 
 
-def resume_step(ckpt: Path, key: str) -> int:
-    """The step to resume from: that of a checkpoint made with the same inputs (`key`), else 0."""
+def resume_step(ckpt: Path, params_hash: str) -> int:
+    """The step to resume from: that of a checkpoint made with the same inputs (`params_hash`), else 0."""
     if not ckpt.exists():
         return 0
     try:
@@ -188,24 +211,44 @@ def resume_step(ckpt: Path, key: str) -> int:
     except Exception as e:  # a checkpoint cut short by the interruption: start over, say so
         print(f"ignoring unreadable checkpoint {ckpt} ({e}); training from step 0")
         return 0
-    if state.get("archflow_key") != key:
+    if state.get("params_hash") != params_hash:
         print(f"ignoring {ckpt}: it was made with other params, data or code; training from step 0")
         return 0
     print(f"resuming from {ckpt} at step {state['global_step']}")
     return state["global_step"]
 
 
-def make_trainer(train: dict, ckpt_dir: Path, callbacks: list, logger) -> L.Trainer:
+def make_trainer(train: TrainParams, ckpt_dir: Path, callbacks: list, logger) -> L.Trainer:
     """The Trainer every training stage uses: `train` settings, a resumable checkpoint every
     ckpt_every steps in ckpt_dir (outside DVC outs), no Lightning validation loop (the curve callback does it)."""
     trainer = L.Trainer(
-        accelerator=train["accelerator"], devices=train["devices"], num_nodes=train["num_nodes"],
-        strategy=train["strategy"], precision=train["precision"], deterministic=train["deterministic"],
-        max_steps=train["max_steps"], max_epochs=-1, gradient_clip_val=train["grad_clip"] or None,
+        accelerator=train.accelerator, devices=train.devices, num_nodes=train.num_nodes,
+        strategy=train.strategy, precision=train.precision, deterministic=train.deterministic,
+        max_steps=train.max_steps, max_epochs=-1, gradient_clip_val=train.grad_clip or None,
         use_distributed_sampler=False,          # each rank slices the global batch itself
-        callbacks=[*callbacks, StepCheckpoint(ckpt_dir / "last.ckpt", train["ckpt_every"])],
+        callbacks=[*callbacks, StepCheckpoint(ckpt_dir / "last.ckpt", train.ckpt_every)],
         enable_checkpointing=False, plugins=[AtomicCheckpointIO()], logger=logger,
         limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
-        log_every_n_steps=min(50, train["ckpt_every"]))
+        log_every_n_steps=min(50, train.ckpt_every))
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     return trainer
+
+
+def global_rank0() -> bool:
+    """Whether this process is global rank 0, the one that writes outputs and talks to MLflow. DDP
+    runs the stage once per rank; a rank's environment says which it is before the Trainer starts."""
+    return rank_zero_only.rank == 0
+
+
+def fit(lit: LitLM, data: LMDataModule, curve: TrainingCurve, train: TrainParams, ckpt_dir: Path,
+        params_hash: str, logger) -> bool:
+    """Train `lit` train.max_steps steps (0: none) with the curve, resuming from ckpt_dir/last.ckpt if
+    an interrupted run with the same inputs (params_hash) left it; `logger`: Lightning's, or False.
+    Returns whether this process is global rank 0."""
+    if not train.max_steps:
+        return global_rank0()
+    ckpt = ckpt_dir / "last.ckpt"
+    start_step = resume_step(ckpt, params_hash)
+    trainer = make_trainer(train, ckpt_dir, [curve], logger)
+    trainer.fit(lit, datamodule=data, ckpt_path=ckpt if start_step else None)
+    return trainer.is_global_zero

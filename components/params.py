@@ -10,21 +10,17 @@ from __future__ import annotations
 import difflib
 import math
 import re
-import sys
 import warnings
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Annotated, Literal, Optional, get_args, get_type_hints
+from typing import Annotated, ClassVar, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from components.config import PER_LAYER_BLOCKS, PRESETS, ModelConfig, preset_problems
+from components.config import PER_LAYER_BLOCKS, ModelConfig, merge_preset, preset_problems
+from components.errors import ParamsError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-
-
-class ParamsError(ValueError):
-    """A problem in the user's params.yaml (or another user input); the message says the fix."""
 
 
 class Strict(BaseModel):
@@ -97,22 +93,72 @@ class BranchParams(StageTrainParams):
     domain: str                            # a key of data.domains
 
 
-class UpcycleParams(StageTrainParams):
-    """upcycle@<name>: a dense parent (and its branches) turned into a model, then trained further."""
-    parent: str                            # a pretrain variant; btx/bam also use every branch of it
-    method: Literal["continue", "sparse", "btx", "bam"]
-    # The MoE (components/upcycle.py, METHODS.md b2-b5); `continue` reads none of these.
-    n_expert: int = Field(4, ge=1)         # sparse only: copies of the FFN (btx/bam: one expert per source)
-    top_k: int = Field(2, ge=1)            # experts each token uses
-    router: Literal["topk-softmax", "softmax-topk"] = "topk-softmax"   # renormalised top-k | Switch
-    router_init: Literal["random", "zero", "uniform"] = "random"      # N(0, 0.02) | 0 | U(+-1/sqrt(n_embd))
-    moe_every: int = Field(1, ge=1)        # 1: every layer's FFN; 2: every other (layers 1, 3, ...)
-    shared_expert: bool = False            # plus the (mean) dense FFN for every token
-    aux_loss_coef: float = Field(0.01, ge=0)    # Switch load-balancing loss weight
-    z_loss_coef: float = Field(0.001, ge=0)     # router z-loss weight
-    expert_noise: float = Field(0.0, ge=0)      # sparse only: each copy's weights + noise * std(W) * N(0, 1)
-    keep_parent: bool = False              # btx/bam: the parent is one more expert besides its branches
-    moa: Literal["kv-experts", "kv-shared"] = "kv-experts"   # bam only: per-expert q, k, v, o | shared k, v
+# upcycle@<name>: a dense parent (and its branches) turned into a model, then trained further. One
+# class per method, told apart by `method`; each holds only the options its method reads, so
+# `extra="forbid"` rejects the others (describe() says which method reads them).
+
+# The MoE settings an upcycle writes into the model's config: ModelConfig's own fields, with its
+# types and defaults; ModelConfig.problems() checks their values on the config the stage will build.
+MOE_OPTIONS = ("top_k", "router", "moe_every", "shared_expert", "aux_loss_coef", "z_loss_coef")
+MoEOptions = create_model(
+    "MoEOptions", __base__=StageTrainParams,
+    **{name: (_MODEL_TYPES[name], getattr(ModelConfig, name)) for name in MOE_OPTIONS},
+    router_init=(Literal["random", "zero", "uniform"], "random"))   # new routers: N(0, 0.02) | 0 | U(+-1/sqrt(n_embd))
+
+
+class Continue(StageTrainParams):
+    """continue: the dense parent trained further on the mixed data (the control at equal tokens)."""
+    method: Literal["continue"]
+    parent: str                            # a pretrain variant
+
+    def experts(self, branches: list[str]) -> list[str]:
+        return []
+
+
+class Sparse(MoEOptions):
+    """sparse (Komatsuzaki et al.): every expert of an MoE FFN is a copy of the parent's FFN."""
+    method: Literal["sparse"]
+    parent: str
+    n_expert: int = Field(4, ge=1)         # copies of the FFN
+    expert_noise: float = Field(0.0, ge=0)   # each copy's weights + noise * std(W) * N(0, 1)
+
+    def experts(self, branches: list[str]) -> list[str]:
+        return [self.parent] * self.n_expert
+
+    def config_fields(self, n_expert: int) -> dict:
+        """The ModelConfig fields this method writes over the parent's (components/upcycle.py builds the weights)."""
+        return {"n_expert": n_expert, **{k: getattr(self, k) for k in MOE_OPTIONS}}
+
+
+class Btx(MoEOptions):
+    """btx (Branch-Train-MiX): expert e of an MoE FFN is branch e's FFN; every other weight is the branches' mean."""
+    method: Literal["btx"]
+    parent: str                            # its branches (the `branch` entries of this parent) are the experts
+    keep_parent: bool = False              # the parent is one more expert besides its branches
+
+    def experts(self, branches: list[str]) -> list[str]:
+        return branches + [self.parent] * self.keep_parent
+
+    def config_fields(self, n_expert: int) -> dict:
+        return {"n_expert": n_expert, **{k: getattr(self, k) for k in MOE_OPTIONS}}
+
+
+class Bam(MoEOptions):
+    """bam (Branch-Attend-Mix): as btx, and each branch's attention is one expert of a soft mixture of attention."""
+    method: Literal["bam"]
+    parent: str
+    keep_parent: bool = False
+    moa: _MODEL_TYPES["moa"] = ModelConfig.moa   # ModelConfig's: kv-experts (own q, k, v, o) | kv-shared (shared k, v)
+
+    def experts(self, branches: list[str]) -> list[str]:
+        return branches + [self.parent] * self.keep_parent
+
+    def config_fields(self, n_expert: int) -> dict:
+        return {"n_expert": n_expert, "n_attn_expert": n_expert, "moa": self.moa,
+                **{k: getattr(self, k) for k in MOE_OPTIONS}}
+
+
+UpcycleEntry = Annotated[Union[Continue, Sparse, Btx, Bam], Field(discriminator="method")]
 
 
 class DistillParams(StageTrainParams):
@@ -127,20 +173,60 @@ class DistillParams(StageTrainParams):
     hidden_weight: float = Field(0.0, ge=0)  # + hidden_weight * (1 - cos) of the final normed hidden states
 
 
-class CompressParams(StageTrainParams):
-    """compress@<name>: a smaller or cheaper copy of `source` (METHODS.md b6, b10, b11); prune and
-    ffn_fusion then train max_steps steps to recover (0: none)."""
+# compress@<name>: a smaller or cheaper copy of `source` (METHODS.md b6, b10, b11), one class per
+# method as for upcycle. `verb` names what the method does to a model in messages; `needs_layers`:
+# it works layer by layer, so the source must be a stack of attention + FFN layers.
+
+class Int8(Strict):
+    """int8: every Linear's weights (with `embeddings`, the embedding and LM head's too) rounded to int8."""
+    verb: ClassVar[str] = "quantize"
+    needs_layers: ClassVar[bool] = False
+    max_steps: ClassVar[int] = 0           # int8 weights are not trainable: no recovery, no train options
+    method: Literal["int8"]
     source: str                            # any model of the study
-    method: Literal["int8", "prune", "ffn_fusion"]
-    embeddings: bool = False               # int8: the embedding and LM head in int8 too (most of a small model's size)
-    fraction: Optional[float] = None       # prune, required: share of the KV groups and of the FFN channels removed, [0, 1)
-    criterion: Literal["magnitude", "wanda", "taylor"] = "taylor"   # prune: |W| | |W|*||X|| | |W*dL/dW|, summed per unit
-    runs: list[list[int]] = []             # ffn_fusion: [[first, last], ...] layers to fuse; [] = search for them
-    max_loss_increase: float = Field(0.1, ge=0)   # ffn_fusion search: calibration loss increase allowed (nats)
-    calib_batches: int = Field(4, ge=1)    # prune (wanda, taylor) and the fusion search: training batches scored
-    recover: Literal["train", "distill"] = "distill"   # prune/ffn_fusion: continued training, or KD from the source
-    alpha: float = 0.5                     # recover distill: loss = (1 - alpha) * CE + alpha * T^2 * KL
-    temperature: float = 2.0
+    embeddings: bool = False               # the embedding and LM head in int8 too (most of a small model's size)
+
+    def source_problems(self, cfg: ModelConfig | None) -> list[str]:
+        """Why this entry cannot transform a source of config `cfg` (None: not known until the source is built)."""
+        return compress_shape_problems(cfg, self.method) if cfg is not None else []
+
+
+class Recovery(StageTrainParams):
+    """What prune and ffn_fusion share: a float source scored on calibration batches, then max_steps steps
+    of recovery (0: none)."""
+    source: str                            # any model of the study
+    calib_batches: int = Field(4, ge=1)    # training batches scored (prune: wanda, taylor; ffn_fusion: its search)
+    recover: Literal["train", "distill"] = "distill"   # continued training, or KD from the source
+    alpha: float = Field(0.5, ge=0, le=1)  # recover distill: loss = (1 - alpha) * CE + alpha * T^2 * KL
+    temperature: float = Field(2.0, gt=0)
+
+    def source_problems(self, cfg: ModelConfig | None) -> list[str]:
+        return compress_shape_problems(cfg, self.method) if cfg is not None else []
+
+
+class Prune(Recovery):
+    """prune: the least important KV groups and FFN channels of every layer removed."""
+    verb: ClassVar[str] = "prune"
+    needs_layers: ClassVar[bool] = True
+    method: Literal["prune"]
+    fraction: float = Field(ge=0, lt=1, description="the share of attention KV groups and FFN channels to remove, "
+                                                    "e.g. fraction: 0.3")
+    criterion: Literal["magnitude", "wanda", "taylor"] = "taylor"   # |W| | |W|*||X|| | |W*dL/dW|, summed per unit
+
+
+class FfnFusion(Recovery):
+    """ffn_fusion: each run of consecutive layers becomes one layer whose FFN is theirs side by side."""
+    verb: ClassVar[str] = "fuse"
+    needs_layers: ClassVar[bool] = True
+    method: Literal["ffn_fusion"]
+    runs: list[list[int]] = []             # [[first, last], ...] layers to fuse; [] = search for them
+    max_loss_increase: float = Field(0.1, ge=0)   # the search: calibration loss increase allowed (nats)
+
+    def source_problems(self, cfg: ModelConfig | None) -> list[str]:
+        return super().source_problems(cfg) + fusion_run_problems(cfg.n_layer if cfg is not None else None, self.runs)
+
+
+CompressEntry = Annotated[Union[Int8, Prune, FfnFusion], Field(discriminator="method")]
 
 
 class EvaluateParams(Strict):
@@ -174,9 +260,9 @@ class Study(Strict):
     train: TrainParams = TrainParams()
     pretrain: PretrainParams
     branch: dict[str, BranchParams] = {}
-    upcycle: dict[str, UpcycleParams] = {}
+    upcycle: dict[str, UpcycleEntry] = {}
     distill: dict[str, DistillParams] = {}
-    compress: dict[str, CompressParams] = {}
+    compress: dict[str, CompressEntry] = {}
     evaluate: EvaluateParams = EvaluateParams()
     report: ReportParams = ReportParams()
     tracking: TrackingParams = TrackingParams()
@@ -187,9 +273,9 @@ class Study(Strict):
         out = {name: {"stage": "pretrain", "parents": [], "dir": f"models/{name}"} for name in self.pretrain.variants}
         for name, b in self.branch.items():
             out[name] = {"stage": "branch", "parents": [b.parent], "dir": f"branches/{b.parent}/{name}"}
-        for name, u in self.upcycle.items():
-            branches = self.branches_of(u.parent) if u.method in ("btx", "bam") else []
-            out[name] = {"stage": "upcycle", "parents": [u.parent, *branches], "dir": f"models/{name}"}
+        for name, u in self.upcycle.items():             # the parent, then the branches its experts come from
+            parents = list(dict.fromkeys([u.parent, *u.experts(self.branches_of(u.parent))]))
+            out[name] = {"stage": "upcycle", "parents": parents, "dir": f"models/{name}"}
         for name, d in self.distill.items():
             out[name] = {"stage": "distill", "parents": [d.teacher], "dir": f"models/{name}"}
         for name, c in self.compress.items():
@@ -206,10 +292,11 @@ class Study(Strict):
     def branches_of(self, parent: str) -> list[str]:
         return [name for name, b in self.branch.items() if b.parent == parent]
 
-    def stage_train(self, overrides: StageTrainParams) -> dict:
-        """The `train` section with a stage's own max_steps/lr/min_lr/warmup_steps over it."""
-        own = {k: v for k, v in overrides.model_dump().items() if k in StageTrainParams.model_fields and v is not None}
-        return {**self.train.model_dump(), **own}
+    def stage_train(self, entry: StageTrainParams | Int8) -> TrainParams:
+        """The `train` section with a stage entry's own max_steps/lr/min_lr/warmup_steps over it (an int8
+        entry has max_steps 0 only: it never trains)."""
+        own = {k: getattr(entry, k, None) for k in StageTrainParams.model_fields}
+        return self.train.model_copy(update={k: v for k, v in own.items() if v is not None})   # each was validated
 
     def variant_config(self, name: str, vocab_size: int) -> ModelConfig:
         """The resolved config of pretrain variant `name`: defaults <- model <- preset <- variant."""
@@ -217,19 +304,18 @@ class Study(Strict):
 
     def variant_overrides(self, name: str) -> dict:
         """The ModelConfig fields variant `name` sets: model <- PRESETS[its preset] <- its own keys."""
-        own = _set(self.pretrain.variants[name])
-        preset = PRESETS.get(own.pop("preset", None), {})      # an unknown name is a validation problem
-        return {**_set(self.model), **preset, **own}
+        return self.with_preset(self.pretrain.variants[name])
 
     def student_overrides(self, name: str) -> dict:
         """The ModelConfig fields distill student `name` sets. init scratch: model <- PRESETS[its preset] <-
         its own keys, like a variant; teacher-every-other: its own keys only (they go over the teacher's)."""
         entry = self.distill[name]
-        own = _set(entry.student)
-        if entry.init != "scratch":
-            return own
-        preset = PRESETS.get(own.pop("preset", None), {})      # an unknown name is a validation problem
-        return {**_set(self.model), **preset, **own}
+        return self.with_preset(entry.student) if entry.init == "scratch" else _set(entry.student)
+
+    def with_preset(self, variant: VariantParams) -> dict:
+        """model <- PRESETS[variant.preset] <- the variant's own keys (an unknown preset is a validation problem)."""
+        own = _set(variant)
+        return merge_preset(_set(self.model), own.pop("preset", None), own)
 
     def student_config(self, name: str, teacher: ModelConfig) -> ModelConfig:
         """The resolved student of distill `name` (same vocabulary as its teacher). teacher-every-other:
@@ -283,18 +369,42 @@ def read_yaml(path: Path) -> dict:
 
 
 def describe(err: dict) -> str:
-    """One pydantic error -> 'where: what is wrong. How to fix it.'"""
-    loc = ".".join(str(p) for p in err["loc"])
-    kind, value = err["type"], err.get("input")
+    """One pydantic error -> 'where: what is wrong. How to fix it.' `where` is the key as params.yaml
+    writes it: pydantic's union tag (the `prune` of compress.x.prune.fraction) is left out."""
+    path, node, field, methods = schema_at(err["loc"])
+    loc, kind, value = ".".join(path), err["type"], err.get("input")
+    about = field.description if field is not None else None
+    if kind == "union_tag_not_found":                   # `method` picks the entry's class
+        return f"{loc}.method: required but missing. Add it: one of {', '.join(method_classes(node))}."
+    if kind == "union_tag_invalid":
+        tag, names = err["ctx"]["tag"], list(method_classes(node))
+        hint = difflib.get_close_matches(tag, names, n=1)
+        return (f"{loc}.method: unknown method '{tag}'; " + (f"did you mean '{hint[0]}'? " if hint else "")
+                + f"methods are {', '.join(names)}.")
     if kind == "extra_forbidden":
-        parent, key = err["loc"][:-1], str(err["loc"][-1])
-        hint = difflib.get_close_matches(key, known_keys(parent), n=1)
-        fix = f"did you mean '{hint[0]}'?" if hint else f"known keys here: {', '.join(known_keys(parent))}."
-        return f"{loc}: unknown key; {fix} Remove it or fix the spelling."
+        return unknown_key(err["loc"], path, methods)
     if kind == "missing":
-        return f"{loc}: required but missing. Add it."
+        return f"{loc}: required but missing. Add it" + (f": {about}" if about else ".")
+    if kind in BOUNDS and field is not None:
+        return f"{loc}: {value!r} {bounds(field)}" + (f"; {path[-1]} is {about}" if about else ".")
     fix = FIXES.get(kind.split("_")[0], "Fix the value.")
     return f"{loc}: {err['msg'][0].lower()}{err['msg'][1:]}, got {value!r} ({type(value).__name__}). {fix}"
+
+
+def unknown_key(loc: tuple, path: list[str], methods: dict[str, type]) -> str:
+    """'where: unknown key' and its likely fix: inside a method's entry, an option another method reads
+    says which; else the closest known key."""
+    where, key, entry = ".".join(path), path[-1], node_at(loc[:-1])
+    if methods and isinstance(entry, type):
+        method = method_of(entry)
+        if key in StageTrainParams.model_fields and not issubclass(entry, StageTrainParams):
+            return f"{where}: {method} does not train, so nothing reads {key}: remove it"
+        if readers := [name for name, cls in methods.items() if key in cls.model_fields]:
+            return f"{where}: only read by method {' or '.join(readers)}, not {method}: remove it"
+    keys = known_keys(loc[:-1])
+    hint = difflib.get_close_matches(key, keys, n=1)
+    fix = f"did you mean '{hint[0]}'?" if hint else f"known keys here: {', '.join(keys)}."
+    return f"{where}: unknown key; {fix} Remove it or fix the spelling."
 
 
 FIXES = {"int": "Write a whole number without quotes, e.g. 4.",
@@ -302,19 +412,60 @@ FIXES = {"int": "Write a whole number without quotes, e.g. 4.",
          "bool": "Write true or false.",
          "string": "Write a string (quote it if YAML reads it as something else).",
          "literal": "Use one of the values listed."}
+BOUNDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def bounds(field) -> str:
+    """'is outside [0, 1)' or 'must be >= 1': a field's range, from its ge/gt/le/lt."""
+    b = {k: getattr(m, k) for m in field.metadata for k in ("ge", "gt", "le", "lt") if getattr(m, k, None) is not None}
+    low = f"[{b['ge']}" if "ge" in b else f"({b['gt']}" if "gt" in b else None
+    high = f"{b['le']}]" if "le" in b else f"{b['lt']})" if "lt" in b else None
+    if low and high:
+        return f"is outside {low}, {high}"
+    op, bound = next((op, b[k]) for k, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if k in b)
+    return f"must be {op} {bound}"
+
+
+def schema_at(loc: tuple) -> tuple[list[str], object, object, dict]:
+    """Follow an error location through the schema: (the keys as params.yaml writes them, the type
+    reached, the FieldInfo of the last key if it is a field, the method classes of the last
+    discriminated union passed, by name). Pydantic's union tags are steps into a class, not keys."""
+    node, path, field, methods = Study, [], None, {}
+    for part in loc:
+        if method_classes(node):
+            methods = method_classes(node)
+            node = methods.get(part)
+            continue
+        path.append(str(part))
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            field = node.model_fields.get(str(part))
+            node = field.annotation if field else None
+        else:  # inside dict[str, X] or list[X]: the key is a name or an index, step into X
+            args, field = get_args(node), None
+            node = args[-1] if args else None
+    return path, node, field, methods
+
+
+def node_at(loc: tuple):
+    return schema_at(loc)[1]
 
 
 def known_keys(loc: tuple) -> list[str]:
     """Keys allowed at a location, for 'did you mean' hints."""
-    node = Study
-    for part in loc:
-        if isinstance(node, type) and issubclass(node, BaseModel):
-            field = node.model_fields.get(str(part))
-            node = field.annotation if field else None
-        else:  # inside dict[str, X]: the key is a name, step into X
-            args = get_args(node)
-            node = args[1] if len(args) == 2 else None
+    node = node_at(loc)
     return sorted(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
+
+
+def method_classes(node) -> dict[str, type]:
+    """method name -> class, when `node` is a union discriminated by `method` (UpcycleEntry,
+    CompressEntry); else {}."""
+    if get_origin(node) is not Annotated or getattr(get_args(node)[1], "discriminator", None) != "method":
+        return {}
+    return {method_of(cls): cls for cls in get_args(get_args(node)[0])}
+
+
+def method_of(cls: type) -> str:
+    return get_args(cls.model_fields["method"].annotation)[0]
 
 
 def semantic_problems(study: Study) -> list[str]:
@@ -364,6 +515,25 @@ def semantic_problems(study: Study) -> list[str]:
                          f"v<number> are reserved): rename the model or set register: false")
     if study.train.min_lr > study.train.lr:
         p.append(f"train.min_lr={study.train.min_lr} exceeds train.lr={study.train.lr}: lower min_lr")
+    return p + stage_lr_problems(study)
+
+
+def stage_lr_problems(study: Study) -> list[str]:
+    """min_lr <= lr after each stage entry's own lr/min_lr go over `train` (the cosine decays from lr to min_lr)."""
+    p = []
+    for section in ("branch", "upcycle", "distill", "compress"):
+        for name, entry in getattr(study, section).items():
+            if not isinstance(entry, StageTrainParams):                # int8: no lr
+                continue
+            t, where = study.stage_train(entry), f"{section}.{name}"
+            if t.min_lr <= t.lr or (entry.lr is None and entry.min_lr is None):   # train's own: reported above
+                continue
+            if entry.min_lr is None:
+                p.append(f"{where}.lr: {t.lr} is below train.min_lr={t.min_lr}, where the cosine would end: "
+                         f"also set {where}.min_lr <= {t.lr}, or raise lr")
+            else:
+                p.append(f"{where}.min_lr: {t.min_lr} exceeds {'train.' * (entry.lr is None)}lr={t.lr}: "
+                         f"lower min_lr" + (f", or set {where}.lr" if entry.lr is None else ""))
     return p
 
 
@@ -414,55 +584,35 @@ def branch_problems(study: Study) -> list[str]:
     return []
 
 
-# upcycle keys and the methods that read them; a key set for another method would be a silent no-op
-UPCYCLE_READERS = {**{k: ("sparse", "btx", "bam") for k in (
-    "top_k", "router", "router_init", "moe_every", "shared_expert", "aux_loss_coef", "z_loss_coef")},
-    "n_expert": ("sparse",), "expert_noise": ("sparse",), "keep_parent": ("btx", "bam"), "moa": ("bam",)}
-
-
-def upcycle_experts(study: Study, name: str) -> list[str]:
-    """The model each expert of upcycle `name` comes from: sparse, its parent n_expert times; btx and
-    bam, each branch of the parent (then the parent itself with keep_parent); continue: none."""
-    u = study.upcycle[name]
-    if u.method == "sparse":
-        return [u.parent] * u.n_expert
-    if u.method in ("btx", "bam"):
-        return study.branches_of(u.parent) + [u.parent] * u.keep_parent
-    return []
-
-
-def unread_options(where: str, entry, readers: dict[str, tuple]) -> list[str]:
-    """Options an entry sets that its method never reads (they would be silent no-ops)."""
-    return [f"{where}.{key}: only read by method {' or '.join(readers[key])}, not {entry.method}: remove it"
-            for key in sorted(entry.model_fields_set & readers.keys()) if entry.method not in readers[key]]
-
-
 def upcycle_problems(study: Study) -> list[str]:
+    """What can be said before the parent exists: its config (a pretrain variant) and the MoE the method
+    would make of it, checked by ModelConfig like any config."""
     p = []
     for name, u in study.upcycle.items():
         where = f"upcycle.{name}"
-        p += unread_options(where, u, UPCYCLE_READERS)
-        if u.method == "continue" or u.parent not in study.pretrain.variants:   # unknown parent: reported already
+        if not isinstance(u, MoEOptions) or u.parent not in study.pretrain.variants:   # unknown parent: reported
             continue
         parent = _unchecked_config(study.variant_overrides(u.parent))
-        n = len(upcycle_experts(study, name))
+        if parent.problems():                                     # reported under pretrain.variants
+            continue
         if parent.n_expert or parent.n_attn_expert:
             p.append(f"{where}.parent: '{u.parent}' is already an MoE model: upcycle a dense variant")
-        if u.method == "bam" and parent.block not in ("parallel", "parallel-unfused"):
+        elif isinstance(u, Bam) and parent.block not in ("parallel", "parallel-unfused"):
             p.append(f"{where}.parent: bam needs a parallel-block parent (block parallel or parallel-unfused: "
                      f"attention and FFN experts read one normalised input), '{u.parent}' has block {parent.block}: "
                      f"pick a parallel variant")
         elif parent.block not in ("serial", "parallel", "parallel-unfused") or parent.n_loop != 1:
             p.append(f"{where}.parent: '{u.parent}' has block {parent.block} (n_loop {parent.n_loop}); "
                      f"upcycling takes block serial, parallel or parallel-unfused with n_loop 1")
-        if n and u.top_k > n:
-            fix = "raise n_expert" if u.method == "sparse" else f"add branches of {u.parent} or set keep_parent"
-            p.append(f"{where}.top_k: {u.top_k} exceeds the {n} experts: lower top_k or {fix}")
-        if u.top_k == 1 and u.router == "topk-softmax":
-            p.append(f"{where}.router: top_k 1 with topk-softmax weighs every token's expert 1 and the router "
-                     f"learns nothing from the LM loss: use router: softmax-topk (Switch) for top-1")
-        if u.moe_every > parent.n_layer:
-            p.append(f"{where}.moe_every: {u.moe_every} exceeds n_layer {parent.n_layer}: no layer would be MoE")
+        else:
+            n = len(u.experts(study.branches_of(u.parent)))
+            too_many = n and u.top_k > n
+            if too_many:
+                fix = "raise n_expert" if isinstance(u, Sparse) else f"add branches of {u.parent} or set keep_parent"
+                p.append(f"{where}.top_k: {u.top_k} exceeds the {n} experts: lower top_k or {fix}")
+            moe = _unchecked_config({**study.variant_overrides(u.parent), **u.config_fields(n)})
+            p += [f"{where}: {problem}" for problem in moe.moe_problems()      # less its wording of too_many
+                  if not (too_many and problem.startswith(f"top_k={u.top_k} must be"))]
     return p
 
 
@@ -526,54 +676,31 @@ def teacher_init_problems(teacher: ModelConfig | None, own: dict) -> list[str]:
     return p
 
 
-# compress keys and the methods that read them; a key set for another method would be a silent no-op
-COMPRESS_READERS = {"embeddings": ("int8",), "fraction": ("prune",), "criterion": ("prune",),
-                    "runs": ("ffn_fusion",), "max_loss_increase": ("ffn_fusion",),
-                    **{k: ("prune", "ffn_fusion") for k in ("calib_batches", "recover", "alpha", "temperature",
-                                                             "lr", "min_lr", "warmup_steps")}}
-
-
 def compress_problems(study: Study) -> list[str]:
-    """Method options, ranges, and what can be said of the source before it exists: its config when it is
-    a pretrain variant, its method when it is another compress entry (the stage checks the rest)."""
+    """What can be said of the source before it exists: its config when it is a pretrain variant, its
+    method when it is another compress entry (the stage checks the rest)."""
     p = []
     for name, c in study.compress.items():
         where = f"compress.{name}"
-        p += unread_options(where, c, COMPRESS_READERS)
-        if c.method == "int8" and c.max_steps:
-            p.append(f"{where}.max_steps: int8 does not train (its weights are not trainable): remove max_steps")
-        if c.method == "prune" and (c.fraction is None or not 0.0 <= c.fraction < 1.0):
-            p.append(f"{where}.fraction: {'missing' if c.fraction is None else f'{c.fraction} is outside [0, 1)'}; "
-                     f"give the share of attention groups and FFN channels to remove, e.g. fraction: 0.3")
-        if {"alpha", "temperature"} & c.model_fields_set and c.recover != "distill":
+        if isinstance(c, Recovery) and {"alpha", "temperature"} & c.model_fields_set and c.recover != "distill":
             p.append(f"{where}: alpha and temperature are only read with recover: distill")
-        if not 0.0 <= c.alpha <= 1.0 or c.temperature <= 0:
-            p.append(f"{where}: alpha={c.alpha} must be in [0, 1] and temperature={c.temperature} > 0, e.g. 0.5 and 2.0")
         source = study.compress.get(c.source)
-        if source is not None and source.method == "int8":
-            p.append(f"{where}.source: '{c.source}' is an int8 model: {COMPRESS_VERBS[c.method]} its float source "
+        if isinstance(source, Int8):
+            p.append(f"{where}.source: '{c.source}' is an int8 model: {c.verb} its float source "
                      f"'{source.source}' instead (int8 last)")
-        if c.source in study.pretrain.variants:
-            cfg = _unchecked_config(study.variant_overrides(c.source))
-            if not cfg.problems():
-                found = compress_shape_problems(cfg, c.method) + (
-                    fusion_run_problems(cfg.n_layer, c.runs) if c.method == "ffn_fusion" else [])
-                p += [f"{where}: {problem}" for problem in found]
-        elif c.method == "ffn_fusion":
-            p += [f"{where}: {problem}" for problem in fusion_run_problems(None, c.runs)]
+        cfg = _unchecked_config(study.variant_overrides(c.source)) if c.source in study.pretrain.variants else None
+        if cfg is None or not cfg.problems():                     # a variant's problems: reported under it
+            p += [f"{where}: {problem}" for problem in c.source_problems(cfg)]
     return p
-
-
-COMPRESS_VERBS = {"int8": "quantize", "prune": "prune", "ffn_fusion": "fuse"}
 
 
 def compress_shape_problems(cfg: ModelConfig, method: str) -> list[str]:
     """Why compress `method` cannot transform a model of config `cfg` (empty if it can)."""
-    verb = COMPRESS_VERBS[method]
+    verb = method_classes(CompressEntry)[method].verb
     if cfg.quant:
         return [f"cannot {verb} an int8 model: its weights are already rounded to int8; {verb} its float source "
                 f"instead (int8 last)"]
-    if method == "int8":
+    if not method_classes(CompressEntry)[method].needs_layers:
         return []
     why = ("its layers are not a stack of attention + FFN layers" if cfg.block not in PER_LAYER_BLOCKS else
            "its blocks run more than once (n_loop)" if cfg.n_loop != 1 else
@@ -614,12 +741,3 @@ def format_problems(path: Path, problems: list[str]) -> str:
     n = len(problems)
     lines = "\n".join(f"  - {p}" for p in problems)
     return f"{path} is invalid ({n} problem{'s' * (n != 1)}); nothing was run:\n{lines}"
-
-
-def cli(main) -> None:
-    """Run a stage's main(argv); a user error prints one clear message and exits 2."""
-    try:
-        main(sys.argv[1:])
-    except ParamsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

@@ -29,7 +29,7 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 
 import mlflow  # noqa: E402  imported once, in the main thread (concurrent first imports crash)
 
-from components.params import ParamsError  # noqa: E402
+from components.errors import ParamsError  # noqa: E402
 
 PARENT_RUN_ENV = "ARCHFLOW_PARENT_RUN_ID"   # a pipeline's MLflow run id: stage runs nest under it
 ARTIFACTS = "mlartifacts"                   # next to mlflow.db, for the default local backend
@@ -128,9 +128,10 @@ def connect(study) -> bool:
 
 @contextlib.contextmanager
 def stage_run(study, stage: str, model: str | None = None, parents=(), params: dict | None = None,
-              tags: dict | None = None):
-    """Open the MLflow run of one stage execution; yields its run id (None when tracking is off)."""
-    if not connect(study):
+              tags: dict | None = None, enabled: bool = True):
+    """Open the MLflow run of one stage execution; yields its run id (None when tracking is off, or
+    not `enabled`: a DDP rank other than 0, whose global rank 0 tracks)."""
+    if not enabled or not connect(study):
         yield None
         return
     all_tags = {"stage": stage, "dvc_stage": os.environ.get("DVC_STAGE", ""), "git_commit": git_commit(),
@@ -166,6 +167,15 @@ def current_runs(experiment: str, stage: str | None = None) -> list:
 
 def active() -> bool:
     return mlflow.active_run() is not None
+
+
+def lightning_logger(run_id: str | None):
+    """Lightning's logger into run `run_id` (the curve's rows, the losses of each step); False: none."""
+    if run_id is None:
+        return False
+    from lightning.pytorch.loggers import MLFlowLogger   # here, not above: prepare and report need no Lightning
+
+    return MLFlowLogger(tracking_uri=tracking_uri(), run_id=run_id)
 
 
 def log_metrics(metrics: dict, step: int | None = None) -> None:

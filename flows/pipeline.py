@@ -33,7 +33,8 @@ from prefect.cache_policies import NONE
 from prefect.states import Completed
 
 from components import tracking
-from components.params import ParamsError, load_study
+from components.errors import ParamsError
+from components.params import load_study
 
 RETRY_DELAY_S = 2
 LOG_TAIL = 30                      # lines of a failed stage's log quoted in the flow's error

@@ -4,54 +4,52 @@ recovery: continued training or distillation from the source.
 
     python -m tasks.compress serial-int8       # what `dvc repro compress@serial-int8` runs
 
-Writes models/<name>/ (model.safetensors, config.json, meta.json; curve.csv when it trains: a step-0
-row for the compressed model, then the recovery's rows). meta.json records the method's settings and
-the validation loss of the source, of the compressed model, and after recovery. Calibration batches
-(importance scores, fusion search) come from the training split, drawn with seed + 1. Resumable and
-DDP-safe like pretrain: only global rank 0 writes outputs or talks to MLflow.
+Writes models/<name>/ (model.safetensors, config.json, meta.json; for prune and ffn_fusion, even
+with max_steps 0, curve.csv: a step-0 row for the compressed model, then the recovery's rows).
+meta.json records the method's settings and the validation loss of the source, of the compressed
+model, and after recovery. Calibration batches (importance scores, fusion search) come from the
+training split, drawn with seed + 1. Resumable and DDP-safe like pretrain: only global rank 0 writes
+outputs or talks to MLflow.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import math
 import shutil
 import time
 from pathlib import Path
 
 import lightning.pytorch as L
-import pandas as pd
-from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.utilities import rank_zero_only
 
 from components import tracking
-from components.artifacts import load_model_dir, save_model_dir, short_hash
+from components.artifacts import PREPARED, load_input, prepared_meta, save_model_dir, short_hash
 from components.compress import fuse_ffns, importance, keep_by_score, mean_loss, prune, quantize, search_runs
 from components.data import StepBatches, load_tokens
 from components.distill import LitDistill
-from components.lit import LitLM, LMDataModule, TrainingCurve, make_trainer, resume_step
-from components.params import ParamsError, cli, compress_shape_problems, fusion_run_problems, load_study
+from components.errors import ParamsError, cli
+from components.lit import LitLM, LMDataModule, TrainingCurve, fit, global_rank0
+from components.params import FfnFusion, Int8, Prune, Recovery, load_study
 from components.quant import int8_path
 
-PREPARED = Path("data/prepared")
 
-
-def compress(entry, source, calib: list) -> tuple:
-    """(the compressed model, the method's settings for meta.json)."""
-    if entry.method == "int8":
-        return quantize(source, entry.embeddings), {"embeddings": entry.embeddings, "int8_path": int8_path()}
-    if entry.method == "prune":
-        model = prune(source, *keep_by_score(importance(source, entry.criterion, calib), entry.fraction))
-        return model, {"fraction": entry.fraction, "criterion": entry.criterion,
-                       "layer_n_head": model.cfg.layer_n_head, "layer_n_kv_head": model.cfg.layer_n_kv_head,
-                       "layer_d_ff": model.cfg.layer_d_ff}
-    runs, searched = ([tuple(r) for r in entry.runs], []) if entry.runs else \
-        search_runs(source, calib, entry.max_loss_increase)
-    model = fuse_ffns(source, runs)
-    return model, {"runs": [list(r) for r in runs], "searched": searched,
-                   "layers_removed": source.cfg.n_layer - model.cfg.n_layer,
-                   "calib_loss_increase": round(mean_loss(model, calib) - mean_loss(source, calib), 6)}
+def compress(entry, source, batches: StepBatches) -> tuple:
+    """(the compressed model, the method's settings for meta.json). batches[s]: calibration batch s."""
+    match entry:
+        case Int8():
+            return quantize(source, entry.embeddings), {"embeddings": entry.embeddings, "int8_path": int8_path()}
+        case Prune():
+            calib = [batches[s] for s in range(entry.calib_batches)]
+            model = prune(source, *keep_by_score(importance(source, entry.criterion, calib), entry.fraction))
+            return model, {"fraction": entry.fraction, "criterion": entry.criterion,
+                           "layer_n_head": model.cfg.layer_n_head, "layer_n_kv_head": model.cfg.layer_n_kv_head,
+                           "layer_d_ff": model.cfg.layer_d_ff}
+        case FfnFusion():
+            calib = [batches[s] for s in range(entry.calib_batches)]
+            runs, searched = ([tuple(r) for r in entry.runs], []) if entry.runs else \
+                search_runs(source, calib, entry.max_loss_increase)
+            model = fuse_ffns(source, runs)
+            return model, {"runs": [list(r) for r in runs], "searched": searched,
+                           "layers_removed": source.cfg.n_layer - model.cfg.n_layer,
+                           "calib_loss_increase": round(mean_loss(model, calib) - mean_loss(source, calib), 6)}
 
 
 def main(argv: list[str]) -> None:
@@ -62,68 +60,55 @@ def main(argv: list[str]) -> None:
     if args.name not in study.compress:
         raise ParamsError(f"unknown compress entry '{args.name}': compress has {', '.join(study.compress) or '(none)'}")
     entry = study.compress[args.name]
-    src_dir = study.model_dir(entry.source)
-    if not (src_dir / "model.safetensors").exists():
-        raise ParamsError(f"compress.{args.name}.source: {src_dir} is missing: build it first "
-                          f"(dvc repro, or the stage that makes '{entry.source}')")
-    if not (PREPARED / "meta.json").exists():
-        raise ParamsError(f"{PREPARED} is missing: run `dvc repro prepare` first")
-    source, src_meta = load_model_dir(src_dir)
-    problems = compress_shape_problems(source.cfg, entry.method) + (
-        fusion_run_problems(source.cfg.n_layer, entry.runs) if entry.method == "ffn_fusion" else [])
-    if problems:
+    data_meta = prepared_meta()
+    source, src_meta = load_input(study, entry.source, data_meta, f"compress.{args.name}.source", "source")
+    src_size = (study.model_dir(entry.source) / "model.safetensors").stat().st_size
+    if problems := entry.source_problems(source.cfg):
         raise ParamsError("\n".join(f"compress.{args.name}: {p}" for p in problems))
-    data_meta = json.loads((PREPARED / "meta.json").read_text())
-    train = {**study.stage_train(entry), **({"max_steps": 0} if entry.method == "int8" else {})}
+    train = study.stage_train(entry)                           # int8: max_steps 0
     seed, block_size = study.study.seed, source.cfg.block_size
-    key = short_hash({"source": src_meta["params_hash"], "compress": entry.model_dump(), "train": train,
-                      "seed": seed, "data": data_meta["sha256"]})
+    params_hash = short_hash({"source": src_meta["params_hash"], "compress": entry.model_dump(),
+                              "train": train.model_dump(), "seed": seed, "data": data_meta["sha256"]})
 
-    # 1. The transform (deterministic: every DDP rank computes the same model).
+    # 1. The transform (deterministic: every DDP rank computes the same model). A method that recovers
+    #    (even max_steps 0) has a curve, from step 0: the compressed model; int8 never trains, so has none.
     L.seed_everything(seed, verbose=False)
     t0 = time.perf_counter()
-    calib_data = StepBatches(load_tokens(PREPARED, "train"), block_size, train["batch_size"], seed + 1)
-    calib = [calib_data[s] for s in range(entry.calib_batches)] if entry.method != "int8" else []
+    calib = StepBatches(load_tokens(PREPARED, "train"), block_size, train.batch_size, seed + 1)
     model, settings = compress(entry, source, calib)
-    curve = TrainingCurve(load_tokens(PREPARED, "val"), block_size, train["batch_size"],
-                          train["eval_batches"], train["eval_every"], max(train["max_steps"], 1))
+    curve = TrainingCurve(load_tokens(PREPARED, "val"), block_size, train.batch_size,
+                          train.eval_batches, train.eval_every, train.max_steps)
     settings |= {"val_loss_source": curve.val_loss(source), "val_loss_compressed": curve.val_loss(model),
                  "compress_seconds": round(time.perf_counter() - t0, 3)}
+    if isinstance(entry, Recovery):
+        curve.start(settings["val_loss_compressed"])
 
-    # 2. Recovery, resumable; only rank 0 tracks.
-    steps = train["max_steps"]
+    # 2. Recovery (max_steps steps), resumable; only global rank 0 tracks and writes.
     ckpt_dir = Path("checkpoints") / args.name
-    start_step = resume_step(ckpt_dir / "last.ckpt", key) if steps else 0
-    rank0 = rank_zero_only.rank == 0
-    params = {"model": model.cfg.to_dict(), "train": train, "compress": entry.model_dump(), "study": {"seed": seed}}
-    run = tracking.stage_run(study, "compress", model=args.name, parents=[entry.source], params=params,
-                             tags={"method": entry.method}) if rank0 else contextlib.nullcontext()
-    with run as run_id:
-        if steps:
+    params = {"model": model.cfg.to_dict(), "train": train.model_dump(), "compress": entry.model_dump(),
+              "study": {"seed": seed}}
+    with tracking.stage_run(study, "compress", model=args.name, parents=[entry.source], params=params,
+                            tags={"method": entry.method}, enabled=global_rank0()) as run_id:
+        if train.max_steps:
             model.train()                           # load_model_dir and the transforms leave eval mode
-            lit = (LitDistill(model, source, train, key, alpha=entry.alpha, temperature=entry.temperature)
-                   if entry.recover == "distill" else LitLM(model.cfg, train, key, model=model))
-            data = LMDataModule(PREPARED, block_size, train["batch_size"], seed)
-            logger = MLFlowLogger(tracking_uri=tracking.tracking_uri(), run_id=run_id) if run_id else False
-            trainer = make_trainer(train, ckpt_dir, [curve], logger)
-            trainer.fit(lit, datamodule=data, ckpt_path=ckpt_dir / "last.ckpt" if start_step else None)
-            if not trainer.is_global_zero:
+            lit = (LitDistill(model, source, train, params_hash, alpha=entry.alpha, temperature=entry.temperature)
+                   if entry.recover == "distill" else LitLM(model.cfg, train, params_hash, model=model))
+            data = LMDataModule(PREPARED, block_size, train.batch_size, seed)
+            if not fit(lit, data, curve, train, ckpt_dir, params_hash, tracking.lightning_logger(run_id)):
                 return
             model = lit.model.cpu().eval()
             settings |= {"recover": entry.recover, "val_loss_recovered": curve.rows[-1]["val_loss"]}
 
         # 3. Outputs first (DVC's), then MLflow mirrors them; the checkpoint goes last.
-        tokens = steps * train["batch_size"] * block_size
+        tokens = train.max_steps * train.batch_size * block_size
         meta = {"stage": "compress", "method": entry.method, "parents": [entry.source],
-                "data_sha256": data_meta["sha256"], "params_hash": key, "tokens_seen": src_meta["tokens_seen"] + tokens,
-                "steps": steps, "train_seconds": round(curve.seconds, 3), "params": model.num_params(),
+                "data_sha256": data_meta["sha256"], "params_hash": params_hash,
+                "tokens_seen": src_meta["tokens_seen"] + tokens, "steps": train.max_steps,
+                "train_seconds": round(curve.seconds, 3), "params": model.num_params(),
                 "source_params": source.num_params(), **settings}
-        out = Path("models") / args.name
-        first = {"step": 0, "tokens": 0, "train_loss": math.nan, "val_loss": settings["val_loss_compressed"],
-                 "lr": 0.0, "tokens_per_s": math.nan}
-        files = {"curve.csv": pd.DataFrame([first, *curve.rows]).to_csv(index=False)} if steps else {}
-        save_model_dir(out, model, meta, files)
-        size_ratio = (out / "model.safetensors").stat().st_size / (src_dir / "model.safetensors").stat().st_size
+        out = study.model_dir(args.name)
+        save_model_dir(out, model, meta, {"curve.csv": curve.csv()} if curve.rows else {})
+        size_ratio = (out / "model.safetensors").stat().st_size / src_size
         tracking.log_metrics({k: v for k, v in settings.items() if k.startswith("val_loss")} |
                              {"size_ratio": size_ratio, "params_ratio": meta["params"] / meta["source_params"],
                               "train_seconds": curve.seconds, "tokens_seen": meta["tokens_seen"]})
@@ -133,7 +118,7 @@ def main(argv: list[str]) -> None:
     print(f"compress@{args.name} ({entry.method} of {entry.source}): {meta['params']:,} params "
           f"({meta['params'] / meta['source_params']:.2f}x), {size_ratio:.2f}x the size; val_loss "
           f"{settings['val_loss_source']:.4f} -> {settings['val_loss_compressed']:.4f}"
-          + (f" -> {final:.4f} after {steps} {entry.recover} steps" if steps else ""))
+          + (f" -> {final:.4f} after {train.max_steps} {entry.recover} steps" if train.max_steps else ""))
 
 
 if __name__ == "__main__":

@@ -20,12 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from components import tracking
-from components.artifacts import dumps, load_model_dir, write_atomic
+from components.artifacts import PREPARED, dumps, load_model_dir, write_atomic
 from components.data import load_tokens, window_batch
-from components.params import ParamsError, cli, load_study
+from components.errors import ParamsError, cli
+from components.params import load_study
 from components.tokenizer import Tokenizer
-
-PREPARED = Path("data/prepared")
 
 
 @torch.inference_mode()

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from components.corpus import corpus_sha256, domain_files, read_texts, select_files
-from components.params import ParamsError, cli, load_study
+from components.errors import ParamsError, cli
+from components.params import load_study
 from components.tokenizer import train_tokenizer
 from components import tracking
 from components.tracking import mlflow, stage_run

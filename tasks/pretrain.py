@@ -10,23 +10,17 @@ every rank, and only global rank 0 writes outputs or talks to MLflow.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import shutil
 from pathlib import Path
 
 import lightning.pytorch as L
-import pandas as pd
-from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.utilities import rank_zero_only
 
 from components import tracking
-from components.artifacts import save_model_dir, short_hash
+from components.artifacts import PREPARED, prepared_meta, save_model_dir, short_hash
 from components.data import load_tokens
-from components.lit import LitLM, LMDataModule, TrainingCurve, make_trainer, resume_step
-from components.params import ParamsError, cli, load_study
-
-PREPARED = Path("data/prepared")
+from components.errors import ParamsError, cli
+from components.lit import LitLM, LMDataModule, TrainingCurve, fit, global_rank0
+from components.params import load_study
 
 
 def main(argv: list[str]) -> None:
@@ -36,47 +30,37 @@ def main(argv: list[str]) -> None:
     study = load_study()
     if args.name not in study.pretrain.variants:
         raise ParamsError(f"unknown variant '{args.name}': pretrain.variants has {', '.join(study.pretrain.variants)}")
-    if not (PREPARED / "meta.json").exists():
-        raise ParamsError(f"{PREPARED} is missing: run `dvc repro prepare` first")
-    data_meta = json.loads((PREPARED / "meta.json").read_text())
+    data_meta = prepared_meta()
     cfg = study.variant_config(args.name, vocab_size=data_meta["vocab_size"])
-    train = study.train.model_dump()
-    seed = study.study.seed
-    key = short_hash({"model": cfg.to_dict(), "train": train, "seed": seed, "data": data_meta["sha256"]})
+    train, seed = study.train, study.study.seed
+    params_hash = short_hash({"model": cfg.to_dict(), "train": train.model_dump(), "seed": seed,
+                              "data": data_meta["sha256"]})
 
-    # 1. Resume from a checkpoint of the same inputs, if an earlier run was interrupted.
-    ckpt_dir = Path("checkpoints") / args.name
-    start_step = resume_step(ckpt_dir / "last.ckpt", key)
-
-    # 2. Model, data and the curve: all determined by (seed, step).
+    # 1. Model, data and the curve: all determined by (seed, step). A new model's curve starts at
+    #    step eval_every (its step-0 loss is that of a random init).
     L.seed_everything(seed, verbose=False)
-    lit = LitLM(cfg, train, key)
-    data = LMDataModule(PREPARED, cfg.block_size, train["batch_size"], seed)
-    curve = TrainingCurve(load_tokens(PREPARED, "val"), cfg.block_size, train["batch_size"],
-                          train["eval_batches"], train["eval_every"], train["max_steps"])
+    lit = LitLM(cfg, train, params_hash)
+    data = LMDataModule(PREPARED, cfg.block_size, train.batch_size, seed)
+    curve = TrainingCurve(load_tokens(PREPARED, "val"), cfg.block_size, train.batch_size,
+                          train.eval_batches, train.eval_every, train.max_steps)
 
-    # 3. Train; only rank 0 tracks (DDP runs this file once per rank).
-    rank0 = rank_zero_only.rank == 0
-    params = {"model": cfg.to_dict(), "train": train, "study": {"seed": seed},
+    # 2. Train, resuming an interrupted run of the same inputs; only global rank 0 tracks and writes.
+    ckpt_dir = Path("checkpoints") / args.name
+    params = {"model": cfg.to_dict(), "train": train.model_dump(), "study": {"seed": seed},
               "pretrain": {"variants": {args.name: study.pretrain.variants[args.name].model_dump(exclude_none=True)}}}
-    run = tracking.stage_run(study, "pretrain", model=args.name, tags={"variant": args.name, "params_hash": key},
-                             params=params) \
-        if rank0 else contextlib.nullcontext()
-    with run as run_id:
-        logger = MLFlowLogger(tracking_uri=tracking.tracking_uri(), run_id=run_id) if run_id else False
-        trainer = make_trainer(train, ckpt_dir, [curve], logger)
-        trainer.fit(lit, datamodule=data, ckpt_path=ckpt_dir / "last.ckpt" if start_step else None)
-        if not trainer.is_global_zero:
+    with tracking.stage_run(study, "pretrain", model=args.name, params=params, enabled=global_rank0(),
+                            tags={"variant": args.name, "params_hash": params_hash}) as run_id:
+        if not fit(lit, data, curve, train, ckpt_dir, params_hash, tracking.lightning_logger(run_id)):
             return
 
-        # 4. Outputs first (DVC's), then MLflow mirrors them; the checkpoint goes last, so a
+        # 3. Outputs first (DVC's), then MLflow mirrors them; the checkpoint goes last, so a
         #    tracking failure here costs a rerun that resumes from it, not the training.
-        tokens = train["max_steps"] * train["batch_size"] * cfg.block_size
+        tokens = train.max_steps * train.batch_size * cfg.block_size
         meta = {"stage": "pretrain", "variant": args.name, "parents": [], "data_sha256": data_meta["sha256"],
-                "params_hash": key, "tokens_seen": tokens, "steps": train["max_steps"],
+                "params_hash": params_hash, "tokens_seen": tokens, "steps": train.max_steps,
                 "train_seconds": round(curve.seconds, 3), "params": lit.model.num_params()}
-        out = Path("models") / args.name
-        save_model_dir(out, lit.model.cpu(), meta, {"curve.csv": pd.DataFrame(curve.rows).to_csv(index=False)})
+        out = study.model_dir(args.name)
+        save_model_dir(out, lit.model.cpu(), meta, {"curve.csv": curve.csv()})
         final = curve.rows[-1]
         tracking.log_metrics({"final_val_loss": final["val_loss"], "final_train_loss": final["train_loss"],
                               "train_seconds": curve.seconds, "tokens_seen": tokens})

@@ -18,7 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from components import tracking  # noqa: E402
-from components.params import ParamsError, cli, load_study  # noqa: E402
+from components.errors import ParamsError, cli  # noqa: E402
+from components.params import load_study  # noqa: E402
 
 OUT = Path("reports")
 ARCH = ["block", "layout", "n_loop", "dwa", "n_layer", "n_embd", "n_head", "n_kv_head", "d_ff", "ffn", "norm", "pos",

@@ -3,7 +3,7 @@ mixed data (the "mix" phase): `continue` (the dense control), `sparse`, `btx` or
 
     python -m tasks.upcycle parallel-bam    # what `dvc repro upcycle@parallel-bam` runs
 
-params.yaml `upcycle.<name>`: parent, method, the MoE settings (components/params.py UpcycleParams)
+params.yaml `upcycle.<name>`: parent, method, the method's settings (its class in components/params.py)
 and max_steps/lr/min_lr/warmup_steps over `train`. The transform is components/upcycle.py; the
 training is pretrain's, starting from the transformed model, with one extra curve row at step 0
 (the val loss right after the transform). The mix-phase batches are drawn from a seed of
@@ -14,27 +14,21 @@ from) and extra_tokens (tokens trained beyond the parent: its branches' and this
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import lightning.pytorch as L
-import pandas as pd
-from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.utilities import rank_zero_only
 
 from components import tracking
-from components.artifacts import load_model_dir, save_model_dir, short_hash
+from components.artifacts import PREPARED, input_problems, load_model_dir, prepared_meta, save_model_dir, short_hash
 from components.data import load_tokens
-from components.lit import LitLM, LMDataModule, TrainingCurve, make_trainer, resume_step
+from components.errors import ParamsError, cli
+from components.lit import LitLM, LMDataModule, TrainingCurve, fit, global_rank0
 from components.model import TransformerLM
-from components.params import UPCYCLE_READERS, ParamsError, cli, load_study, upcycle_experts
-from components.upcycle import upcycle_state_dict, upcycled_config
-
-PREPARED = Path("data/prepared")
-MOE_KEYS = ("top_k", "router", "moe_every", "shared_expert", "aux_loss_coef", "z_loss_coef", "moa")
+from components.params import Bam, Btx, Continue, Sparse, StageTrainParams, load_study
+from components.upcycle import upcycle_state_dict
 
 
 def main(argv: list[str]) -> None:
@@ -45,49 +39,38 @@ def main(argv: list[str]) -> None:
     if args.name not in study.upcycle:
         raise ParamsError(f"unknown upcycle '{args.name}': the upcycle section has {', '.join(study.upcycle) or '(none)'}")
     entry, parents = study.upcycle[args.name], study.models()[args.name]["parents"]
-    if not (PREPARED / "meta.json").exists():
-        raise ParamsError(f"{PREPARED} is missing: run `dvc repro prepare` first")
-    data_meta = json.loads((PREPARED / "meta.json").read_text())
-    sources = load_sources(study, parents, data_meta)          # name -> (model, meta), checked alike
-    experts = upcycle_experts(study, args.name)
-    model = transform(study, args.name, sources, experts)
+    data_meta = prepared_meta()
+    sources = load_sources(study, args.name, parents, data_meta)    # name -> (model, meta), checked alike
+    experts = entry.experts(study.branches_of(entry.parent))     # the model each expert comes from
+    model = transform(entry, sources, experts, study.study.seed)
     cfg, train, seed = model.cfg, study.stage_train(entry), study.study.seed
     data_seed = int(short_hash({"seed": seed, "mix": entry.parent}), 16) % 2**31
-    key = short_hash({"stage": "upcycle", "sources": {n: m["params_hash"] for n, (_, m) in sources.items()},
-                      "model": cfg.to_dict(), "upcycle": entry.model_dump(), "train": train, "seed": seed,
-                      "data_seed": data_seed, "data": data_meta["sha256"]})
+    params_hash = short_hash({"stage": "upcycle", "sources": {n: m["params_hash"] for n, (_, m) in sources.items()},
+                              "model": cfg.to_dict(), "upcycle": entry.model_dump(), "train": train.model_dump(),
+                              "seed": seed, "data_seed": data_seed, "data": data_meta["sha256"]})
 
-    # 1. Resume from a checkpoint of the same inputs, if an earlier run was interrupted.
-    ckpt_dir = Path("checkpoints") / args.name
-    start_step = resume_step(ckpt_dir / "last.ckpt", key)
-
-    # 2. The transformed model, the mixed data's batches and the curve (from step 0).
+    # 1. The transformed model, the mixed data's batches and the curve, from step 0: the transform's loss.
     L.seed_everything(seed, verbose=False)
-    lit = LitLM(cfg, train, key, model=model.train())
-    data = LMDataModule(PREPARED, cfg.block_size, train["batch_size"], data_seed)
-    curve = TrainingCurve(load_tokens(PREPARED, "val"), cfg.block_size, train["batch_size"],
-                          train["eval_batches"], train["eval_every"], train["max_steps"])
-    curve.rows = [{"step": 0, "tokens": 0, "train_loss": math.nan, "val_loss": curve.val_loss(model),
-                   "lr": 0.0, "tokens_per_s": math.nan}]
+    lit = LitLM(cfg, train, params_hash, model=model.train())
+    data = LMDataModule(PREPARED, cfg.block_size, train.batch_size, data_seed)
+    curve = TrainingCurve(load_tokens(PREPARED, "val"), cfg.block_size, train.batch_size,
+                          train.eval_batches, train.eval_every, train.max_steps)
+    curve.start(curve.val_loss(model))
 
-    # 3. Train (the mix phase); only rank 0 tracks.
-    rank0 = rank_zero_only.rank == 0
-    params = {"model": cfg.to_dict(), "train": train, "study": {"seed": seed},
+    # 2. Train (the mix phase; max_steps 0: the transformed model as it is), resumable; only global
+    #    rank 0 tracks and writes.
+    ckpt_dir = Path("checkpoints") / args.name
+    params = {"model": cfg.to_dict(), "train": train.model_dump(), "study": {"seed": seed},
               "upcycle": {args.name: entry.model_dump()}}
-    run = tracking.stage_run(study, "upcycle", model=args.name, parents=parents, params=params,
-                             tags={"method": entry.method}) if rank0 else contextlib.nullcontext()
-    with run as run_id:
-        logger = MLFlowLogger(tracking_uri=tracking.tracking_uri(), run_id=run_id) if run_id else False
-        if train["max_steps"]:                                  # 0: the transformed model as it is
-            trainer = make_trainer(train, ckpt_dir, [curve], logger)
-            trainer.fit(lit, datamodule=data, ckpt_path=ckpt_dir / "last.ckpt" if start_step else None)
-        if not rank0:
+    with tracking.stage_run(study, "upcycle", model=args.name, parents=parents, params=params,
+                            tags={"method": entry.method}, enabled=global_rank0()) as run_id:
+        if not fit(lit, data, curve, train, ckpt_dir, params_hash, tracking.lightning_logger(run_id)):
             return
 
-        # 4. Outputs first (DVC's), then MLflow mirrors them; the checkpoint goes last.
-        meta = upcycle_meta(entry, parents, experts, sources, data_meta, key, train, cfg, curve, lit.model)
+        # 3. Outputs first (DVC's), then MLflow mirrors them; the checkpoint goes last.
+        meta = upcycle_meta(entry, parents, experts, sources, data_meta, params_hash, train, cfg, curve, lit.model)
         out = study.model_dir(args.name)
-        save_model_dir(out, lit.model.cpu(), meta, {"curve.csv": pd.DataFrame(curve.rows).to_csv(index=False)})
+        save_model_dir(out, lit.model.cpu(), meta, {"curve.csv": curve.csv()})
         tracking.log_metrics({"init_val_loss": curve.rows[0]["val_loss"], "final_val_loss": curve.rows[-1]["val_loss"],
                               "train_seconds": curve.seconds, "tokens_seen": meta["tokens_seen"],
                               "extra_tokens": meta["extra_tokens"]})
@@ -95,63 +78,59 @@ def main(argv: list[str]) -> None:
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     print(f"upcycle@{args.name} ({entry.method} of {', '.join(parents)}): {meta['params']:,} params "
           f"({meta['active_params']:,} active), val_loss {curve.rows[0]['val_loss']:.4f} after the transform, "
-          f"{curve.rows[-1]['val_loss']:.4f} after {train['max_steps']} steps ({curve.seconds:.1f} s)")
+          f"{curve.rows[-1]['val_loss']:.4f} after {train.max_steps} steps ({curve.seconds:.1f} s)")
 
 
-def load_sources(study, names: list[str], data_meta: dict) -> dict:
-    """name -> (model, meta) for the parent and the branches, checked before any weight is read:
-    all built, all of one config, all trained on the data prepared now (one corpus, one tokenizer)."""
-    problems, configs = [], {}
-    for name in names:
-        path, stage = study.model_dir(name), study.models()[name]["stage"]
-        if not (path / "model.safetensors").exists():
-            raise ParamsError(f"model '{name}' is not built ({path} has no model): run `dvc repro {stage}@{name}` first")
-        configs[name] = json.loads((path / "config.json").read_text())
-        if json.loads((path / "meta.json").read_text())["data_sha256"] != data_meta["sha256"]:
-            problems.append(f"'{name}' was trained on other prepared data (another corpus or tokenizer): "
-                            f"`dvc repro {stage}@{name}` rebuilds it")
-    parent = configs[names[0]]
-    for name, config in configs.items():
-        if config != parent:
-            diff = {k: v for k, v in config.items() if parent.get(k) != v}
-            problems.append(f"'{name}' has another config than its parent '{names[0]}' ({diff}): "
-                            f"branches must be copies of the parent; rebuild it")
+def load_sources(study, name: str, names: list[str], data_meta: dict) -> dict:
+    """name -> (model, meta) for the parent names[0] and its branches, checked before any weight is
+    read: each a usable input (built, on the data prepared now), all of the parent's config."""
+    problems = [p for n in names for p in input_problems(study, n, data_meta, "branch" if n != names[0] else "parent")]
+    if not problems:                                           # all built: compare their configs
+        parent = json.loads((study.model_dir(names[0]) / "config.json").read_text())
+        for n in names[1:]:
+            config = json.loads((study.model_dir(n) / "config.json").read_text())
+            if config != parent:
+                diff = {k: v for k, v in config.items() if parent.get(k) != v}
+                problems.append(f"'{n}' has another config than its parent '{names[0]}' ({diff}): "
+                                f"branches must be copies of the parent; rebuild it")
     if problems:
-        raise ParamsError("the upcycle's inputs do not fit together:\n" + "\n".join(f"  - {p}" for p in problems))
-    return {name: load_model_dir(study.model_dir(name)) for name in names}
+        raise ParamsError("\n".join(f"upcycle.{name}: {p}" for p in problems))
+    return {n: load_model_dir(study.model_dir(n)) for n in names}
 
 
-def transform(study, name: str, sources: dict, experts: list[str]) -> TransformerLM:
-    """The model the mix phase starts from: the parent itself (continue) or its MoE."""
-    entry = study.upcycle[name]
+def transform(entry, sources: dict, experts: list[str], seed: int) -> TransformerLM:
+    """The model the mix phase starts from: the parent itself (continue) or its MoE, whose expert e
+    comes from experts[e]."""
     parent = sources[entry.parent][0]
-    if entry.method == "continue":
-        return parent
-    moe = {k: getattr(entry, k) for k in MOE_KEYS if k != "moa" or entry.method == "bam"}
-    cfg = upcycled_config(parent.cfg, entry.method, len(experts), **moe)
+    match entry:
+        case Continue():
+            return parent
+        case Sparse():
+            noise = entry.expert_noise
+        case Btx() | Bam():                                    # one expert per branch: no noise needed
+            noise = 0.0
+    cfg = replace(parent.cfg, **entry.config_fields(len(experts)))
     distinct = list(dict.fromkeys(experts))                    # sparse: [parent]; btx/bam: branches (+ parent)
     sd = upcycle_state_dict(cfg, parent.cfg, [sources[n][0].state_dict() for n in distinct],
-                            [distinct.index(n) for n in experts], study.study.seed, entry.router_init,
-                            entry.expert_noise)
+                            [distinct.index(n) for n in experts], seed, entry.router_init, noise)
     model = TransformerLM(cfg)
     model.load_state_dict(sd)
     return model
 
 
-def upcycle_meta(entry, parents, experts, sources, data_meta, key, train, cfg, curve, model) -> dict:
+def upcycle_meta(entry, parents, experts, sources, data_meta, params_hash, train, cfg, curve, model) -> dict:
     """meta.json: lineage, the tokens beyond the parent (its branches' and this stage's), sizes."""
-    tokens = train["max_steps"] * train["batch_size"] * cfg.block_size
+    tokens = train.max_steps * train.batch_size * cfg.block_size
     parent_tokens = sources[entry.parent][1]["tokens_seen"]
     branch_tokens = sum(m["tokens_seen"] - parent_tokens for n, (_, m) in sources.items() if n != entry.parent)
     return {"stage": "upcycle", "method": entry.method, "parents": parents, "experts": experts,
-            "data_sha256": data_meta["sha256"], "params_hash": key,
+            "data_sha256": data_meta["sha256"], "params_hash": params_hash,
             "tokens_seen": parent_tokens + branch_tokens + tokens, "extra_tokens": branch_tokens + tokens,
-            "steps": train["max_steps"], "train_seconds": round(curve.seconds, 3),
+            "steps": train.max_steps, "train_seconds": round(curve.seconds, 3),
             "branch_train_seconds": round(sum(m["train_seconds"] for n, (_, m) in sources.items()
                                               if n != entry.parent), 3),
             "params": model.num_params(), "active_params": model.num_active_params(),
-            "settings": {k: v for k, v in entry.model_dump().items()            # the keys its method reads
-                         if entry.method in UPCYCLE_READERS.get(k, ())}}
+            "settings": entry.model_dump(exclude={"method", "parent", *StageTrainParams.model_fields})}
 
 
 if __name__ == "__main__":

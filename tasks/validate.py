@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from components.params import cli, load_study
+from components.errors import cli
+from components.params import load_study
 
 OK = Path("data/params.ok")
 

@@ -1,17 +1,19 @@
-"""Model directories: round trip, tied weights saved once under a fixed name, atomic replacement."""
+"""Model directories: round trip, tied weights saved once under a fixed name, atomic replacement; a stage's
+inputs checked with the fix."""
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from components.artifacts import load_model_dir, save_model_dir
+from components.artifacts import input_problems, load_input, load_model_dir, prepared_meta, save_model_dir
 from components.config import ModelConfig
 from components.model import TransformerLM
-from components.params import ParamsError
+from components.errors import ParamsError
 
 SAVE = """
 import sys, torch
@@ -50,3 +52,35 @@ def test_bytes_do_not_depend_on_the_process(tmp_path):
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(ParamsError, match="no model at"):
         load_model_dir(tmp_path / "nope")
+
+
+class TinyStudy:
+    """The two things input checks ask a study: where a model lives and which stage makes it."""
+    def model_dir(self, name):
+        return Path("models") / name              # relative, like Study.model_dir
+
+    def models(self):
+        return {"p": {"stage": "pretrain"}}
+
+
+def test_inputs_are_checked_with_the_dvc_repro_that_fixes_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ParamsError, match=r"data/prepared is missing: run `dvc repro prepare` first"):
+        prepared_meta()
+    (tmp_path / "data/prepared").mkdir(parents=True)
+    (tmp_path / "data/prepared/meta.json").write_text(json.dumps({"sha256": "a", "vocab_size": 64, "domains": {}}))
+    assert prepared_meta()["sha256"] == "a"
+    with pytest.raises(ParamsError, match=r"has no domain 'd' .*run `dvc repro prepare`"):
+        prepared_meta("d")
+    study, data = TinyStudy(), prepared_meta()
+    assert input_problems(study, "p", data, "parent") == [
+        "the parent 'p' is not built (models/p is missing): run `dvc repro pretrain@p` first"]
+    model = TransformerLM(ModelConfig(vocab_size=60, n_layer=1, n_embd=32, n_head=2))
+    save_model_dir(tmp_path / "models/p", model, {"stage": "pretrain", "data_sha256": "b"})
+    assert input_problems(study, "p", data, "teacher") == [
+        "the teacher 'p' was trained on other prepared data (another corpus): rebuild it with `dvc repro pretrain@p`",
+        "the teacher 'p' has vocab_size 60 but data/prepared has 64 (another tokenizer): rebuild it with "
+        "`dvc repro pretrain@p`"]
+    with pytest.raises(ParamsError, match=r"^distill.kd.teacher: the teacher 'p' was trained on other prepared data"):
+        load_input(study, "p", data, "distill.kd.teacher", "teacher")
+    assert load_input(study, "p", {"sha256": "b", "vocab_size": 60}, "x", "parent")[1]["data_sha256"] == "b"

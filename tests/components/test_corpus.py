@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from components.corpus import corpus_sha256, domain_files, read_texts, select_files
-from components.params import ParamsError
+from components.errors import ParamsError
 
 FILES = {"b.py": "b = 2\n", "a.py": "a = 1\n", "pkg/z.py": "z = 'é'\n", "pkg/sub/y.py": "y = 3\n",
          "pkg/notes.txt": "notes\n", "test/test_a.py": "assert 1\n"}

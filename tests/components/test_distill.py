@@ -10,11 +10,12 @@ import torch.nn.functional as F
 
 from components.config import ModelConfig
 from components.distill import LitDistill, hidden_cosine_loss, init_from_teacher, kd_loss, method_name
+from components.errors import ParamsError
 from components.model import TransformerLM, moe_losses
-from components.params import ParamsError, load_study
+from components.params import TrainParams, load_study
 
-TRAIN = {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2, "max_steps": 10, "weight_decay": 0.1,
-         "beta1": 0.9, "beta2": 0.95, "grad_clip": 1.0}
+TRAIN = TrainParams(lr=1e-2, min_lr=1e-3, warmup_steps=2, max_steps=10, weight_decay=0.1, beta1=0.9, beta2=0.95,
+                    grad_clip=1.0)
 
 
 def cfg(**kw) -> ModelConfig:

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from components.config import PRESETS
-from components.params import ParamsError, load_study
+from components.errors import ParamsError
+from components.params import load_study
 
 ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = """
@@ -197,3 +198,42 @@ def test_shapes_that_do_not_divide_are_named_for_every_preset(tmp_path, preset):
 def test_preset_of_the_wrong_type(tmp_path):
     msg = problems(tmp_path, variants("a: {preset: 3}"))
     assert "pretrain.variants.a.preset: input should be a valid string" in msg
+
+
+def test_a_stage_lr_below_min_lr_is_rejected_on_the_merged_values(tmp_path):
+    """train: {lr: 1e-3, min_lr: 1e-4}; a branch's own lr 5e-5 would decay *up* to train's min_lr."""
+    base = MINIMAL + "data: {domains: {d: ['*.py']}}\n"
+    msg = problems(tmp_path, base + "branch:\n  b: {parent: serial, domain: d, lr: 5.0e-5}\n"
+                   "  c: {parent: serial, domain: d, min_lr: 2.0e-3}\n  ok: {parent: serial, domain: d, lr: 5.0e-5, "
+                   "min_lr: 1.0e-5}\n")
+    assert "branch.b.lr: 5e-05 is below train.min_lr=0.0001" in msg and "also set branch.b.min_lr <= 5e-05" in msg
+    assert "branch.c.min_lr: 0.002 exceeds train.lr=0.001: lower min_lr, or set branch.c.lr" in msg
+    assert "branch.ok" not in msg
+
+
+def test_method_entries_report_at_the_users_key_path(tmp_path):
+    """upcycle and compress entries are one class per method: errors name params.yaml's keys (not pydantic's
+    union tag, compress.x.prune.fraction), the allowed methods, and which method reads a misplaced option."""
+    msg = problems(tmp_path, MINIMAL + "compress:\n  a: {source: serial, method: prune, fraction: 1.5}\n"
+                   "  b: {source: serial, method: prun}\n  c: {source: serial}\n"
+                   "  d: {source: serial, method: int8, criterion: wanda, lr: 0.1}\n"
+                   "  e: {source: serial, method: prune, fraction: 0.2, fractoin: 0.3}\n")
+    assert "compress.a.fraction: 1.5 is outside [0, 1); fraction is the share" in msg and ".prune." not in msg
+    assert "compress.b.method: unknown method 'prun'; did you mean 'prune'? methods are int8, prune, ffn_fusion" in msg
+    assert "compress.c.method: required but missing. Add it: one of int8, prune, ffn_fusion" in msg
+    assert "compress.d.criterion: only read by method prune, not int8: remove it" in msg
+    assert "compress.d.lr: int8 does not train, so nothing reads lr: remove it" in msg
+    assert "compress.e.fractoin: unknown key; did you mean 'fraction'?" in msg
+
+
+def test_upcycle_moe_options_are_checked_by_model_config(tmp_path):
+    """The MoE options are ModelConfig's fields: their values are checked on the config the stage would build."""
+    study = MINIMAL + "data: {domains: {d: ['*.py']}}\nbranch: {b: {parent: parallel, domain: d}}\n"
+    msg = problems(tmp_path, study + "upcycle: {u: {parent: parallel, method: sparse, router: switch, moe_every: 9}}\n")
+    assert "upcycle.u: router='switch' is unknown: use one of topk-softmax, softmax-topk" in msg
+    assert "upcycle.u: moe_every=9 must be between 1 and n_layer=4" in msg
+    msg = problems(tmp_path, study + "upcycle: {v: {parent: parallel, method: continue, moa: kv-shared}}\n")
+    assert "upcycle.v.moa: only read by method bam, not continue: remove it" in msg
+    (tmp_path / "params.yaml").write_text(study + "upcycle: {w: {parent: parallel, method: bam, keep_parent: true}}\n")
+    w = load_study(tmp_path / "params.yaml").upcycle["w"]
+    assert w.experts(["b"]) == ["b", "parallel"] and w.config_fields(2)["n_attn_expert"] == 2

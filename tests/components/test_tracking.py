@@ -10,7 +10,8 @@ from components import tracking
 from components.artifacts import save_model_dir
 from components.config import ModelConfig
 from components.model import TransformerLM
-from components.params import ParamsError, Study
+from components.errors import ParamsError
+from components.params import Study
 
 
 def study(**tracking_params) -> Study:
@@ -44,6 +45,12 @@ def test_a_rerun_leaves_one_current_run_per_stage_and_model():
     current = tracking.current_runs("trk", "evaluate")
     assert sorted(r.info.run_id for r in current) == sorted([ids[-1], other])
     assert mlflow.get_run(ids[0]).data.tags["current"] == "false"
+
+
+def test_a_ddp_rank_other_than_0_opens_no_run(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")     # not even asked: nothing listens there
+    with tracking.stage_run(study(), "pretrain", model="a", enabled=False) as run_id:
+        assert run_id is None and tracking.lightning_logger(run_id) is False
 
 
 def test_a_failed_stage_run_is_never_current():

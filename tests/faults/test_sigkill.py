@@ -25,7 +25,7 @@ from tasks import branch, compress, distill, prepare, pretrain, upcycle
 from tests.tasks.tiny_corpus import WORDS
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS, CKPT_EVERY = 150, 10
+STEPS, CKPT_EVERY = 120, 10
 PARAMS = f"""\
 study: {{name: faults, seed: 3}}
 data: {{source: corpus, include: ["*/*.txt"], tokenizer: byte, val_fraction: 0.1,
@@ -82,12 +82,23 @@ def start(root: Path, module: str, name: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def kill_after_a_checkpoint(proc: subprocess.Popen, ckpt: Path, rng: random.Random) -> str:
-    """SIGKILL `proc` a random moment (0-0.3 s) after it writes a checkpoint newer than the current one."""
-    seen = ckpt.stat().st_mtime_ns if ckpt.exists() else 0
-    while proc.poll() is None and not (ckpt.exists() and ckpt.stat().st_mtime_ns != seen):
-        time.sleep(0.005)
-    time.sleep(rng.uniform(0, 0.3))
+def inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
+def kill_after_checkpoints(proc: subprocess.Popen, ckpt: Path, rng: random.Random) -> str:
+    """SIGKILL `proc` a random moment (0-50 ms) after it wrote its 1st, 2nd or 3rd checkpoint (picked at
+    random): never before the first, and far enough from the end that the kill lands inside the run."""
+    writes, seen = rng.randint(1, 3), inode(ckpt)
+    while proc.poll() is None and writes:
+        now = inode(ckpt)                                   # each checkpoint replaces the file: a new inode
+        if now is not None and now != seen:
+            writes, seen = writes - 1, now
+        time.sleep(0.002)
+    time.sleep(rng.uniform(0, 0.05))
     proc.send_signal(signal.SIGKILL)
     return proc.communicate()[0]
 
@@ -104,7 +115,7 @@ def test_a_killed_stage_resumes_to_the_weights_of_an_uninterrupted_run(study, ki
 
     rng, ckpt = random.Random(kind), study / "checkpoints" / name / "last.ckpt"
     for kill in range(2):
-        log = kill_after_a_checkpoint(start(study, module.__name__, name), ckpt, rng)
+        log = kill_after_checkpoints(start(study, module.__name__, name), ckpt, rng)
         assert not (study / out).exists(), f"kill {kill + 1} came after the model was written:\n{log[-2000:]}"
         assert ckpt.exists(), f"no checkpoint before kill {kill + 1}:\n{log[-2000:]}"
 

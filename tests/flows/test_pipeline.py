@@ -13,7 +13,7 @@ import mlflow
 import pytest
 from ruamel.yaml import YAML
 
-from components.params import ParamsError
+from components.errors import ParamsError
 from flows.pipeline import main, pipeline
 from tests.flows.conftest import make_project, runs, stage
 

@@ -14,7 +14,8 @@ import torch
 from components.artifacts import load_model_dir, save_model_dir
 from components.config import ModelConfig
 from components.model import TransformerLM
-from components.params import ParamsError, load_study
+from components.errors import ParamsError
+from components.params import load_study
 from tasks import compress, evaluate, prepare
 from tests.tasks.tiny_corpus import write_corpus
 
@@ -153,7 +154,7 @@ def test_ffn_fusion_explicit_and_searched(project):
 
 @pytest.mark.parametrize("entry,words", [
     ("{source: serial, method: prune, fraction: 1.0}", "compress.bad.fraction: 1.0 is outside [0, 1)"),
-    ("{source: serial, method: prune}", "compress.bad.fraction: missing"),
+    ("{source: serial, method: prune}", "compress.bad.fraction: required but missing"),
     ("{source: serial, method: ffn_fusion, runs: [[2, 3]]}", "runs: [2, 3] is not a run of the source's layers"),
     ("{source: serial, method: ffn_fusion, runs: [[0, 1], [1, 2]]}", "runs: [1, 2] overlaps"),
     ("{source: par, method: prune, fraction: 0.3}", "cannot prune a par model"),
@@ -175,7 +176,7 @@ def test_bad_entries_fail_validation(tmp_path, monkeypatch, entry, words):
 def test_bad_sources_on_disk_fail_before_compute(project):
     write_params(project, ENTRIES + "  deep: {source: fused, method: ffn_fusion, runs: [[0, 2]]}\n"
                  "  again: {source: fused, method: prune, fraction: 0.3}\n")
-    with pytest.raises(ParamsError, match="models/fused is missing: build it first"):
+    with pytest.raises(ParamsError, match=r"models/fused is missing\): run `dvc repro compress@fused` first"):
         compress.main(["again"])
     compress.main(["fused"])                                    # 2 layers now: [0, 2] no longer exists
     with pytest.raises(ParamsError, match=r"runs: \[0, 2\] is not a run of the source's layers.*n_layer=2"):

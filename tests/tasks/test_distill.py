@@ -14,7 +14,7 @@ import torch
 from components.artifacts import load_model_dir, save_model_dir
 from components.config import ModelConfig
 from components.model import TransformerLM
-from components.params import ParamsError
+from components.errors import ParamsError
 from tasks import distill, prepare
 from tests.tasks.tiny_corpus import write_corpus
 

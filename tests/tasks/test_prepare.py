@@ -11,7 +11,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from components.params import ParamsError
+from components.errors import ParamsError
 from components.tokenizer import Tokenizer
 from tasks import prepare
 

@@ -118,7 +118,7 @@ def test_checkpoint_of_other_params_is_ignored(project):
     write_params(project, max_steps=6, eval_every=3, ckpt_every=3)
     (project / "checkpoints/serial").mkdir(parents=True)
     # Readable, at step 3 of 6, but of other inputs: resuming from it would end after one row.
-    torch.save({"global_step": 3, "archflow_key": "other-params"}, project / "checkpoints/serial/last.ckpt")
+    torch.save({"global_step": 3, "params_hash": "other-params"}, project / "checkpoints/serial/last.ckpt")
     pretrain.main(["serial"])
     assert list(curve(project)["step"]) == [3, 6]
 

@@ -11,7 +11,8 @@ import shutil
 import pandas as pd
 import pytest
 
-from components.params import ParamsError, load_study
+from components.errors import ParamsError
+from components.params import load_study
 from tasks import branch, evaluate, prepare, pretrain, upcycle
 from tests.tasks.tiny_corpus import WORDS
 
