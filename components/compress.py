@@ -1,4 +1,4 @@
-"""Compression transforms (METHODS.md b6, b10, b11): int8 weights, structured pruning of attention
+"""Compression transforms (docs/methods.md: ffn-fusion, pruning, int8): int8 weights, structured pruning of attention
 KV groups and FFN channels, and FFN Fusion. Pure functions of a model (and calibration batches);
 each returns a new TransformerLM whose config describes it, so `save_model_dir` / `load_model_dir`
 need nothing else. The compress@ stage (tasks/compress.py) runs them and trains afterwards; which
@@ -195,7 +195,7 @@ def keep_top(scores: list[torch.Tensor], fraction: float) -> list[list[int]]:
 
 
 def fuse_ffns(model: TransformerLM, runs: list[tuple[int, int]]) -> TransformerLM:
-    """FFN Fusion (METHODS.md b6): each run [a, b] of layers becomes one FFN-only layer computing
+    """FFN Fusion (docs/methods.md#ffn-fusion): each run [a, b] of layers becomes one FFN-only layer computing
     x + sum_j FFN_j(norm_j(x)), j = a..b: their attention is dropped, and one wide FFN holds the
     concatenated FFNs, each norm's gain (and LayerNorm bias) folded into its rows, under one norm
     with unit gain. Exact with respect to that parallel formulation."""

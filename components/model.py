@@ -13,7 +13,7 @@ attention a `MixtureOfAttention`. A routed layer of a fused `parallel` model is 
 fused input matmul cannot hold a router): attention and FFN get separate input matmuls on the same
 normalised input.
 
-MoE (METHODS.md b2): router logits s = W_r x (fp32), two conventions:
+MoE (docs/methods.md#moe): router logits s = W_r x (fp32), two conventions:
     topk-softmax (Mixtral): w = softmax(top-k of s), weights sum to 1;
     softmax-topk (Switch, ST-MoE): p = softmax(s), w_i = p_i for i in the top k, not renormalised.
 y = sum_i w_i FFN_i(x) (+ a shared dense FFN). Dispatch is dropless: the (token, slot) pairs are
@@ -21,7 +21,7 @@ sorted by expert, each expert runs once on its gathered tokens, index_add_ scatt
 In training mode each MoE layer keeps its last Switch load-balancing loss E * sum_i f_i P_i, its
 router z-loss mean_t logsumexp(s_t)^2 and its expert load f (`moe_layers`, `moe_losses`).
 
-MoA (METHODS.md b5, soft routing): y = sum_i softmax(W_a h)_i Attn_i(h); every token uses every
+MoA (docs/methods.md#bam, soft routing): y = sum_i softmax(W_a h)_i Attn_i(h); every token uses every
 expert. The N experts run as one attention with N x n_head heads: expert e owns query heads
 e*nh .. (e+1)*nh - 1, and with kv-experts its own n_kv_head k/v heads (the cache holds N x nkv
 heads, one k/v cache per expert), with kv-shared one set of k/v heads that every expert reads.

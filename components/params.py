@@ -173,7 +173,7 @@ class DistillParams(StageTrainParams):
     hidden_weight: float = Field(0.0, ge=0)  # + hidden_weight * (1 - cos) of the final normed hidden states
 
 
-# compress@<name>: a smaller or cheaper copy of `source` (METHODS.md b6, b10, b11), one class per
+# compress@<name>: a smaller or cheaper copy of `source` (docs/methods.md: ffn-fusion, pruning, int8), one class per
 # method as for upcycle. `verb` names what the method does to a model in messages; `needs_layers`:
 # it works layer by layer, so the source must be a stack of attention + FFN layers.
 

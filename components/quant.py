@@ -1,4 +1,4 @@
-"""Int8 weights (METHODS.md b11): per-output-channel symmetric int8 with a float scale per channel,
+"""Int8 weights (docs/methods.md#int8): per-output-channel symmetric int8 with a float scale per channel,
 and the modules that compute with them. A model whose config says `quant: int8` is built with
 these modules (TransformerLM calls `quantize_int8_`), so `load_model_dir` loads it like any other.
 

@@ -5,7 +5,7 @@
                             expert_source=[0, 1], seed=1337)
     TransformerLM(cfg).load_state_dict(sd)
 
-One function serves the three methods (METHODS.md b3-b5); they differ in their sources:
+One function serves the three methods (docs/methods.md: sparse-upcycling, btx, bam); they differ in their sources:
 - sparse (Komatsuzaki et al.): sources = [parent], every expert copies it (optionally plus noise);
 - btx (Branch-Train-MiX): sources = the branches (and the parent with keep_parent), expert e is
   source e's FFN; every other weight is the mean over the sources;
