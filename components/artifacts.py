@@ -57,15 +57,27 @@ def save_model_dir(dst: str | Path, model: TransformerLM, meta: dict, files: dic
 
 
 def load_model_dir(path: str | Path) -> tuple[TransformerLM, dict]:
-    """(model in eval mode, meta) from a model directory."""
+    """(model in eval mode, meta) from a model directory; a damaged file is a ParamsError naming it."""
     path = Path(path)
     if not (path / "model.safetensors").exists():
         raise ParamsError(f"no model at {path}: build it first (dvc repro, or the stage that makes it)")
-    cfg = ModelConfig.from_dict(json.loads((path / "config.json").read_text()))
+    cfg = ModelConfig.from_dict(read_checked(path / "config.json", lambda f: json.loads(f.read_text())))
+    meta = read_checked(path / "meta.json", lambda f: json.loads(f.read_text()))
     model = TransformerLM(cfg)
-    missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+    state = read_checked(path / "model.safetensors", load_file)
+    missing, unexpected = read_checked(path / "model.safetensors", lambda f: model.load_state_dict(state, strict=False))
     assert not unexpected and set(missing) == tied_head(model), (missing, unexpected)
-    return model.eval(), json.loads((path / "meta.json").read_text())
+    return model.eval(), meta
+
+
+def read_checked(file: Path, read):
+    """read(file), or one ParamsError that names the file, what is wrong with it and the fix."""
+    try:
+        return read(file)
+    except Exception as e:      # truncated, not JSON, not safetensors, or weights of another shape
+        raise ParamsError(f"{file} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]}): restore it "
+                          f"with `dvc checkout {file.parent}`, or rebuild it with `dvc repro -f` of the stage "
+                          f"that writes {file.parent} (`dvc status` names it)") from None
 
 
 def weights(model: TransformerLM) -> dict:

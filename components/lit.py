@@ -207,8 +207,8 @@ def resume_step(ckpt: Path, params_hash: str) -> int:
     if not ckpt.exists():
         return 0
     try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    except Exception as e:  # a checkpoint cut short by the interruption: start over, say so
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)   # tensors and plain data: no code runs
+    except Exception as e:  # cut short, or holding objects other than those: start over, say so
         print(f"ignoring unreadable checkpoint {ckpt} ({e}); training from step 0")
         return 0
     if state.get("params_hash") != params_hash:
@@ -250,5 +250,5 @@ def fit(lit: LitLM, data: LMDataModule, curve: TrainingCurve, train: TrainParams
     ckpt = ckpt_dir / "last.ckpt"
     start_step = resume_step(ckpt, params_hash)
     trainer = make_trainer(train, ckpt_dir, [curve], logger)
-    trainer.fit(lit, datamodule=data, ckpt_path=ckpt if start_step else None)
+    trainer.fit(lit, datamodule=data, ckpt_path=ckpt if start_step else None, weights_only=True)
     return trainer.is_global_zero

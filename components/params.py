@@ -29,7 +29,7 @@ class Strict(BaseModel):
 
 class StudyParams(Strict):
     name: str = "archflow"                 # names the MLflow experiment and the report
-    seed: int = 1337                       # model init and batch order derive from it
+    seed: int = Field(1337, ge=0, le=2**32 - 1)   # model init and batch order derive from it (the seeding call's range)
 
 
 class DataParams(Strict):

@@ -84,3 +84,19 @@ def test_inputs_are_checked_with_the_dvc_repro_that_fixes_them(tmp_path, monkeyp
     with pytest.raises(ParamsError, match=r"^distill.kd.teacher: the teacher 'p' was trained on other prepared data"):
         load_input(study, "p", data, "distill.kd.teacher", "teacher")
     assert load_input(study, "p", {"sha256": "b", "vocab_size": 60}, "x", "parent")[1]["data_sha256"] == "b"
+
+
+@pytest.mark.parametrize("damage", ["truncate weights", "config not json", "config of another shape"])
+def test_a_damaged_model_directory_names_the_file_and_the_fix(tmp_path, damage):
+    torch.manual_seed(0)
+    save_model_dir(tmp_path / "m", TransformerLM(ModelConfig(vocab_size=64, n_layer=1, n_embd=32, n_head=2)), {})
+    weights, config = tmp_path / "m/model.safetensors", tmp_path / "m/config.json"
+    if damage == "truncate weights":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "config not json":
+        config.write_text(config.read_text()[:-10])
+    else:
+        config.write_text(json.dumps({**json.loads(config.read_text()), "n_embd": 64}))
+    broken = weights if damage != "config not json" else config
+    with pytest.raises(ParamsError, match=rf"{broken} is damaged .*dvc checkout {tmp_path / 'm'}"):
+        load_model_dir(tmp_path / "m")

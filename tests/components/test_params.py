@@ -237,3 +237,14 @@ def test_upcycle_moe_options_are_checked_by_model_config(tmp_path):
     (tmp_path / "params.yaml").write_text(study + "upcycle: {w: {parent: parallel, method: bam, keep_parent: true}}\n")
     w = load_study(tmp_path / "params.yaml").upcycle["w"]
     assert w.experts(["b"]) == ["b", "parallel"] and w.config_fields(2)["n_attn_expert"] == 2
+
+
+@pytest.mark.parametrize("seed", ["-1", "99999999999999999999", "4294967296"])
+def test_a_seed_outside_the_seeding_range_is_named(tmp_path, seed):
+    msg = problems(tmp_path, MINIMAL + f"study: {{seed: {seed}}}\n")
+    assert "study.seed" in msg and "4294967295" in msg, msg
+
+
+def test_the_largest_seed_is_accepted(tmp_path):
+    (tmp_path / "params.yaml").write_text(MINIMAL + "study: {seed: 4294967295}\n")
+    assert load_study(tmp_path / "params.yaml").study.seed == 2**32 - 1

@@ -138,3 +138,24 @@ def test_ddp_on_two_cpu_processes(project):
     assert curve(project)["val_loss"].tolist() == pytest.approx(single_curve["val_loss"].tolist(), rel=1e-4)
     runs = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
     assert len(runs) == 3                                       # prepare, single-process run, DDP run: one each
+
+
+class Planted:
+    """Unpickling this runs code: it creates the file `marker`."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def test_a_checkpoint_holding_code_is_not_run(project):
+    write_params(project, max_steps=6, eval_every=3, ckpt_every=3)
+    (project / "checkpoints/serial").mkdir(parents=True)
+    marker = project / "code-ran"
+    torch.save({"global_step": 3, "params_hash": "x", "payload": Planted(str(marker))},
+               project / "checkpoints/serial/last.ckpt")
+    pretrain.main(["serial"])
+    assert not marker.exists()
+    assert list(curve(project)["step"]) == [3, 6]              # trained from step 0, the file ignored
