@@ -7,6 +7,7 @@ reports/comparisons.csv, reports/val_loss_vs_tokens.png, reports/ppl_vs_decode_s
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -111,6 +112,7 @@ def markdown(study, df: pd.DataFrame, comp: pd.DataFrame) -> str:
 
 
 def main(argv: list[str]) -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
     study = load_study()
     df = summary_table(study)
     comp = comparisons(df, study.report.comparisons)

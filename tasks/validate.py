@@ -8,6 +8,7 @@ data/params.ok, whose content never changes, so passing validation triggers noth
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from components.errors import cli
@@ -17,6 +18,7 @@ OK = Path("data/params.ok")
 
 
 def main(argv: list[str]) -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
     study = load_study()
     OK.parent.mkdir(parents=True, exist_ok=True)
     OK.write_text("params.yaml is valid\n")
