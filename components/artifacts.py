@@ -61,13 +61,17 @@ def load_model_dir(path: str | Path) -> tuple[TransformerLM, dict]:
     path = Path(path)
     if not (path / "model.safetensors").exists():
         raise ParamsError(f"no model at {path}: build it first (dvc repro, or the stage that makes it)")
-    cfg = ModelConfig.from_dict(read_checked(path / "config.json", lambda f: json.loads(f.read_text())))
-    meta = read_checked(path / "meta.json", lambda f: json.loads(f.read_text()))
+    cfg = ModelConfig.from_dict(read_json(path / "config.json"))
+    meta = read_json(path / "meta.json")
     model = TransformerLM(cfg)
     state = read_checked(path / "model.safetensors", load_file)
     missing, unexpected = read_checked(path / "model.safetensors", lambda f: model.load_state_dict(state, strict=False))
     assert not unexpected and set(missing) == tied_head(model), (missing, unexpected)
     return model.eval(), meta
+
+
+def read_json(file: Path):
+    return read_checked(file, lambda f: json.loads(f.read_text()))
 
 
 def read_checked(file: Path, read):
@@ -103,7 +107,7 @@ def prepared_meta(domain: str | None = None) -> dict:
     domain's token files)."""
     if not (PREPARED / "meta.json").exists():
         raise ParamsError(f"{PREPARED} is missing: run `dvc repro prepare` first")
-    meta = json.loads((PREPARED / "meta.json").read_text())
+    meta = read_json(PREPARED / "meta.json")
     if domain is not None and domain not in meta.get("domains", {}):
         raise ParamsError(f"{PREPARED} has no domain '{domain}' (it has {', '.join(meta.get('domains', {}))}): "
                           f"data was prepared before data.domains.{domain} was added; run `dvc repro prepare`")
@@ -118,7 +122,7 @@ def input_problems(study, name: str, data_meta: dict, role: str) -> list[str]:
     fix = f"`dvc repro {stage}@{name}`"
     if not (path / "model.safetensors").exists():
         return [f"the {role} '{name}' is not built ({path} is missing): run {fix} first"]
-    config, meta = (json.loads((path / f).read_text()) for f in ("config.json", "meta.json"))
+    config, meta = read_json(path / "config.json"), read_json(path / "meta.json")
     p = []
     if meta.get("data_sha256") != data_meta["sha256"]:
         p.append(f"the {role} '{name}' was trained on other prepared data (another corpus): rebuild it with {fix}")

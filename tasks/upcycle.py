@@ -14,7 +14,6 @@ from) and extra_tokens (tokens trained beyond the parent: its branches' and this
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +21,8 @@ from pathlib import Path
 import lightning.pytorch as L
 
 from components import tracking
-from components.artifacts import PREPARED, input_problems, load_model_dir, prepared_meta, save_model_dir, short_hash
+from components.artifacts import (PREPARED, input_problems, load_model_dir, prepared_meta, read_json, save_model_dir,
+                                  short_hash)
 from components.data import load_tokens
 from components.errors import ParamsError, cli
 from components.lit import LitLM, LMDataModule, TrainingCurve, fit, global_rank0
@@ -86,9 +86,9 @@ def load_sources(study, name: str, names: list[str], data_meta: dict) -> dict:
     read: each a usable input (built, on the data prepared now), all of the parent's config."""
     problems = [p for n in names for p in input_problems(study, n, data_meta, "branch" if n != names[0] else "parent")]
     if not problems:                                           # all built: compare their configs
-        parent = json.loads((study.model_dir(names[0]) / "config.json").read_text())
+        parent = read_json(study.model_dir(names[0]) / "config.json")
         for n in names[1:]:
-            config = json.loads((study.model_dir(n) / "config.json").read_text())
+            config = read_json(study.model_dir(n) / "config.json")
             if config != parent:
                 diff = {k: v for k, v in config.items() if parent.get(k) != v}
                 problems.append(f"'{n}' has another config than its parent '{names[0]}' ({diff}): "

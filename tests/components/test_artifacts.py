@@ -100,3 +100,18 @@ def test_a_damaged_model_directory_names_the_file_and_the_fix(tmp_path, damage):
     broken = weights if damage != "config not json" else config
     with pytest.raises(ParamsError, match=rf"{broken} is damaged .*dvc checkout {tmp_path / 'm'}"):
         load_model_dir(tmp_path / "m")
+
+
+def test_a_damaged_input_meta_names_the_file(tmp_path):
+    torch.manual_seed(0)
+    save_model_dir(tmp_path / "m", TransformerLM(ModelConfig(vocab_size=64, n_layer=1, n_embd=32, n_head=2)), {})
+    (tmp_path / "m/meta.json").write_text("{")
+
+    class Study:                                         # what input_problems asks of the study
+        def model_dir(self, name):
+            return tmp_path / name
+
+        def models(self):
+            return {"m": {"stage": "pretrain"}}
+    with pytest.raises(ParamsError, match=rf"{tmp_path / 'm/meta.json'} is damaged"):
+        input_problems(Study(), "m", {"sha256": "x", "vocab_size": 64}, "parent")
