@@ -22,7 +22,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tasks import branch, compress, distill, prepare, pretrain, upcycle
-from tests.tasks.tiny_corpus import WORDS
+from tests.tasks.tiny_corpus import write_domain_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, CKPT_EVERY = 120, 10
@@ -61,11 +61,7 @@ KINDS = {"pretrain": (pretrain, "parallel", "models/parallel"),
 def study(tmp_path_factory):
     """A prepared tiny study with two domains, its parent and the second branch built."""
     root = tmp_path_factory.mktemp("faults")
-    rng = random.Random(0)
-    for i, domain in enumerate("aabb"):
-        (root / "corpus" / domain).mkdir(parents=True, exist_ok=True)
-        vocab = WORDS[:10] if domain == "a" else WORDS[5:]
-        (root / "corpus" / domain / f"doc{i}.txt").write_text(" ".join(rng.choice(vocab) for _ in range(3000)))
+    write_domain_corpus(root)
     (root / "params.yaml").write_text(PARAMS)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)

@@ -5,7 +5,6 @@ tokens, pinned first mix-phase losses, max_steps 0, evaluation of every method, 
     .venv/bin/python -m pytest tests/tasks/test_upcycle.py -q
 """
 import json
-import random
 import shutil
 
 import pandas as pd
@@ -14,7 +13,7 @@ import pytest
 from components.errors import ParamsError
 from components.params import load_study
 from tasks import branch, evaluate, prepare, pretrain, upcycle
-from tests.tasks.tiny_corpus import WORDS
+from tests.tasks.tiny_corpus import write_domain_corpus
 
 PARAMS = """\
 study: {name: tiny, seed: 7}
@@ -44,12 +43,7 @@ METHODS = {"cont": "continue", "sparse": "sparse", "btx": "btx", "bam": "bam", "
 def built(tmp_path_factory):
     """A prepared tiny study with its parent and both branches built, then every upcycle."""
     root = tmp_path_factory.mktemp("upcycle")
-    rng = random.Random(0)
-    words = WORDS
-    for i, domain in enumerate("aabb"):
-        (root / "corpus" / domain).mkdir(parents=True, exist_ok=True)
-        vocab = words[:10] if domain == "a" else words[5:]          # the domains differ
-        (root / "corpus" / domain / f"doc{i}.txt").write_text(" ".join(rng.choice(vocab) for _ in range(3000)))
+    write_domain_corpus(root)
     (root / "params.yaml").write_text(PARAMS)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
