@@ -1,6 +1,6 @@
 """SIGKILL during every kind of training stage: the rerun resumes from a checkpoint strictly inside
-the run and ends with the weights of an uninterrupted run, bit for bit; a killed stage never leaves
-a model directory behind.
+the run and ends with the weights (bit for bit) and the training curve of an uninterrupted run; a
+killed stage never leaves a model directory behind.
 
     .venv/bin/python -m pytest tests/faults -q
 
@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
@@ -107,6 +108,7 @@ def test_a_killed_stage_resumes_to_the_weights_of_an_uninterrupted_run(study, ki
         branch.main(["par-a"])                          # bam mixes the parent's branches
     module.main([name])
     reference = load_file(study / out / "model.safetensors")
+    reference_curve = pd.read_csv(study / out / "curve.csv").drop(columns="tokens_per_s")
     shutil.rmtree(study / out)
 
     rng, ckpt = random.Random(kind), study / "checkpoints" / name / "last.ckpt"
@@ -123,4 +125,6 @@ def test_a_killed_stage_resumes_to_the_weights_of_an_uninterrupted_run(study, ki
     weights = load_file(study / out / "model.safetensors")
     assert weights.keys() == reference.keys()
     assert all(weights[k].equal(reference[k]) for k in reference), f"{kind}: resumed weights differ"
+    pd.testing.assert_frame_equal(pd.read_csv(study / out / "curve.csv").drop(columns="tokens_per_s"),
+                                  reference_curve)       # rows and partial sums survive the kills too
     assert not ckpt.parent.exists()                     # removed once the model is written

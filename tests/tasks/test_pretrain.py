@@ -1,21 +1,18 @@
-"""pretrain@<variant> on a tiny corpus: pinned first losses, outputs, resume, DDP on 2 CPU processes.
+"""pretrain@<variant> on a tiny corpus: pinned first losses, outputs, checkpoints of other
+inputs or holding code ignored, DDP on 2 CPU processes (resume after SIGKILL: tests/faults).
 
     .venv/bin/python -m pytest tests/tasks/test_pretrain.py -q
 """
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tasks import prepare, pretrain
 from tests.tasks.tiny_corpus import write_corpus
@@ -85,33 +82,6 @@ def test_outputs_explain_themselves(project):
     assert run.data.metrics["final_val_loss"] == pytest.approx(curve(project, "gqa")["val_loss"].iloc[-1])
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")
     assert [m.step for m in history] == [1, 2, 3, 4]
-
-
-def test_interrupted_run_resumes_to_the_same_weights(project):
-    write_params(project, max_steps=300, eval_every=50, ckpt_every=10)
-    assert run_stage(project, "serial").wait() == 0
-    reference = load_file(project / "models/serial/model.safetensors")
-    reference_curve = curve(project)
-    os.remove(project / "models/serial/model.safetensors")
-
-    proc = run_stage(project, "serial")
-    ckpt = project / "checkpoints/serial/last.ckpt"
-    while not ckpt.exists() and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)                            # somewhere after the first checkpoint
-    log = proc.communicate()[0]
-    assert ckpt.exists(), f"no checkpoint before the kill:\n{log[-2000:]}"
-    assert not (project / "models/serial/model.safetensors").exists(), "finished before the kill"
-
-    resumed = run_stage(project, "serial")
-    log = resumed.communicate()[0]
-    assert resumed.returncode == 0, log
-    step = int(re.search(r"resuming from .* at step (\d+)", log).group(1))
-    assert 0 < step < 300 and step % 10 == 0, log               # a checkpoint from inside the run
-    weights = load_file(project / "models/serial/model.safetensors")
-    assert {k: (weights[k] - reference[k]).abs().max().item() for k in reference} == {k: 0.0 for k in reference}
-    pd.testing.assert_frame_equal(curve(project).drop(columns="tokens_per_s"),
-                                  reference_curve.drop(columns="tokens_per_s"))
 
 
 def test_checkpoint_of_other_params_is_ignored(project):
