@@ -27,8 +27,6 @@ import torch
 from components.config import ModelConfig
 from components.model import TransformerLM, is_moe_layer, unfuse_parallel_state_dict
 
-ROUTER_INITS = ("random", "zero", "uniform")
-
 
 def upcycled_config(parent: ModelConfig, method: str, n_expert: int, **moe) -> ModelConfig:
     """The parent's config with MoE FFNs (and, for bam, a mixture of n_expert attention experts).
