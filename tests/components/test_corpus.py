@@ -94,9 +94,28 @@ def test_hash_definition_and_sensitivity(corpus):
 
 def test_domains(corpus):
     root, files = select_files(str(corpus), ["**/*.py"], [])
-    domains = domain_files(root, files, {"pkg": ["pkg/**/*.py"], "top": ["*.py", "nothing/*"], "sub": ["pkg/*/*"]})
+    domains = domain_files(root, files, {"pkg": ["pkg/**/*.py"], "top": ["*.py"], "sub": ["pkg/*/*"]})
     assert {k: rels(root, v) for k, v in domains.items()} == {"pkg": ["pkg/sub/y.py", "pkg/z.py"],
                                                              "top": ["a.py", "b.py"], "sub": ["pkg/sub/y.py"]}
-    with pytest.raises(ParamsError, match=r"data.domains.docs: \['\*.md', 'pkg/\*.txt'\] matched none of the 5 "
-                                          r"selected files; data.domains.rs: .*fix the globs or data.include"):
-        domain_files(root, files, {"pkg": ["pkg/*"], "docs": ["*.md", "pkg/*.txt"], "rs": ["*.rs"]})
+
+
+def test_every_domain_glob_must_find_a_selected_file(corpus):
+    root, files = select_files(str(corpus), ["**/*.py"], [])
+    with pytest.raises(ParamsError, match=r"data.domains.top: 'nothing/\*', data.domains.docs: 'pkg/\*.txt', "
+                                          r"data.domains.rs: '\*.rs' matched none of the 5 selected files under "
+                                          r".*fix the globs or data.include"):
+        domain_files(root, files, {"top": ["*.py", "nothing/*"], "docs": ["pkg/*.txt"], "rs": ["*.rs"]})
+
+
+def test_package_source_is_a_pinned_release():
+    import sympy
+
+    root, files = select_files(f"package:sympy=={sympy.__version__}", ["core/tests/test_a*.py"], [])
+    assert root == Path(sympy.__file__).parent.resolve()
+    assert rels(root, files)[0] == "core/tests/test_args.py"
+    for spec, problem in [("sympy", r"must pin one release, like 'package:sympy==1.14.0'"),
+                          ("sympy==0.1", rf"wants sympy 0.1, this environment has {sympy.__version__}: "
+                                         r"pip install sympy==0.1"),
+                          ("no-such-pkg==1.0", r"package no-such-pkg is not installed: pip install no-such-pkg==1.0")]:
+        with pytest.raises(ParamsError, match=f"data.source: .*{problem}"):
+            select_files(f"package:{spec}", ["*.py"], [])
