@@ -6,7 +6,7 @@ Reads the `data` section of params.yaml and writes data/prepared/:
     tokenizer.json                  Tokenizer.load() reads it
     train.bin, val.bin              flat token ids (dtype in meta.json), np.memmap-able
     domains/<name>/{train,val}.bin  the same, for the files of each data.domains entry
-    meta.json                       source, corpus hash, tokenizer, token counts
+    meta.json                       source, corpus hash, tokenizer, token counts (nothing machine-specific)
 Each document (file) is encoded on its own. Its last floor(n * val_fraction) tokens, but at
 least one when it has two or more, go to val; the rest, followed by <|endoftext|>, go to train.
 So val is made of document endings and holds no EOT; train + val holds every token exactly once.
@@ -96,9 +96,8 @@ def main(argv: list[str]) -> None:
         if empty:
             raise ParamsError(f"no validation tokens for {', '.join(empty)}: every document there is shorter "
                               f"than 2 tokens; add longer files to data.include or the domain's globs")
-        stdlib = data.source == "stdlib"
-        meta = {"source": {"root": str(root), "stdlib": stdlib},
-                **({"python_version": platform.python_version()} if stdlib else {}),
+        meta = {"source": data.source,
+                **({"python_version": platform.python_version()} if data.source == "stdlib" else {}),
                 "files": len(files), "bytes": sum(len(t.encode("utf-8")) for t in texts),
                 "sha256": corpus_sha256(root, files), "include": data.include, "exclude": data.exclude,
                 "tokenizer": data.tokenizer, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,

@@ -1,9 +1,12 @@
 """`python -m tasks.<stage> --help` prints the stage's usage and does nothing else."""
+import importlib
+import pkgutil
+
 import pytest
 
-from tasks import branch, compress, distill, evaluate, prepare, pretrain, report, upcycle, validate
+import tasks
 
-STAGES = [validate, prepare, pretrain, branch, upcycle, distill, compress, evaluate, report]
+STAGES = [importlib.import_module(f"tasks.{m.name}") for m in pkgutil.iter_modules(tasks.__path__)]
 
 
 @pytest.mark.parametrize("stage", STAGES, ids=[s.__name__ for s in STAGES])

@@ -5,7 +5,6 @@
 import hashlib
 import json
 import platform
-import sysconfig
 
 import mlflow
 import numpy as np
@@ -91,7 +90,7 @@ def test_prepare_end_to_end(project, capsys):
     nbytes = sum(len(DOCS[f].encode()) for f in files)
     train = sum(len(splits[f][0]) for f in files)
     assert meta == {
-        "source": {"root": str(corpus.resolve()), "stdlib": False}, "files": 4, "bytes": nbytes, "sha256": sha,
+        "source": "corpus", "files": 4, "bytes": nbytes, "sha256": sha,
         "include": ["**/*.py"], "exclude": [], "tokenizer": "bpe", "vocab_size": tok.vocab_size, "eot_id": 0,
         "dtype": "uint16", "val_fraction": 0.2, "train_tokens": train, "val_tokens": total - train,
         "domains": {
@@ -155,11 +154,11 @@ def test_corpus_without_validation_tokens(project):
 
 
 def test_stdlib_source(project):
-    (project / "params.yaml").write_text('data: {include: ["json/*.py"], exclude: ["json/tool.py"], '
+    (project / "params.yaml").write_text('data: {source: stdlib, include: ["json/*.py"], exclude: ["json/tool.py"], '
                                          'tokenizer: byte}\npretrain: {variants: {a: {}}}\n')
     prepare.main([])
     meta = json.loads((project / "data/prepared/meta.json").read_text())
-    assert meta["source"] == {"root": sysconfig.get_paths()["stdlib"], "stdlib": True}
+    assert meta["source"] == "stdlib"
     assert meta["python_version"] == platform.python_version()
     assert meta["files"] == 4 and meta["domains"] == {}
     assert meta["train_tokens"] + meta["val_tokens"] == meta["bytes"] + 4    # byte tokens + one EOT per file

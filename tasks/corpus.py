@@ -1,0 +1,44 @@
+"""corpus: a manifest of the bytes `prepare` reads -> data/corpus.json (DVC runs it on every repro).
+
+    python -m tasks.corpus                  # what `dvc repro corpus` runs; `dvc repro` runs it every time
+
+DVC cannot list a corpus as a dependency when its files are chosen by globs, or live in an installed
+package: so this cheap stage selects the files the `data` section names (checking every glob and
+that every file is UTF-8) and writes their count, size and sha256. When no byte changed the
+manifest is unchanged and nothing downstream reruns; any edited, added, removed or renamed file,
+or another interpreter's stdlib, changes the sha256 and `prepare` reruns. Takes about a second
+for the default corpus (the files are read twice: to check them and to hash them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from components.corpus import corpus_sha256, domain_files, select_files
+from components.errors import cli
+from components.params import load_study
+
+MANIFEST = Path("data/corpus.json")
+
+
+def main(argv: list[str]) -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
+    data = load_study().data
+    root, files = select_files(data.source, data.include, data.exclude)
+    domains = domain_files(root, files, data.domains)
+    manifest = {"source": data.source, "files": len(files), "bytes": sum(f.stat().st_size for f in files),
+                "sha256": corpus_sha256(root, files), "domains": {name: len(fs) for name, fs in domains.items()}}
+    text = json.dumps(manifest, indent=2) + "\n"
+    changed = not MANIFEST.exists() or MANIFEST.read_text() != text
+    if changed:                                  # rewritten only when it changes; whole or not at all
+        MANIFEST.parent.mkdir(parents=True, exist_ok=True)
+        tmp = MANIFEST.with_name(f".{MANIFEST.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(MANIFEST)
+    print(f"corpus: {manifest['files']} files, {manifest['bytes'] / 1e6:.1f} MB under {root}, sha256 "
+          f"{manifest['sha256'][:12]}: {'changed' if changed else 'unchanged'} -> {MANIFEST}")
+
+
+if __name__ == "__main__":
+    cli(main)
