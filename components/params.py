@@ -32,9 +32,16 @@ class StudyParams(Strict):
     seed: int = Field(1337, ge=0, le=2**32 - 1)   # model init and batch order derive from it (the seeding call's range)
 
 
+# The default corpus: a pinned release of a pure-Python package (a dependency of torch, pinned in
+# pyproject.toml) is the same bytes on every machine and Python version; the stdlib is not.
+DEFAULT_CORPUS = "package:sympy==1.14.0"
+
+
 class DataParams(Strict):
-    source: str = "stdlib"                 # "stdlib" (this interpreter's standard library) or a directory
-    include: list[str] = ["*.py"]          # globs relative to source, read in sorted order
+    # "package:<name>==<version>" (that installed release's files), "stdlib" (this interpreter's
+    # standard library: differs between Python builds) or a directory (relative to the project root)
+    source: str = DEFAULT_CORPUS
+    include: list[str] = ["[a-i]*/*.py", "[a-i]*/tests/test_*.py"]   # globs relative to source, read in sorted order
     exclude: list[str] = []
     domains: dict[str, list[str]] = {}     # name -> globs (relative to source) for branch training
     tokenizer: Literal["bpe", "char", "byte"] = "bpe"

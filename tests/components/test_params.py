@@ -5,7 +5,7 @@ import pytest
 
 from components.config import PRESETS
 from components.errors import ParamsError
-from components.params import load_study
+from components.params import DEFAULT_CORPUS, load_study
 
 ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = """
@@ -34,7 +34,7 @@ def test_shipped_studies_are_valid(path):
 def test_minimal_study_gets_defaults(tmp_path):
     (tmp_path / "params.yaml").write_text(MINIMAL)
     study = load_study(tmp_path / "params.yaml")
-    assert study.data.source == "stdlib" and study.experiment == "archflow"
+    assert study.data.source == DEFAULT_CORPUS and study.experiment == "archflow"
     cfg = study.variant_config("parallel", vocab_size=300)
     assert (cfg.block, cfg.vocab_size, cfg.n_kv_head) == ("parallel", 300, cfg.n_head)
 
