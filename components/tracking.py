@@ -8,7 +8,9 @@ logged: MLflow mirrors them, it never owns them.
 
 Each stage opens its run with `stage_run(study, stage, model, parents, params)`. A rerun of a stage
 makes a new run tagged `current=true` and retags the previous one `current=false`, so "the run of
-model X at stage S" is always well defined: `current_runs(study)` lists them.
+model X at stage S" is always well defined: `current_runs(study)` lists them. Runs are tagged
+`dvc_exp` with their DVC experiment's name (`workspace` for `dvc repro` and the Prefect flow), and
+"current" holds within each experiment.
 
     with tracking.stage_run(study, "evaluate", model="parallel", parents=[]) as run_id:
         tracking.log_metrics(metrics)
@@ -37,7 +39,16 @@ _warned = False
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    """MLFLOW_TRACKING_URI, else the project's mlflow.db. The project root is DVC_ROOT when DVC runs the
+    stage: `dvc exp run --temp` and queued experiments run in a copy under .dvc/tmp/exps/, whose own
+    mlflow.db would be deleted with it."""
+    root = Path(os.environ.get("DVC_ROOT") or Path.cwd())
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+
+
+def dvc_experiment() -> str:
+    """The DVC experiment this stage runs in (`dvc exp run`, queued or --temp), else 'workspace'."""
+    return os.environ.get("DVC_EXP_NAME") or "workspace"
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -135,7 +146,7 @@ def stage_run(study, stage: str, model: str | None = None, parents=(), params: d
         yield None
         return
     all_tags = {"stage": stage, "dvc_stage": os.environ.get("DVC_STAGE", ""), "git_commit": git_commit(),
-                **({"dvc_exp": os.environ["DVC_EXP_NAME"]} if os.environ.get("DVC_EXP_NAME") else {}),
+                "dvc_exp": dvc_experiment(),
                 "data_sha256": data_sha256(), "study": study.study.name,
                 **({"model": model, "parents": ",".join(parents)} if model else {}), **(tags or {})}
     if parent := os.environ.get(PARENT_RUN_ENV):       # set by flows/pipeline.py: nest under its run
@@ -149,8 +160,10 @@ def stage_run(study, stage: str, model: str | None = None, parents=(), params: d
 
 
 def make_current(run_id: str, stage: str, model: str | None) -> None:
-    """Tag this run current=true and every earlier run of the same (stage, model) current=false."""
-    query = f"tags.stage = '{stage}' and tags.current = 'true'" + (f" and tags.model = '{model}'" if model else "")
+    """Tag this run current=true and every earlier run of the same (stage, model) in the same DVC
+    experiment ('workspace' outside one) current=false: an experiment leaves the workspace's runs current."""
+    query = (f"tags.stage = '{stage}' and tags.current = 'true' and tags.dvc_exp = '{dvc_experiment()}'"
+             + (f" and tags.model = '{model}'" if model else ""))
     client = mlflow.MlflowClient()
     for old in mlflow.search_runs(filter_string=query, output_format="list"):
         if old.info.run_id != run_id:
@@ -158,9 +171,10 @@ def make_current(run_id: str, stage: str, model: str | None) -> None:
     client.set_tag(run_id, "current", "true")
 
 
-def current_runs(experiment: str, stage: str | None = None) -> list:
-    """The current run of every (stage, model) of the experiment, newest first."""
-    query = "tags.current = 'true'" + (f" and tags.stage = '{stage}'" if stage else "")
+def current_runs(experiment: str, stage: str | None = None, dvc_exp: str = "workspace") -> list:
+    """The current run of every (stage, model) of the MLflow experiment in DVC experiment `dvc_exp`,
+    newest first."""
+    query = f"tags.current = 'true' and tags.dvc_exp = '{dvc_exp}'" + (f" and tags.stage = '{stage}'" if stage else "")
     return mlflow.search_runs(experiment_names=[experiment], filter_string=query, output_format="list",
                               order_by=["attributes.start_time DESC"])
 

@@ -47,6 +47,26 @@ def test_a_rerun_leaves_one_current_run_per_stage_and_model():
     assert mlflow.get_run(ids[0]).data.tags["current"] == "false"
 
 
+def test_a_dvc_experiment_tags_its_runs_and_leaves_the_workspace_runs_current(monkeypatch):
+    with tracking.stage_run(study(), "evaluate", model="a") as workspace:
+        pass
+    monkeypatch.setenv("DVC_EXP_NAME", "lr-sweep-1")
+    with tracking.stage_run(study(), "evaluate", model="a") as exp:
+        pass
+    assert mlflow.get_run(workspace).data.tags["dvc_exp"] == "workspace"
+    assert mlflow.get_run(exp).data.tags["dvc_exp"] == "lr-sweep-1"
+    assert [r.info.run_id for r in tracking.current_runs("trk", "evaluate")] == [workspace]
+    assert [r.info.run_id for r in tracking.current_runs("trk", "evaluate", dvc_exp="lr-sweep-1")] == [exp]
+
+
+def test_stages_of_a_temporary_dvc_experiment_track_into_the_project(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("DVC_ROOT", "/the/project")                # set by DVC, also in .dvc/tmp/exps/ copies
+    assert tracking.tracking_uri() == "sqlite:////the/project/mlflow.db"
+
+
 def test_a_ddp_rank_other_than_0_opens_no_run(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")     # not even asked: nothing listens there
     with tracking.stage_run(study(), "pretrain", model="a", enabled=False) as run_id:
