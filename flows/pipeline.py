@@ -44,7 +44,7 @@ LOG_TAIL = 30                      # lines of a failed stage's log quoted in the
 class Plan:
     order: list[str]               # the stages `dvc repro <targets>` would visit, in its order
     upstream: dict[str, list[str]] # stage -> the stages of the plan it depends on
-    stale: set[str]                # stages DVC would rerun now, and everything downstream of them
+    changed: set[str]              # stages whose own deps, params or outs DVC reports changed now
     lock_order: list[str]          # dvc.lock's entries before the run
 
 
@@ -135,11 +135,7 @@ def plan_stages(targets: list[str]) -> Plan:
         changed = set(repo.status(targets=[s.addressing for s in stages]))
     order = [s.addressing for s in stages]
     upstream = {s.addressing: [u.addressing for u in graph.successors(s) if u.addressing in order] for s in stages}
-    stale: set[str] = set()
-    for name in order:                                       # upstream first
-        if name in changed or any(u in stale for u in upstream[name]):
-            stale.add(name)
-    return Plan(order, upstream, stale, lock_entries())
+    return Plan(order, upstream, {name for name in order if name in changed}, lock_entries())
 
 
 def collect_target(repo, graph, target: str) -> list:
@@ -187,7 +183,10 @@ def run_stages(runner, plan: Plan, max_parallel: int, retries: int, env: dict) -
             elif all(u in outcomes for u in ups) and len(running) < max_parallel:
                 waiting.remove(name)
                 stage = run_stage.with_options(task_run_name=name, retries=retries, retry_delay_seconds=RETRY_DELAY_S)
-                parameters = {"name": name, "root": str(Path.cwd()), "stale": name in plan.stale, "env": env}
+                # Stale: changed itself, or an upstream stage ran (its outputs may differ). A stage marked
+                # always_changed (corpus) runs each time, but what it leaves unchanged reruns nothing.
+                stale = name in plan.changed or any(outcomes[u].status in ("ran", "restored") for u in ups)
+                parameters = {"name": name, "root": str(Path.cwd()), "stale": stale, "env": env}
                 futures[name] = running[name] = runner.submit(stage, parameters, wait_for=[futures[u] for u in ups])
                 started[name] = time.perf_counter()
                 futures[name].add_done_callback(done.put)

@@ -3,7 +3,7 @@
     .venv/bin/python -m pytest tests/flows/test_e2e.py -q        # a few minutes on 2 cores (5 under heavy load); CI runs it
 
 For CI time it builds a subset of the smoke study, `evaluate@serial evaluate@parallel` and their
-upstream (validate, prepare, two pretrains, two evaluates: two independent branches); the whole
+upstream (validate, corpus, prepare, two pretrains, two evaluates: two independent branches); the whole
 study would add ~3 minutes of stage start-ups and shows nothing more about the flow.
 """
 import json
@@ -23,7 +23,7 @@ from flows.pipeline import plan_stages
 from tests.test_pipeline import repo, sh, sha  # noqa: F401  (repo: the smoke study in a temp git repo)
 
 TARGETS = ["evaluate@serial", "evaluate@parallel"]
-STAGES = {"validate", "prepare", "pretrain@serial", "pretrain@parallel", "evaluate@serial", "evaluate@parallel"}
+STAGES = {"validate", "corpus", "prepare", "pretrain@serial", "pretrain@parallel", "evaluate@serial", "evaluate@parallel"}
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_the_flow_builds_the_smoke_study_like_dvc_repro_and_a_rerun_executes_not
     locked = list(YAML(typ="safe").load((repo / "dvc.lock").read_text())["stages"])
     assert sorted(locked) == sorted(plan.order)
     assert all(locked.index(up) < locked.index(name) for name in locked for up in plan.upstream[name])
-    assert plan.stale == set()
+    assert plan.changed == {"corpus"}                    # always_changed: its manifest is checked each run
     for name in ("serial", "parallel"):
         assert json.loads((repo / "metrics" / f"{name}.json").read_text())["val_loss"] > 0
 
@@ -104,13 +104,14 @@ def test_the_flow_builds_the_smoke_study_like_dvc_repro_and_a_rerun_executes_not
     assert sorted((r.data.tags["stage"], r.data.tags.get("model", "")) for r in children) == sorted(
         [("prepare", "")] + [(s, m) for s in ("pretrain", "evaluate") for m in ("serial", "parallel")])
 
-    # a second run executes nothing: every task run finishes at once as Skipped
+    # a second run executes nothing but the corpus check (always_changed): every other task run
+    # finishes as Skipped, prepare after DVC found the corpus manifest unchanged
     lock, weights = (repo / "dvc.lock").read_bytes(), sha(repo / "models/serial/model.safetensors")
     out = run_flow(repo, api, tmp_path)
-    assert "Running stage" not in out
+    assert [line.split("Running stage ")[1] for line in out.splitlines() if "Running stage" in line] == ["'corpus':"]
     first, second = task_runs(api)
     assert sorted(t["name"] for t in second) == sorted(STAGES)
-    assert {t["state_name"] for t in second} == {"Skipped"}
+    assert {t["name"]: t["state_name"] for t in second} == {s: "Completed" if s == "corpus" else "Skipped" for s in STAGES}
     assert (repo / "dvc.lock").read_bytes() == lock
 
     # plain `dvc repro` rebuilds the same weights byte for byte (the model directory's meta.json and

@@ -42,6 +42,15 @@ def test_a_second_run_executes_nothing(project):
     assert (root / "log/runs.txt").read_text() == before
 
 
+def test_an_always_changed_stage_that_changes_nothing_reruns_nothing_downstream(project):
+    root = project(stage("root").replace("    cmd:", "    always_changed: true\n    cmd:")    # like `corpus`
+                   + stage("left", ["out/root.txt"]) + stage("join", ["out/left.txt"]))
+    pipeline()
+    assert pipeline() == {"root": "ran", "left": "skipped", "join": "skipped"}
+    assert [line.split()[0] for line in (root / "log/runs.txt").read_text().splitlines()] == ["root", "left", "join",
+                                                                                            "root"]
+
+
 def test_dvc_lock_and_outputs_are_what_dvc_repro_writes(project, tmp_path):
     by_flow = project(DIAMOND, "flow")          # `right` finishes before `left` here, not in dvc repro
     pipeline(max_parallel=2)
