@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from components.config import ModelConfig
 from components.data import StepBatches, StepsFrom, eval_offsets, load_tokens, window_batch
+from components.device import device_name
 from components.model import TransformerLM, moe_layers, moe_losses
 
 if TYPE_CHECKING:                     # only the type: the schema is not needed to train
@@ -119,9 +120,10 @@ class StepCheckpoint(L.Callback):
 
 class TrainingCurve(L.Callback):
     """Every `eval_every` steps and at the last step: one row of the training curve with the
-    validation loss on fixed windows, the mean train loss since the previous row, the lr and
-    the training tokens/s (validation time excluded). Rows, partial sums and train seconds survive
-    resume."""
+    validation loss on fixed windows, the mean train loss since the previous row and the lr. The
+    rows (curve.csv, in the DVC-hashed model directory) are a pure function of the stage's inputs;
+    the training time is not: tokens/s goes to the logger with each row, and `timing()` (for
+    metrics/train/<name>.json) sums it up. Rows, partial sums and train seconds survive resume."""
 
     def __init__(self, val_tokens: np.ndarray, block_size: int, batch_size: int, eval_batches: int,
                  eval_every: int, max_steps: int):
@@ -131,18 +133,29 @@ class TrainingCurve(L.Callback):
         self.tokens_per_step = batch_size * block_size
         self.rows, self.seconds = [], 0.0
         self._loss_sum, self._steps, self._t0 = 0.0, 0, None
+        self.ran_on = {"device": None, "world_size": None, "precision": None}   # what trained: none yet
 
     def start(self, val_loss: float) -> None:
         """The step-0 row: the validation loss of the model training starts from. Stages that start
         from trained weights (branch, upcycle, compress, distill from its teacher's layers) write it,
         and so does one that trains no steps (its only row); a model trained from its random init
         (pretrain, distill init scratch) starts at step eval_every."""
-        self.rows = [{"step": 0, "tokens": 0, "train_loss": math.nan, "val_loss": val_loss, "lr": 0.0,
-                      "tokens_per_s": math.nan}]
+        self.rows = [{"step": 0, "tokens": 0, "train_loss": math.nan, "val_loss": val_loss, "lr": 0.0}]
 
     def csv(self) -> str:
         """curve.csv: one line per row (NaN: no value, e.g. the step-0 row's train loss)."""
         return pd.DataFrame(self.rows).to_csv(index=False)
+
+    def timing(self) -> dict:
+        """metrics/train/<name>.json: seconds of training steps (summed over resumes), the mean training
+        tokens/s over them, and what trained (device, world size, precision: None if no step ran)."""
+        return {"train_seconds": round(self.seconds, 3),
+                "tokens_per_s": round(self.rows[-1]["tokens"] / self.seconds, 1) if self.seconds else None,
+                **self.ran_on, "threads": torch.get_num_threads()}
+
+    def on_train_start(self, trainer, pl_module):
+        self.ran_on = {"device": device_name(pl_module.device), "world_size": trainer.world_size,
+                       "precision": str(trainer.precision)}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._t0 is None:
@@ -158,11 +171,11 @@ class TrainingCurve(L.Callback):
         self.seconds += dt
         row = {"step": step, "tokens": step * self.tokens_per_step,
                "train_loss": self._loss_sum / self._steps, "val_loss": self.val_loss(pl_module.model),
-               "lr": trainer.optimizers[0].param_groups[0]["lr"],
-               "tokens_per_s": self._steps * self.tokens_per_step / dt}
+               "lr": trainer.optimizers[0].param_groups[0]["lr"]}
         self.rows.append(row)
         if trainer.logger:
-            trainer.logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+            trainer.logger.log_metrics({k: v for k, v in row.items() if k != "step"}
+                                       | {"tokens_per_s": self._steps * self.tokens_per_step / dt}, step=step)
         self._loss_sum, self._steps, self._t0 = 0.0, 0, time.perf_counter()
 
     @torch.no_grad()
@@ -177,8 +190,9 @@ class TrainingCurve(L.Callback):
         model.train(was_training)
         return float(np.mean(losses))
 
-    def state_dict(self):
-        return {"rows": self.rows, "seconds": self.seconds, "loss_sum": self._loss_sum, "steps": self._steps}
+    def state_dict(self):     # seconds include the steps since the last row, whose partial sums travel too
+        partial = time.perf_counter() - self._t0 if self._t0 is not None else 0.0
+        return {"rows": self.rows, "seconds": self.seconds + partial, "loss_sum": self._loss_sum, "steps": self._steps}
 
     def load_state_dict(self, state):
         self.rows, self.seconds, self._loss_sum, self._steps = (

@@ -296,6 +296,11 @@ class Study(Strict):
     def model_dir(self, name: str) -> Path:
         return Path(self.models()[name]["dir"])
 
+    def train_metrics(self, name: str) -> Path:
+        """The training time of model `name` (branches too): wall-clock, so a DVC metric outside its
+        model directory, whose bytes stay a function of the inputs."""
+        return Path("metrics/train") / f"{name}.json"
+
     def branches_of(self, parent: str) -> list[str]:
         return [name for name, b in self.branch.items() if b.parent == parent]
 

@@ -6,7 +6,8 @@
 params.yaml `branch.<name>`: parent (a pretrain variant), domain (a key of data.domains), and
 max_steps/lr/min_lr/warmup_steps over `train`. Trains on data/prepared/domains/<domain>/train.bin,
 its curve's val_loss is on that domain's val.bin. Writes branches/<parent>/<name>/ (model.safetensors,
-config.json, meta.json, curve.csv); branches are not evaluated (they are steps towards an upcycle).
+config.json, meta.json, curve.csv) and metrics/train/<name>.json (its training time); branches are not
+evaluated (they are steps towards an upcycle).
 Resumable and DDP-safe like pretrain: checkpoints in checkpoints/<name>/, only rank 0 writes.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import lightning.pytorch as L
 
 from components import tracking
-from components.artifacts import PREPARED, load_input, prepared_meta, save_model_dir, short_hash
+from components.artifacts import PREPARED, dumps, load_input, prepared_meta, save_model_dir, short_hash, write_atomic
 from components.data import load_tokens
 from components.errors import ParamsError, cli
 from components.lit import LitLM, LMDataModule, TrainingCurve, fit, global_rank0
@@ -64,9 +65,10 @@ def main(argv: list[str]) -> None:
         meta = {"stage": "branch", "parents": [entry.parent], "domain": entry.domain,
                 "data_sha256": data_meta["sha256"], "params_hash": params_hash,
                 "tokens_seen": parent_meta["tokens_seen"] + tokens, "steps": train.max_steps,
-                "train_seconds": round(curve.seconds, 3), "params": lit.model.num_params()}
+                "params": lit.model.num_params()}
         out = study.model_dir(args.name)
         save_model_dir(out, lit.model.cpu(), meta, {"curve.csv": curve.csv()})
+        write_atomic(study.train_metrics(args.name), dumps(curve.timing()))
         final = curve.rows[-1]
         tracking.log_metrics({"final_val_loss": final["val_loss"], "train_seconds": curve.seconds,
                               "tokens_seen": meta["tokens_seen"]})

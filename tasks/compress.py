@@ -5,9 +5,10 @@ recovery: continued training or distillation from the source.
     python -m tasks.compress serial-int8       # what `dvc repro compress@serial-int8` runs
 
 Writes models/<name>/ (model.safetensors, config.json, meta.json; for prune and ffn_fusion, even
-with max_steps 0, curve.csv: a step-0 row for the compressed model, then the recovery's rows).
-meta.json records the method's settings and the validation loss of the source, of the compressed
-model, and after recovery. Calibration batches (importance scores, fusion search) come from the
+with max_steps 0, curve.csv: a step-0 row for the compressed model, then the recovery's rows), then
+metrics/train/<name>.json (the transform's and the recovery's time). meta.json records the
+method's settings and the validation loss of the source, of the compressed model, and after
+recovery. Calibration batches (importance scores, fusion search) come from the
 training split, drawn with seed + 1. Resumable and DDP-safe like pretrain: only global rank 0 writes
 outputs or talks to MLflow.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 import lightning.pytorch as L
 
 from components import tracking
-from components.artifacts import PREPARED, load_input, prepared_meta, save_model_dir, short_hash
+from components.artifacts import PREPARED, dumps, load_input, prepared_meta, save_model_dir, short_hash, write_atomic
 from components.compress import fuse_ffns, importance, keep_by_score, mean_loss, prune, quantize, search_runs
 from components.data import StepBatches, load_tokens
 from components.distill import LitDistill
@@ -78,8 +79,8 @@ def main(argv: list[str]) -> None:
     model, settings = compress(entry, source, calib)
     curve = TrainingCurve(load_tokens(PREPARED, "val"), block_size, train.batch_size,
                           train.eval_batches, train.eval_every, train.max_steps)
-    settings |= {"val_loss_source": curve.val_loss(source), "val_loss_compressed": curve.val_loss(model),
-                 "compress_seconds": round(time.perf_counter() - t0, 3)}
+    settings |= {"val_loss_source": curve.val_loss(source), "val_loss_compressed": curve.val_loss(model)}
+    compress_seconds = round(time.perf_counter() - t0, 3)
     if isinstance(entry, Recovery):
         curve.start(settings["val_loss_compressed"])
 
@@ -104,10 +105,10 @@ def main(argv: list[str]) -> None:
         meta = {"stage": "compress", "method": entry.method, "parents": [entry.source],
                 "data_sha256": data_meta["sha256"], "params_hash": params_hash,
                 "tokens_seen": src_meta["tokens_seen"] + tokens, "steps": train.max_steps,
-                "train_seconds": round(curve.seconds, 3), "params": model.num_params(),
-                "source_params": source.num_params(), **settings}
+                "params": model.num_params(), "source_params": source.num_params(), **settings}
         out = study.model_dir(args.name)
         save_model_dir(out, model, meta, {"curve.csv": curve.csv()} if curve.rows else {})
+        write_atomic(study.train_metrics(args.name), dumps(curve.timing() | {"compress_seconds": compress_seconds}))
         size_ratio = (out / "model.safetensors").stat().st_size / src_size
         tracking.log_metrics({k: v for k, v in settings.items() if k.startswith("val_loss")} |
                              {"size_ratio": size_ratio, "params_ratio": meta["params"] / meta["source_params"],

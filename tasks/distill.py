@@ -7,8 +7,8 @@ prepared now, used as `logits = teacher(x)`). The student is built from scratch 
 preset and overrides of `model`, like a pretrain variant) or from every other layer of the teacher
 (`init: teacher-every-other`). Writes models/<name>/ (model.safetensors, config.json, meta.json with
 stage distill, method kd | kd-reverse [+hidden], parents [teacher], curve.csv: from step 0 when the
-student starts from the teacher's layers). Resumable like pretrain (checkpoints/<name>/); only global
-rank 0 writes outputs or talks to MLflow.
+student starts from the teacher's layers), then metrics/train/<name>.json (its training time).
+Resumable like pretrain (checkpoints/<name>/); only global rank 0 writes outputs or talks to MLflow.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning.pytorch as L
 
 from components import tracking
-from components.artifacts import PREPARED, load_input, prepared_meta, save_model_dir, short_hash
+from components.artifacts import PREPARED, dumps, load_input, prepared_meta, save_model_dir, short_hash, write_atomic
 from components.data import load_tokens
 from components.distill import LitDistill, init_from_teacher, method_name
 from components.errors import ParamsError, cli
@@ -79,10 +79,10 @@ def main(argv: list[str]) -> None:
                 "init": entry.init, "alpha": entry.alpha, "temperature": entry.temperature, "reverse": entry.reverse,
                 "hidden_weight": entry.hidden_weight, "data_sha256": data_meta["sha256"], "params_hash": params_hash,
                 "tokens_seen": inherited + tokens, "teacher_tokens_seen": teacher_meta["tokens_seen"],
-                "steps": train.max_steps, "train_seconds": round(curve.seconds, 3),
-                "params": student.num_params(), "teacher_params": teacher.num_params()}
+                "steps": train.max_steps, "params": student.num_params(), "teacher_params": teacher.num_params()}
         out = study.model_dir(args.name)
         save_model_dir(out, lit.model.cpu(), meta, {"curve.csv": curve.csv()})
+        write_atomic(study.train_metrics(args.name), dumps(curve.timing()))
         final = curve.rows[-1]
         tracking.log_metrics({"final_val_loss": final["val_loss"], "final_train_loss": final["train_loss"],
                               "train_seconds": curve.seconds, "tokens_seen": meta["tokens_seen"]})

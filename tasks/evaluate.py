@@ -2,9 +2,10 @@
 
     python -m tasks.evaluate parallel       # what `dvc repro evaluate@parallel` runs
 
-Separate from training, so changing `evaluate` settings never retrains. Quality: mean
-next-token loss over non-overlapping validation windows, its perplexity, and bits per byte
-(tokenizer-independent). Speed: batch-1 prefill and KV-cached decode tokens/s, the median of
+Separate from training, so changing `evaluate` settings never retrains. Runs on the accelerator the
+study trains on (train.accelerator; auto: cuda, else mps, else the CPU), recorded as `device`.
+Quality: mean next-token loss over non-overlapping validation windows, its perplexity, and bits per
+byte (tokenizer-independent). Speed: batch-1 prefill and KV-cached decode tokens/s, the median of
 `speed_runs` timed runs after `speed_warmup` untimed ones, with the thread count recorded.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from components import tracking
 from components.artifacts import PREPARED, dumps, load_model_dir, write_atomic
 from components.data import load_tokens, window_batch
+from components.device import device_name, resolve_device
 from components.errors import ParamsError, cli
 from components.params import load_study
 from components.tokenizer import Tokenizer
@@ -29,8 +31,9 @@ from components.tokenizer import Tokenizer
 
 @torch.inference_mode()
 def quality(model, tokens: np.ndarray, token_bytes: torch.Tensor, max_tokens: int, batch_size: int) -> dict:
-    """Loss, perplexity and bits per byte over non-overlapping windows of the first max_tokens."""
-    T = model.cfg.block_size
+    """Loss, perplexity and bits per byte over non-overlapping windows of the first max_tokens, on the
+    model's device (token_bytes: there too)."""
+    T, device = model.cfg.block_size, token_bytes.device
     n_windows = (min(max_tokens, len(tokens) - 1)) // T
     if n_windows == 0:
         raise ParamsError(f"the validation split has {len(tokens)} tokens, fewer than one window of "
@@ -39,6 +42,7 @@ def quality(model, tokens: np.ndarray, token_bytes: torch.Tensor, max_tokens: in
     nll, n_bytes = 0.0, 0
     for i in range(0, n_windows, batch_size):
         x, y = window_batch(tokens, offsets[i:i + batch_size], T)
+        x, y = x.to(device), y.to(device)
         logits = model(x)
         nll += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
         n_bytes += int(token_bytes[y].sum())
@@ -56,24 +60,32 @@ def median_seconds(timed_fn, warmup: int, runs: int) -> float:
 
 @torch.inference_mode()
 def speed(model, prompt: torch.Tensor, decode_tokens: int, warmup: int, runs: int) -> dict:
-    """Batch-1 tokens/s: prefill of `prompt`, then `decode_tokens` single-token cached steps."""
+    """Batch-1 tokens/s: prefill of `prompt` (on the model's device), then `decode_tokens` single-token
+    cached steps."""
     P = prompt.shape[1]
     if P + decode_tokens > model.cfg.block_size:
         raise ParamsError(f"evaluate.prompt_tokens + evaluate.decode_tokens = {P + decode_tokens} exceeds the "
                           f"model's block_size {model.cfg.block_size}: lower them")
 
+    def clock() -> float:               # a GPU runs the queued kernels later: wait for them before reading
+        if prompt.device.type == "cuda":
+            torch.cuda.synchronize(prompt.device)
+        elif prompt.device.type == "mps":
+            torch.mps.synchronize()
+        return time.perf_counter()
+
     def prefill():
         cache = model.new_cache(1, P + decode_tokens)
-        t0 = time.perf_counter()
+        t0 = clock()
         logits = model(prompt, cache)
-        return time.perf_counter() - t0, logits, cache
+        return clock() - t0, logits, cache
 
     def decode():
         _, logits, cache = prefill()
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(decode_tokens):
             logits = model(logits[:, -1:].argmax(-1), cache)
-        return time.perf_counter() - t0
+        return clock() - t0
 
     return {"prefill_tokens_per_s": P / median_seconds(lambda: prefill()[0], warmup, runs),
             "decode_tokens_per_s": decode_tokens / median_seconds(decode, warmup, runs)}
@@ -86,7 +98,7 @@ def samples(model, tokenizer, val: np.ndarray, prompt_tokens: int, new_tokens: i
     for i in range(n):
         start = i * (len(val) - prompt_tokens) // n
         prompt = torch.from_numpy(np.asarray(val[start:start + prompt_tokens], dtype=np.int64))[None]
-        ids = model.generate(prompt, new_tokens, temperature=0)[0].tolist()
+        ids = model.generate(prompt.to(model.wte.weight.device), new_tokens, temperature=0)[0].tolist()
         out.append(f"--- sample {i + 1} (validation tokens {start}..{start + prompt_tokens}) ---\n"
                    f"{tokenizer.decode(ids[:prompt_tokens])}\n>>>\n{tokenizer.decode(ids[prompt_tokens:])}\n")
     return "\n".join(out)
@@ -100,28 +112,32 @@ def main(argv: list[str]) -> None:
     if args.name not in study.evaluated():
         raise ParamsError(f"unknown model '{args.name}': the study evaluates {', '.join(study.evaluated())}")
     ev = study.evaluate
+    device = resolve_device(study.train.accelerator)
     if ev.threads:
         torch.set_num_threads(ev.threads)
     model_dir = study.model_dir(args.name)
     model, meta = load_model_dir(model_dir)
+    model.to(device)
     tokenizer = Tokenizer.load(PREPARED / "tokenizer.json")
     val = load_tokens(PREPARED, "val")
 
-    metrics = quality(model, val, torch.tensor(tokenizer.token_bytes()), ev.max_tokens, ev.batch_size)
-    prompt = torch.from_numpy(np.asarray(val[:ev.prompt_tokens], dtype=np.int64))[None]
+    token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)
+    metrics = quality(model, val, token_bytes, ev.max_tokens, ev.batch_size)
+    prompt = torch.from_numpy(np.asarray(val[:ev.prompt_tokens], dtype=np.int64))[None].to(device)
     metrics |= speed(model, prompt, ev.decode_tokens, ev.speed_warmup, ev.speed_runs)
     metrics |= {"params": model.num_params(), "active_params": model.num_active_params(),
                 "size_bytes": (model_dir / "model.safetensors").stat().st_size,
-                "train_tokens": meta["tokens_seen"], "train_seconds": meta["train_seconds"],
+                "train_tokens": meta["tokens_seen"], "device": device_name(device),
                 "threads": torch.get_num_threads()}
     write_atomic(Path("metrics") / f"{args.name}.json", dumps(metrics))
 
-    # MLflow mirrors the metrics file exactly, with the config, lineage and a few samples.
+    # MLflow mirrors the metrics file exactly (its one text value, the device, as a tag), with the
+    # config, lineage and a few samples.
     params = {"model": model.cfg.to_dict(), "evaluate": ev.model_dump()}
-    tags = {k: meta[k] for k in ("variant", "method") if k in meta}
+    tags = {k: meta[k] for k in ("variant", "method") if k in meta} | {"device": metrics["device"]}
     with tracking.stage_run(study, "evaluate", model=args.name, parents=meta["parents"], params=params,
                             tags=tags) as run_id:
-        tracking.log_metrics(metrics)
+        tracking.log_metrics({k: v for k, v in metrics.items() if k != "device"})
         tracking.log_model_dir(model_dir, study.tracking.log_models)
         if run_id:
             tracking.mlflow.log_text(samples(model, tokenizer, val, ev.prompt_tokens, ev.decode_tokens), "samples.txt")

@@ -2,7 +2,8 @@
 
     python -m tasks.pretrain parallel       # what `dvc repro pretrain@parallel` runs
 
-Writes models/<variant>/ (model.safetensors, config.json, meta.json, curve.csv). Resumable:
+Writes models/<variant>/ (model.safetensors, config.json, meta.json, curve.csv: the same bytes
+whenever the inputs are), then its training time to metrics/train/<variant>.json. Resumable:
 an interrupted run leaves checkpoints/<variant>/last.ckpt (outside DVC outs) and the next run
 continues from it to the same weights. Safe to relaunch: DDP re-executes this command on
 every rank, and only global rank 0 writes outputs or talks to MLflow.
@@ -16,7 +17,7 @@ from pathlib import Path
 import lightning.pytorch as L
 
 from components import tracking
-from components.artifacts import PREPARED, prepared_meta, save_model_dir, short_hash
+from components.artifacts import PREPARED, dumps, prepared_meta, save_model_dir, short_hash, write_atomic
 from components.data import load_tokens
 from components.errors import ParamsError, cli
 from components.lit import LitLM, LMDataModule, TrainingCurve, fit, global_rank0
@@ -58,9 +59,10 @@ def main(argv: list[str]) -> None:
         tokens = train.max_steps * train.batch_size * cfg.block_size
         meta = {"stage": "pretrain", "variant": args.name, "parents": [], "data_sha256": data_meta["sha256"],
                 "params_hash": params_hash, "tokens_seen": tokens, "steps": train.max_steps,
-                "train_seconds": round(curve.seconds, 3), "params": lit.model.num_params()}
+                "params": lit.model.num_params()}
         out = study.model_dir(args.name)
         save_model_dir(out, lit.model.cpu(), meta, {"curve.csv": curve.csv()})
+        write_atomic(study.train_metrics(args.name), dumps(curve.timing()))
         final = curve.rows[-1]
         tracking.log_metrics({"final_val_loss": final["val_loss"], "final_train_loss": final["train_loss"],
                               "train_seconds": curve.seconds, "tokens_seen": tokens})

@@ -2,8 +2,9 @@
 
     python -m tasks.report                  # what `dvc repro report` runs
 
-reports/summary.csv and summary.md (one row per model: metrics and lineage),
-reports/comparisons.csv, reports/val_loss_vs_tokens.png, reports/ppl_vs_decode_speed.png.
+reports/summary.csv and summary.md (one row per model: metrics/<name>.json, the training time of
+metrics/train/<name>.json, lineage), reports/comparisons.csv, reports/val_loss_vs_tokens.png,
+reports/ppl_vs_decode_speed.png.
 """
 from __future__ import annotations
 
@@ -42,13 +43,26 @@ def summary_table(study) -> pd.DataFrame:
         meta = json.loads((study.model_dir(name) / "meta.json").read_text())
         curve = study.model_dir(name) / "curve.csv"
         stage_tokens = int(pd.read_csv(curve)["tokens"].max()) if curve.exists() else 0   # no curve: no training
+        timing = train_timing(study, name)
+        # btx/bam: the compute spent in the branches (parents after the first) before this stage
+        branch_seconds = (sum(train_timing(study, b)["train_seconds"] for b in meta["parents"][1:])
+                          if meta["stage"] == "upcycle" else None)
         rows.append({"model": name, "stage": meta["stage"], "method": meta.get("method", ""),
                      "parents": ",".join(meta["parents"]), "stage_tokens": stage_tokens,
-                     **{k: config[k] for k in ARCH}, **json.loads(metrics_file.read_text())})
+                     **{k: config[k] for k in ARCH}, **json.loads(metrics_file.read_text()),
+                     # this stage's training: its own tokens (not those inherited from parents) over its own time
+                     "train_seconds": timing["train_seconds"], "train_tokens_per_s": timing["tokens_per_s"],
+                     "branch_train_seconds": branch_seconds})
     df = pd.DataFrame(rows).set_index("model")
-    # this stage's training speed: its own tokens (not those inherited from parents) over its own time
-    df["train_tokens_per_s"] = (df["stage_tokens"] / df["train_seconds"]).where(df["stage_tokens"] > 0)
-    return df
+    return df.astype({"train_tokens_per_s": float, "branch_train_seconds": float})   # None (no training): NaN
+
+
+def train_timing(study, name: str) -> dict:
+    """metrics/train/<name>.json, which the stage that trains model `name` writes."""
+    path = study.train_metrics(name)
+    if not path.exists():
+        raise ParamsError(f"{path} is missing: run `dvc repro {study.models()[name]['stage']}@{name}` first")
+    return json.loads(path.read_text())
 
 
 def comparisons(df: pd.DataFrame, pairs: list[tuple[str, str]]) -> pd.DataFrame:

@@ -9,7 +9,8 @@ training is pretrain's, starting from the transformed model, with one extra curv
 (the val loss right after the transform). The mix-phase batches are drawn from a seed of
 (study.seed, parent): every method of a parent sees the same batches, none of the parent's.
 Writes models/<name>/; meta.json records method, parents, experts (the model each expert comes
-from) and extra_tokens (tokens trained beyond the parent: its branches' and this stage's).
+from) and extra_tokens (tokens trained beyond the parent: its branches' and this stage's). The
+training time goes to metrics/train/<name>.json (the report adds the branches' to btx/bam's).
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from pathlib import Path
 import lightning.pytorch as L
 
 from components import tracking
-from components.artifacts import (PREPARED, input_problems, load_model_dir, prepared_meta, read_json, save_model_dir,
-                                  short_hash)
+from components.artifacts import (PREPARED, dumps, input_problems, load_model_dir, prepared_meta, read_json,
+                                  save_model_dir, short_hash, write_atomic)
 from components.data import load_tokens
 from components.errors import ParamsError, cli
 from components.lit import LitLM, LMDataModule, TrainingCurve, fit, global_rank0
@@ -68,9 +69,10 @@ def main(argv: list[str]) -> None:
             return
 
         # 3. Outputs first (DVC's), then MLflow mirrors them; the checkpoint goes last.
-        meta = upcycle_meta(entry, parents, experts, sources, data_meta, params_hash, train, cfg, curve, lit.model)
+        meta = upcycle_meta(entry, parents, experts, sources, data_meta, params_hash, train, cfg, lit.model)
         out = study.model_dir(args.name)
         save_model_dir(out, lit.model.cpu(), meta, {"curve.csv": curve.csv()})
+        write_atomic(study.train_metrics(args.name), dumps(curve.timing()))
         tracking.log_metrics({"init_val_loss": curve.rows[0]["val_loss"], "final_val_loss": curve.rows[-1]["val_loss"],
                               "train_seconds": curve.seconds, "tokens_seen": meta["tokens_seen"],
                               "extra_tokens": meta["extra_tokens"]})
@@ -118,7 +120,7 @@ def transform(entry, sources: dict, experts: list[str], seed: int) -> Transforme
     return model
 
 
-def upcycle_meta(entry, parents, experts, sources, data_meta, params_hash, train, cfg, curve, model) -> dict:
+def upcycle_meta(entry, parents, experts, sources, data_meta, params_hash, train, cfg, model) -> dict:
     """meta.json: lineage, the tokens beyond the parent (its branches' and this stage's), sizes."""
     tokens = train.max_steps * train.batch_size * cfg.block_size
     parent_tokens = sources[entry.parent][1]["tokens_seen"]
@@ -126,10 +128,7 @@ def upcycle_meta(entry, parents, experts, sources, data_meta, params_hash, train
     return {"stage": "upcycle", "method": entry.method, "parents": parents, "experts": experts,
             "data_sha256": data_meta["sha256"], "params_hash": params_hash,
             "tokens_seen": parent_tokens + branch_tokens + tokens, "extra_tokens": branch_tokens + tokens,
-            "steps": train.max_steps, "train_seconds": round(curve.seconds, 3),
-            "branch_train_seconds": round(sum(m["train_seconds"] for n, (_, m) in sources.items()
-                                              if n != entry.parent), 3),
-            "params": model.num_params(), "active_params": model.num_active_params(),
+            "steps": train.max_steps, "params": model.num_params(), "active_params": model.num_active_params(),
             "settings": entry.model_dump(exclude={"method", "parent", *StageTrainParams.model_fields})}
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+import yaml
 
 from components.params import load_study
 
@@ -33,7 +34,8 @@ def evaluate_stage(name: str) -> str:
     kind = MODELS[name]["stage"]
     return f"evaluate@{name}" if kind == "pretrain" else f"evaluate-{kind}@{name}"
 QUALITY = ["val_loss", "val_ppl", "val_bpb", "params", "active_params", "size_bytes", "train_tokens"]
-CONTRACT = QUALITY + ["prefill_tokens_per_s", "decode_tokens_per_s", "train_seconds"]
+CONTRACT = QUALITY + ["prefill_tokens_per_s", "decode_tokens_per_s", "device", "threads"]
+TRAIN_CONTRACT = ["train_seconds", "tokens_per_s", "device", "world_size", "precision", "threads"]  # metrics/train/
 
 
 def sh(repo, *cmd, check=True):
@@ -45,6 +47,13 @@ def sh(repo, *cmd, check=True):
 
 def sha(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def locked_md5(repo, stage: str, path: str) -> str:
+    """The hash dvc.lock records for output `path` of `stage` (a model's decides whether the stages
+    downstream of it rerun)."""
+    outs = yaml.safe_load((repo / "dvc.lock").read_text())["stages"][stage]["outs"]
+    return next(o["md5"] for o in outs if o["path"] == path)
 
 
 def make_repo(repo: Path, params: str) -> Path:
@@ -86,6 +95,8 @@ def test_repro_builds_every_model_metric_and_report(repo, built):
         assert {"model.safetensors", "config.json", "meta.json"} <= {p.name for p in (repo / info["dir"]).iterdir()}
         meta = json.loads((repo / info["dir"] / "meta.json").read_text())
         assert (meta["stage"], meta["parents"]) == (info["stage"], info["parents"])
+        timing = json.loads((repo / "metrics/train" / f"{name}.json").read_text())
+        assert set(TRAIN_CONTRACT) <= set(timing) and (timing["train_seconds"] > 0) == (meta["steps"] > 0)
     for name in NAMES:
         assert f"Running stage '{evaluate_stage(name)}'" in built
         metrics = json.loads((repo / "metrics" / f"{name}.json").read_text())
@@ -117,7 +128,8 @@ def test_every_model_has_one_current_mlflow_run_per_stage_mirroring_its_files(re
             assert len(run.data.params) >= 5 and run.data.params["model.n_embd"]
         if run.data.tags["stage"] == "evaluate":
             metrics = json.loads((repo / "metrics" / f"{name}.json").read_text())
-            assert run.data.metrics == pytest.approx(metrics, rel=1e-12)
+            assert run.data.metrics == pytest.approx({k: v for k, v in metrics.items() if k != "device"}, rel=1e-12)
+            assert run.data.tags["device"] == metrics["device"]
     pretrain = next(r for r in runs if r.data.tags["stage"] == "pretrain" and r.data.tags["model"] == "serial")
     assert pretrain.data.params["model.block"] == "serial"
     assert len(mlflow.MlflowClient().get_metric_history(pretrain.info.run_id, "val_loss")) == 4
@@ -154,14 +166,17 @@ def test_bad_params_stop_repro_before_any_compute(repo, built):
 @pytest.mark.slow
 def test_forced_repro_is_byte_identical(repo, built):
     """Forced: one model of each kind (pretrain, upcycle, distill, compress) and all its upstream
-    stages (the whole study would double the test's time for no more coverage)."""
-    weights = {n: sha(repo / m["dir"] / "model.safetensors") for n, m in MODELS.items()}
+    stages (the whole study would double the test's time for no more coverage). Every file of every
+    model directory is the same, so dvc.lock keeps their hashes: nothing downstream is invalidated."""
+    files = {n: {p.name: sha(p) for p in (repo / m["dir"]).iterdir()} for n, m in MODELS.items()}
+    hashes = {n: locked_md5(repo, stage_of(n), m["dir"]) for n, m in MODELS.items()}
     quality = {n: {k: json.loads((repo / "metrics" / f"{n}.json").read_text())[k] for k in QUALITY} for n in NAMES}
     firsts = {}
     for name in NAMES:
         firsts.setdefault(MODELS[name]["stage"], name)
     out = sh(repo, "dvc", "repro", "-f", *(evaluate_stage(n) for n in firsts.values())).stdout
     assert all(f"Running stage '{stage_of(n)}'" in out for n in firsts.values())
-    assert weights == {n: sha(repo / m["dir"] / "model.safetensors") for n, m in MODELS.items()}
+    assert files == {n: {p.name: sha(p) for p in (repo / m["dir"]).iterdir()} for n, m in MODELS.items()}
+    assert hashes == {n: locked_md5(repo, stage_of(n), m["dir"]) for n, m in MODELS.items()}
     assert quality == {n: {k: json.loads((repo / "metrics" / f"{n}.json").read_text())[k] for k in QUALITY}
                        for n in NAMES}

@@ -60,7 +60,7 @@ def save_source(root, name="serial", block="serial"):
     data_sha = json.loads((root / "data/prepared/meta.json").read_text())["sha256"]
     save_model_dir(root / "models" / name, model,
                    {"stage": "pretrain", "parents": [], "data_sha256": data_sha, "params_hash": "s" * 16,
-                    "tokens_seen": 1000, "steps": 1, "train_seconds": 1.0, "params": model.num_params()})
+                    "tokens_seen": 1000, "steps": 1, "params": model.num_params()})
     return model
 
 
@@ -95,7 +95,10 @@ def test_int8_is_small_loads_alone_and_evaluates(project):
     assert model.cfg.quant == "int8" and model.cfg.quant_embeddings
     evaluate.main(["q8"])
     metrics = json.loads((project / "metrics/q8.json").read_text())
-    assert metrics["val_loss"] > 0 and metrics["params"] == m["source_params"]
+    assert metrics["val_loss"] > 0 and metrics["params"] == m["source_params"] and metrics["device"] == "cpu"
+    timing = json.loads((project / "metrics/train/q8.json").read_text())   # the transform's time, no training
+    assert timing["compress_seconds"] > 0 and "compress_seconds" not in m
+    assert (timing["train_seconds"], timing["tokens_per_s"], timing["device"]) == (0, None, None)
     run = mlflow.search_runs(experiment_names=["tiny"], filter_string="tags.stage = 'compress'", output_format="list")
     assert {r.data.tags["model"] for r in run} == {"q8", "q8-lin"}
     assert {r.data.tags["method"] for r in run} == {"int8"}

@@ -51,7 +51,7 @@ def save_teacher(root, vocab_size=257, **meta):
     data_sha = json.loads((root / "data/prepared/meta.json").read_text())["sha256"]
     save_model_dir(root / "models/serial", TransformerLM(cfg),
                    {"stage": "pretrain", "parents": [], "data_sha256": data_sha, "params_hash": "t" * 16,
-                    "tokens_seen": 1000, "steps": 1, "train_seconds": 1.0, "params": 0, **meta})
+                    "tokens_seen": 1000, "steps": 1, "params": 0, **meta})
 
 
 @pytest.fixture

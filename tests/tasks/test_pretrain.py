@@ -1,5 +1,6 @@
-"""pretrain@<variant> on a tiny corpus: pinned first losses, outputs, checkpoints of other
-inputs or holding code ignored, DDP on 2 CPU processes (resume after SIGKILL: tests/faults).
+"""pretrain@<variant> on a tiny corpus: pinned first losses, outputs, the same bytes from a rerun (the
+time in metrics/train/), checkpoints of other inputs or holding code ignored, DDP on 2 CPU processes
+(resume after SIGKILL: tests/faults).
 
     .venv/bin/python -m pytest tests/tasks/test_pretrain.py -q
 """
@@ -82,6 +83,21 @@ def test_outputs_explain_themselves(project):
     assert run.data.metrics["final_val_loss"] == pytest.approx(curve(project, "gqa")["val_loss"].iloc[-1])
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")
     assert [m.step for m in history] == [1, 2, 3, 4]
+
+
+def test_a_rerun_writes_the_same_bytes_and_the_time_apart(project):
+    """DVC hashes models/<name>/: the same inputs must give the same bytes, so `dvc repro -f` changes
+    no hash downstream. The wall-clock time, which differs every run, is a metric outside it."""
+    out = project / "models" / "serial"
+    pretrain.main(["serial"])
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    pretrain.main(["serial"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    assert "tokens_per_s" not in curve(project).columns
+    assert "train_seconds" not in json.loads(first["meta.json"])
+    timing = json.loads((project / "metrics/train/serial.json").read_text())
+    assert timing["train_seconds"] > 0 and timing["tokens_per_s"] > 0
+    assert (timing["device"], timing["world_size"], timing["precision"]) == ("cpu", 1, "32-true")
 
 
 def test_checkpoint_of_other_params_is_ignored(project):

@@ -1,6 +1,6 @@
 """branch@ and upcycle@ on a tiny prepared corpus with two domains: outputs and lineage, equal extra
-tokens, pinned first mix-phase losses, max_steps 0, evaluation of every method, and bad inputs
-(on disk and in params.yaml) rejected before compute.
+tokens, pinned first mix-phase losses, max_steps 0, evaluation of every method, the report's training
+times (btx/bam: with their branches'), and bad inputs (on disk and in params.yaml) rejected before compute.
 
     .venv/bin/python -m pytest tests/tasks/test_upcycle.py -q
 """
@@ -12,7 +12,7 @@ import pytest
 
 from components.errors import ParamsError
 from components.params import load_study
-from tasks import branch, evaluate, prepare, pretrain, upcycle
+from tasks import branch, evaluate, prepare, pretrain, report, upcycle
 from tests.tasks.tiny_corpus import write_domain_corpus
 
 PARAMS = """\
@@ -50,6 +50,7 @@ def built(tmp_path_factory):
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         prepare.main([])
         pretrain.main(["parallel"])
+        evaluate.main(["parallel"])
         for name in ("par-a", "par-b"):
             branch.main([name])
         for name in METHODS:
@@ -75,6 +76,7 @@ def test_branches_train_on_their_domain(project):
         assert meta["tokens_seen"] == (4 + 3) * 8 * 32
         curve = pd.read_csv(project / f"branches/parallel/{name}/curve.csv")
         assert curve["step"].tolist() == [0, 2, 3] and curve["val_loss"].iloc[-1] < curve["val_loss"].iloc[0]
+        assert json.loads((project / f"metrics/train/{name}.json").read_text())["train_seconds"] > 0
 
 
 def test_every_method_is_made_and_evaluated(project):
@@ -109,6 +111,20 @@ def test_first_mix_losses_are_pinned(project):
     # Pinned on torch 2.13 CPU: a change means the transform, router init, data order or losses changed.
     assert curves["sparse"]["train_loss"].tolist()[1:] == pytest.approx([4.90563, 4.61076, 4.33049, 4.17288], abs=1e-3)
     assert curves["bam"]["val_loss"].tolist() == pytest.approx([4.68279, 4.44790], abs=1e-3)
+
+
+def test_report_joins_the_training_times(project):
+    """The report reads metrics/train/: each model's own time and speed, and for btx/bam the time
+    spent in their branches (continue and sparse have none; a pretrain variant is no upcycle)."""
+    report.main([])
+    df = pd.read_csv(project / "reports/summary.csv", index_col="model")
+    timing = {n: json.loads((project / f"metrics/train/{n}.json").read_text()) for n in ("par-a", "par-b", "btx")}
+    branches = timing["par-a"]["train_seconds"] + timing["par-b"]["train_seconds"]
+    assert df.loc["btx", "branch_train_seconds"] == df.loc["bam", "branch_train_seconds"] == pytest.approx(branches)
+    assert df.loc["cont", "branch_train_seconds"] == 0 and pd.isna(df.loc["parallel", "branch_train_seconds"])
+    btx = df.loc["btx"]
+    assert (btx.train_seconds, btx.train_tokens_per_s) == (timing["btx"]["train_seconds"], timing["btx"]["tokens_per_s"])
+    assert pd.isna(df.loc["bam-shared-0", "train_tokens_per_s"])                 # max_steps 0: no speed
 
 
 def test_max_steps_zero_saves_the_transform(project):
