@@ -72,12 +72,8 @@ def test_the_corpus_is_a_dependency(repo):
     assert "prepare:" in sh(repo, "dvc", "status").stdout
     assert ran(sh(repo, "dvc", "repro").stdout) == ["corpus"] + DOWNSTREAM
 
-    # a file added, a file renamed: each reruns prepare; the original corpus is restored from DVC's run cache
-    (repo / "corpus/b/new.txt").write_text("def f ( x ) : return x\n" * 20)
-    assert "prepare" in ran(sh(repo, "dvc", "repro").stdout)
-    (repo / "corpus/b/new.txt").rename(repo / "corpus/b/renamed.txt")
-    assert "prepare" in ran(sh(repo, "dvc", "repro").stdout)
-    (repo / "corpus/b/renamed.txt").unlink()
+    # back to the corpus built before: restored from DVC's run cache (tests/tasks/test_prepare.py
+    # shows the manifest also changes when a file is added, removed or renamed)
     doc.write_text(text)
     out = sh(repo, "dvc", "repro").stdout
     assert "Stage 'prepare' is cached - skipping run" in out and "pretrain@a" not in ran(out)

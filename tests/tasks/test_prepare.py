@@ -12,6 +12,7 @@ import pytest
 
 from components.errors import ParamsError
 from components.tokenizer import Tokenizer
+from tasks import corpus as corpus_stage
 from tasks import prepare
 
 DOCS = {
@@ -162,3 +163,33 @@ def test_stdlib_source(project):
     assert meta["python_version"] == platform.python_version()
     assert meta["files"] == 4 and meta["domains"] == {}
     assert meta["train_tokens"] + meta["val_tokens"] == meta["bytes"] + 4    # byte tokens + one EOT per file
+
+
+def test_corpus_manifest_changes_with_any_selected_byte_and_only_then(project, capsys):
+    def manifest() -> str:
+        corpus_stage.main([])
+        return (project / "data/corpus.json").read_text()
+
+    first = manifest()
+    assert json.loads(first)["files"] == 4 and json.loads(first)["domains"] == {"app": 2, "lib": 2}
+    mtime = (project / "data/corpus.json").stat().st_mtime_ns
+    assert manifest() == first and (project / "data/corpus.json").stat().st_mtime_ns == mtime   # not rewritten
+    assert "unchanged -> data/corpus.json" in capsys.readouterr().out.splitlines()[-1]
+    app, lib = project / "corpus/app/util.py", project / "corpus/lib"
+    changes = [(lambda: app.write_text(DOCS["app/util.py"] + "#\n"), lambda: app.write_text(DOCS["app/util.py"])),
+               (lambda: (lib / "new.py").write_text("y = 2\n"), lambda: (lib / "new.py").unlink()),
+               (lambda: app.rename(app.with_name("util2.py")), lambda: app.with_name("util2.py").rename(app))]
+    for change, undo in changes:                  # edited, added, renamed: changed; undone: as before
+        change()
+        assert manifest() != first
+        undo()
+        assert manifest() == first
+    (project / "corpus/README.md").write_text("not selected: no change\n")
+    assert manifest() == first
+
+
+def test_a_bad_corpus_writes_no_manifest(project):
+    (project / "corpus/lib/bad.py").write_bytes(b"x = 1\n\xff\n")
+    with pytest.raises(ParamsError, match=r"not UTF-8 text: lib/bad.py \(byte 6\)"):
+        corpus_stage.main([])
+    assert not (project / "data").exists()
