@@ -22,7 +22,7 @@ import posixpath
 from pathlib import Path
 
 from components.errors import cli
-from components.params import Study, load_study
+from components.params import Int8, Study, load_study
 
 OK = Path("data/params.ok")
 VIEWS = Path("models/dvc.yaml")
@@ -31,13 +31,15 @@ HEADER = ("# DVC's views of every model of the study: `dvc plots show` overlays 
 
 
 def views(study: Study) -> str:
-    """models/dvc.yaml's text: paths are relative to models/ (branches live in ../branches/)."""
+    """models/dvc.yaml's text: paths are relative to models/ (branches live in ../branches/). Every model
+    but an int8 one (never trained, tasks/compress.py) has a curve.csv; its tokens count from its own stage's start."""
     from ruamel.yaml import YAML
 
     models = study.models()
     rel = {name: posixpath.relpath(m["dir"], VIEWS.parent.as_posix()) for name, m in models.items()}
-    plot = {"template": "curves", "title": "validation loss of every model", "x": "tokens",
-            "y": {f"{rel[name]}/curve.csv": "val_loss" for name in models}}
+    trained = [name for name in models if not isinstance(study.compress.get(name), Int8)]
+    plot = {"template": "curves", "title": "validation loss vs tokens of each model's own stage", "x": "tokens",
+            "y": {f"{rel[name]}/curve.csv": "val_loss" for name in trained}}
     artifacts = {name: {"path": rel[name], "type": "model", "desc": describe(name, m),
                         "labels": labels(study, name, m)} for name, m in models.items()}
     yaml, out = YAML(typ="safe", pure=True), io.StringIO()
