@@ -5,6 +5,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+import yaml
+from dvc.repo import Repo
 
 from components.params import load_study
 
@@ -165,3 +168,50 @@ def test_forced_repro_is_byte_identical(repo, built):
     assert weights == {n: sha(repo / m["dir"] / "model.safetensors") for n, m in MODELS.items()}
     assert quality == {n: {k: json.loads((repo / "metrics" / f"{n}.json").read_text())[k] for k in QUALITY}
                        for n in NAMES}
+
+
+@pytest.mark.slow
+def test_plots_show_without_targets_overlays_every_curve_and_the_report_figures(repo, built):
+    shown = json.loads(sh(repo, "dvc", "plots", "show", "--json").stdout)
+    assert not shown.get("errors")
+    [curves] = shown["data"]["val_loss_vs_tokens"]
+    points = pd.DataFrame(curves["content"]["data"]["values"])
+    trained = {n: m for n, m in MODELS.items() if n != "serial-int8"}   # int8 never trains: no curve.csv
+    assert points.groupby("filename").size().to_dict() == {
+        f"{m['dir']}/curve.csv": len(pd.read_csv(repo / m["dir"] / "curve.csv")) for m in trained.values()}
+    for png in ("val_loss_vs_tokens.png", "ppl_vs_decode_speed.png"):
+        assert [p["type"] for p in shown["data"][f"reports/{png}"]] == ["image"]
+
+
+@pytest.mark.slow
+def test_every_model_is_a_dvc_artifact_labelled_with_its_lineage(repo, built):
+    with Repo(str(repo)) as dvc_repo:
+        artifacts = dvc_repo.artifacts.read()["models/dvc.yaml"]
+    assert list(artifacts) == list(MODELS)
+    for name, artifact in artifacts.items():
+        info = MODELS[name]
+        assert (repo / "models" / artifact.path).resolve() == (repo / info["dir"]).resolve()
+        assert (artifact.type, artifact.labels[0]) == ("model", info["stage"])
+        assert [label for label in artifact.labels if label.startswith("parent:")] == \
+            [f"parent:{p}" for p in info["parents"]]
+    assert artifacts["parallel-btx"].labels[1] == "method:btx"
+
+
+@pytest.mark.slow
+def test_a_clone_pulled_from_a_remote_reproduces_nothing(repo, built, tmp_path):
+    """README's remote example: commit, push to a local remote, clone, pull; `dvc repro` there runs
+    at most the always_changed stages, and leaves DVC and git clean."""
+    sh(repo, "dvc", "repro")                                   # earlier tests forced some stages: report is stale
+    sh(repo, "dvc", "remote", "add", "-d", "local", str(tmp_path / "remote"))
+    sh(repo, "git", "add", ".dvc/config", "dvc.lock", "data/params.ok", "models/dvc.yaml", "metrics", "reports")
+    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "study results")
+    assert sh(repo, "git", "status", "--porcelain").stdout == ""
+    sh(repo, "dvc", "push")
+    clone = tmp_path / "clone"
+    sh(tmp_path, "git", "clone", "-q", str(repo), str(clone))
+    sh(clone, "dvc", "pull")
+    always = {name for name, stage in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].items()
+              if stage.get("always_changed")}
+    assert set(re.findall(r"Running stage '([^']+)'", sh(clone, "dvc", "repro").stdout)) <= always
+    assert set(json.loads(sh(clone, "dvc", "status", "--json").stdout)) <= always
+    assert sh(clone, "git", "status", "--porcelain").stdout == ""
