@@ -155,22 +155,6 @@ def test_bad_params_stop_repro_before_any_compute(repo, built):
 
 
 @pytest.mark.slow
-def test_forced_repro_is_byte_identical(repo, built):
-    """Forced: one model of each kind (pretrain, upcycle, distill, compress) and all its upstream
-    stages (the whole study would double the test's time for no more coverage)."""
-    weights = {n: sha(repo / m["dir"] / "model.safetensors") for n, m in MODELS.items()}
-    quality = {n: {k: json.loads((repo / "metrics" / f"{n}.json").read_text())[k] for k in QUALITY} for n in NAMES}
-    firsts = {}
-    for name in NAMES:
-        firsts.setdefault(MODELS[name]["stage"], name)
-    out = sh(repo, "dvc", "repro", "-f", *(evaluate_stage(n) for n in firsts.values())).stdout
-    assert all(f"Running stage '{stage_of(n)}'" in out for n in firsts.values())
-    assert weights == {n: sha(repo / m["dir"] / "model.safetensors") for n, m in MODELS.items()}
-    assert quality == {n: {k: json.loads((repo / "metrics" / f"{n}.json").read_text())[k] for k in QUALITY}
-                       for n in NAMES}
-
-
-@pytest.mark.slow
 def test_plots_show_without_targets_overlays_every_curve_and_the_report_figures(repo, built):
     shown = json.loads(sh(repo, "dvc", "plots", "show", "--json").stdout)
     assert not shown.get("errors")
@@ -201,7 +185,7 @@ def test_every_model_is_a_dvc_artifact_labelled_with_its_lineage(repo, built):
 def test_a_clone_pulled_from_a_remote_reproduces_nothing(repo, built, tmp_path):
     """README's remote example: commit, push to a local remote, clone, pull; `dvc repro` there runs
     at most the always_changed stages, and leaves DVC and git clean."""
-    sh(repo, "dvc", "repro")                                   # earlier tests forced some stages: report is stale
+    sh(repo, "dvc", "repro")                                   # up to date before committing (here a no-op)
     sh(repo, "dvc", "remote", "add", "-d", "local", str(tmp_path / "remote"))
     sh(repo, "git", "add", ".dvc/config", "dvc.lock", "data/params.ok", "models/dvc.yaml", "metrics", "reports")
     sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "study results")
@@ -215,3 +199,19 @@ def test_a_clone_pulled_from_a_remote_reproduces_nothing(repo, built, tmp_path):
     assert set(re.findall(r"Running stage '([^']+)'", sh(clone, "dvc", "repro").stdout)) <= always
     assert set(json.loads(sh(clone, "dvc", "status", "--json").stdout)) <= always
     assert sh(clone, "git", "status", "--porcelain").stdout == ""
+
+
+@pytest.mark.slow
+def test_forced_repro_is_byte_identical(repo, built):
+    """Forced: one model of each kind (pretrain, upcycle, distill, compress) and all its upstream
+    stages (the whole study would double the test's time for no more coverage)."""
+    weights = {n: sha(repo / m["dir"] / "model.safetensors") for n, m in MODELS.items()}
+    quality = {n: {k: json.loads((repo / "metrics" / f"{n}.json").read_text())[k] for k in QUALITY} for n in NAMES}
+    firsts = {}
+    for name in NAMES:
+        firsts.setdefault(MODELS[name]["stage"], name)
+    out = sh(repo, "dvc", "repro", "-f", *(evaluate_stage(n) for n in firsts.values())).stdout
+    assert all(f"Running stage '{stage_of(n)}'" in out for n in firsts.values())
+    assert weights == {n: sha(repo / m["dir"] / "model.safetensors") for n, m in MODELS.items()}
+    assert quality == {n: {k: json.loads((repo / "metrics" / f"{n}.json").read_text())[k] for k in QUALITY}
+                       for n in NAMES}
