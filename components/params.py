@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from components.config import PER_LAYER_BLOCKS, ModelConfig, merge_preset, preset_problems
 from components.errors import ParamsError
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_-]{0,62}[A-Za-z0-9])?$")   # also a valid DVC artifact name
 
 
 class Strict(BaseModel):
@@ -496,8 +496,8 @@ def semantic_problems(study: Study) -> list[str]:
     for section, keys in (*sections.items(), ("data.domains", study.data.domains)):
         for name in keys:
             if not NAME_RE.match(name):
-                p.append(f"{section}.{name}: the name is unsafe as a path or stage name; "
-                         f"use letters, digits, '-' and '_' (at most 64, starting with a letter or digit)")
+                p.append(f"{section}.{name}: the name is unsafe as a path, stage or DVC artifact name; "
+                         f"use letters, digits, '-' and '_' (at most 64, starting and ending with a letter or digit)")
     base = _unchecked_config(_set(study.model)).problems()
     p += [f"model: {problem}" for problem in base]
     for name, variant in study.pretrain.variants.items():

@@ -1,27 +1,88 @@
-"""validate: check all of params.yaml, before any other stage runs.
+"""validate: check all of params.yaml, before any other stage runs, and write models/dvc.yaml.
 
     python -m tasks.validate                # what `dvc repro validate` runs; exits 2 listing every problem
 
 DVC tracks params.yaml as a whole file here, so a typo in any section (even one no stage
 tracks) reruns this stage and stops `dvc repro` before any compute. On success it writes
 data/params.ok, whose content never changes, so passing validation triggers nothing downstream.
+
+It also writes models/dvc.yaml, DVC's views of the study's models: one plot overlaying every
+model's curve.csv (`dvc plots show`) and one artifact per model (`type: model`, with its stage,
+parents and method as labels). dvc.yaml's top-level `plots:` and `artifacts:` cannot `foreach`
+over params.yaml, so this file lists the models one by one; DVC refuses a dvc.yaml as a stage
+output, so it is written here as a side effect, only when its content changes, and committed to
+git like dvc.lock (tests/tasks/test_validate.py checks the committed one is current).
 """
 from __future__ import annotations
 
 import argparse
+import io
+import os
+import posixpath
 from pathlib import Path
 
 from components.errors import cli
-from components.params import load_study
+from components.params import Int8, Study, load_study
 
 OK = Path("data/params.ok")
+VIEWS = Path("models/dvc.yaml")
+HEADER = ("# DVC's views of every model of the study: `dvc plots show` overlays their training curves, and\n"
+          "# each model is a DVC artifact (type: model). Written by tasks/validate.py from params.yaml; do not edit.\n")
+
+
+def views(study: Study) -> str:
+    """models/dvc.yaml's text: paths are relative to models/ (branches live in ../branches/). Every model
+    but an int8 one (never trained, tasks/compress.py) has a curve.csv; its tokens count from its own stage's start."""
+    from ruamel.yaml import YAML
+
+    models = study.models()
+    rel = {name: posixpath.relpath(m["dir"], VIEWS.parent.as_posix()) for name, m in models.items()}
+    trained = [name for name in models if not isinstance(study.compress.get(name), Int8)]
+    plot = {"template": "curves", "title": "validation loss vs tokens of each model's own stage", "x": "tokens",
+            "y": {f"{rel[name]}/curve.csv": "val_loss" for name in trained}}
+    artifacts = {name: {"path": rel[name], "type": "model", "desc": describe(name, m),
+                        "labels": labels(study, name, m)} for name, m in models.items()}
+    yaml, out = YAML(typ="safe", pure=True), io.StringIO()
+    yaml.default_flow_style, yaml.sort_base_mapping_type_on_output, yaml.width = False, False, 4096   # as written
+    yaml.dump({"plots": [{"val_loss_vs_tokens": plot}], "artifacts": artifacts}, out)
+    return HEADER + out.getvalue()
+
+
+def describe(name: str, model: dict) -> str:
+    made = f"made by dvc stage {model['stage']}@{name}"
+    return made + (f" from {', '.join(model['parents'])}" if model["parents"] else "")
+
+
+def labels(study: Study, name: str, model: dict) -> list[str]:
+    """[stage, how it was made (preset, domain, init or method), parent:<name> for each parent]."""
+    stage = model["stage"]
+    if stage == "pretrain":
+        preset = study.pretrain.variants[name].preset
+        how = [f"preset:{preset}"] if preset else []
+    elif stage == "branch":
+        how = [f"domain:{study.branch[name].domain}"]
+    elif stage == "distill":
+        how = [f"init:{study.distill[name].init}"]
+    else:                                              # upcycle, compress: one class per method
+        how = [f"method:{getattr(study, stage)[name].method}"]
+    return [stage, *how, *(f"parent:{p}" for p in model["parents"])]
+
+
+def write_if_changed(path: Path, text: str) -> None:
+    """Atomic (a reader never sees half a file), and untouched when equal (DVC sees no change)."""
+    if path.exists() and path.read_text() == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def main(argv: list[str]) -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
     study = load_study()
-    OK.parent.mkdir(parents=True, exist_ok=True)
-    OK.write_text("params.yaml is valid\n")
+    write_if_changed(VIEWS, views(study))
+    write_if_changed(OK, "params.yaml is valid\n")
     print(f"params.yaml is valid: study '{study.study.name}' with {len(study.models())} models")
 
 

@@ -82,10 +82,11 @@ def test_unknown_component_names(tmp_path):
 
 
 def test_unsafe_names(tmp_path):
-    msg = problems(tmp_path, "pretrain:\n  variants:\n    'a/b': {}\n    'x y': {}\n    ok: {}\n"
+    msg = problems(tmp_path, "pretrain:\n  variants:\n    'a/b': {}\n    'x y': {}\n    ends-: {}\n    ok: {}\n"
                    "data:\n  domains:\n    '../up': ['*.py']\n")
     assert "pretrain.variants.a/b: the name is unsafe" in msg
     assert "pretrain.variants.x y: the name is unsafe" in msg
+    assert "pretrain.variants.ends-: the name is unsafe" in msg
     assert "data.domains.../up: the name is unsafe" in msg
     assert "pretrain.variants.ok" not in msg
 

@@ -1,0 +1,80 @@
+"""The validate stage's models/dvc.yaml: every model's curve in one plot, every model an artifact, and
+the committed file current with params.yaml. (Its checks of params.yaml: tests/components/test_params.py.)
+
+    .venv/bin/python -m pytest tests/tasks/test_validate.py -q
+"""
+import posixpath
+import shutil
+from pathlib import Path
+
+import pytest
+from ruamel.yaml import YAML
+
+from components.params import load_study
+from tasks import validate
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = ROOT / "tests/smoke/params.yaml"
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    shutil.copy(SMOKE, tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_views_overlay_every_curve_and_list_every_model_as_an_artifact(project):
+    validate.main([])
+    text = (project / "models/dvc.yaml").read_text()
+    assert "Written by tasks/validate.py from params.yaml; do not edit." in text.splitlines()[1]
+    views, models = YAML(typ="safe").load(text), load_study().models()
+    [[(name, plot)]] = [p.items() for p in views["plots"]]
+    assert (name, plot["x"], plot["template"]) == ("val_loss_vs_tokens", "tokens", "curves")
+    assert [posixpath.normpath(f"models/{csv}") for csv in plot["y"]] == [     # int8 never trains: no curve
+        f"{m['dir']}/curve.csv" for name, m in models.items() if name != "serial-int8"]
+    assert set(plot["y"].values()) == {"val_loss"}
+    assert list(views["artifacts"]) == list(models)
+    assert {posixpath.normpath(f"models/{a['path']}") for a in views["artifacts"].values()} == \
+        {m["dir"] for m in models.values()}
+    assert views["artifacts"]["parallel-btx"] == {
+        "path": "parallel-btx", "type": "model", "desc": "made by dvc stage upcycle@parallel-btx from parallel, "
+                                                         "parallel-lib, parallel-tests",
+        "labels": ["upcycle", "method:btx", "parent:parallel", "parent:parallel-lib", "parent:parallel-tests"]}
+    assert views["artifacts"]["parallel-lib"]["path"] == "../branches/parallel/parallel-lib"
+    assert views["artifacts"]["parallel-lib"]["labels"] == ["branch", "domain:lib", "parent:parallel"]
+    assert views["artifacts"]["serial"]["labels"] == ["pretrain", "preset:serial"]
+    assert views["artifacts"]["serial-kd"]["labels"] == ["distill", "init:scratch", "parent:serial"]
+    assert views["artifacts"]["serial-int8"]["labels"] == ["compress", "method:int8", "parent:serial"]
+    assert (project / "data/params.ok").exists()
+
+
+def test_views_are_rewritten_only_when_the_models_change(project):
+    validate.main([])
+    views = project / "models/dvc.yaml"
+    before = views.stat().st_mtime_ns, views.read_text()
+    validate.main([])
+    assert (views.stat().st_mtime_ns, views.read_text()) == before
+    params = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(params.replace("parallel-gqa", "gqa"))
+    validate.main([])
+    assert "\n      gqa/curve.csv" in views.read_text() and "parallel-gqa" not in views.read_text()
+    assert [p.name for p in views.parent.iterdir()] == ["dvc.yaml"]         # no temporary file left
+
+
+def test_dvc_reads_every_artifact_with_a_valid_name(project):
+    from dvc.repo import Repo
+    from dvc.repo.artifacts import check_name_format
+
+    validate.main([])
+    with Repo.init(project, no_scm=True) as repo:
+        artifacts = repo.artifacts.read()["models/dvc.yaml"]
+    assert list(artifacts) == list(load_study().models())
+    for name in artifacts:
+        check_name_format(name)                                            # raises on a name DVC only warns about
+
+
+def test_committed_views_match_params_yaml():
+    committed = (ROOT / "models/dvc.yaml").read_text()
+    assert committed == validate.views(load_study(ROOT / "params.yaml")), \
+        "models/dvc.yaml is stale: run `python -m tasks.validate` (or `dvc repro`) and commit models/dvc.yaml"
