@@ -33,14 +33,6 @@ def short_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def save_model_dir(dst: str | Path, model: TransformerLM, meta: dict, files: dict[str, str] | None = None):
     """Write model + config + meta (+ extra text files) to a temp dir, then swap it into place."""
     dst = Path(dst)

@@ -19,9 +19,10 @@ from pathlib import Path
 import lightning.pytorch as L
 
 from components import tracking
-from components.artifacts import PREPARED, dumps, load_input, prepared_meta, save_model_dir, short_hash, write_atomic
+from components.artifacts import PREPARED, dumps, load_input, prepared_meta, save_model_dir, short_hash
 from components.data import load_tokens
 from components.errors import ParamsError, cli
+from components.files import write_atomic
 from components.lit import LitLM, LMDataModule, TrainingCurve, fit, global_rank0
 from components.params import load_study
 

@@ -22,11 +22,12 @@ from pathlib import Path
 import lightning.pytorch as L
 
 from components import tracking
-from components.artifacts import PREPARED, dumps, load_input, prepared_meta, save_model_dir, short_hash, write_atomic
+from components.artifacts import PREPARED, dumps, load_input, prepared_meta, save_model_dir, short_hash
 from components.compress import fuse_ffns, importance, keep_by_score, mean_loss, prune, quantize, search_runs
 from components.data import StepBatches, load_tokens
 from components.distill import LitDistill
 from components.errors import ParamsError, cli
+from components.files import write_atomic
 from components.lit import LitLM, LMDataModule, TrainingCurve, fit, global_rank0
 from components.params import FfnFusion, Int8, Prune, Recovery, load_study
 from components.quant import int8_path

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from components.corpus import corpus_sha256, domain_files, select_files
 from components.errors import cli
+from components.files import write_atomic
 from components.params import load_study
 
 MANIFEST = Path("data/corpus.json")
@@ -29,13 +30,7 @@ def main(argv: list[str]) -> None:
     domains = domain_files(root, files, data.domains)
     manifest = {"source": data.source, "files": len(files), "bytes": sum(f.stat().st_size for f in files),
                 "sha256": corpus_sha256(root, files), "domains": {name: len(fs) for name, fs in domains.items()}}
-    text = json.dumps(manifest, indent=2) + "\n"
-    changed = not MANIFEST.exists() or MANIFEST.read_text() != text
-    if changed:                                  # rewritten only when it changes; whole or not at all
-        MANIFEST.parent.mkdir(parents=True, exist_ok=True)
-        tmp = MANIFEST.with_name(f".{MANIFEST.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(MANIFEST)
+    changed = write_atomic(MANIFEST, json.dumps(manifest, indent=2) + "\n")
     print(f"corpus: {manifest['files']} files, {manifest['bytes'] / 1e6:.1f} MB under {root}, sha256 "
           f"{manifest['sha256'][:12]}: {'changed' if changed else 'unchanged'} -> {MANIFEST}")
 

@@ -19,10 +19,11 @@ from pathlib import Path
 import lightning.pytorch as L
 
 from components import tracking
-from components.artifacts import PREPARED, dumps, load_input, prepared_meta, save_model_dir, short_hash, write_atomic
+from components.artifacts import PREPARED, dumps, load_input, prepared_meta, save_model_dir, short_hash
 from components.data import load_tokens
 from components.distill import LitDistill, init_from_teacher, method_name
 from components.errors import ParamsError, cli
+from components.files import write_atomic
 from components.lit import LMDataModule, TrainingCurve, fit, global_rank0
 from components.model import TransformerLM
 from components.params import load_study, teacher_init_problems

@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from components import tracking
-from components.artifacts import PREPARED, dumps, load_model_dir, write_atomic
+from components.artifacts import PREPARED, dumps, load_model_dir
 from components.data import load_tokens, window_batch
 from components.device import device_name, resolve_device
 from components.errors import ParamsError, cli
+from components.files import write_atomic
 from components.params import load_study
 from components.tokenizer import Tokenizer
 

@@ -23,9 +23,10 @@ import lightning.pytorch as L
 
 from components import tracking
 from components.artifacts import (PREPARED, dumps, input_problems, load_model_dir, prepared_meta, read_json,
-                                  save_model_dir, short_hash, write_atomic)
+                                  save_model_dir, short_hash)
 from components.data import load_tokens
 from components.errors import ParamsError, cli
+from components.files import write_atomic
 from components.lit import LitLM, LMDataModule, TrainingCurve, fit, global_rank0
 from components.model import TransformerLM
 from components.params import Bam, Btx, Continue, Sparse, StageTrainParams, load_study

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import posixpath
 from pathlib import Path
 
 from components.errors import cli
+from components.files import write_atomic
 from components.params import Int8, Study, load_study
 
 OK = Path("data/params.ok")
@@ -68,21 +68,11 @@ def labels(study: Study, name: str, model: dict) -> list[str]:
     return [stage, *how, *(f"parent:{p}" for p in model["parents"])]
 
 
-def write_if_changed(path: Path, text: str) -> None:
-    """Atomic (a reader never sees half a file), and untouched when equal (DVC sees no change)."""
-    if path.exists() and path.read_text() == text:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def main(argv: list[str]) -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
     study = load_study()
-    write_if_changed(VIEWS, views(study))
-    write_if_changed(OK, "params.yaml is valid\n")
+    write_atomic(VIEWS, views(study))
+    write_atomic(OK, "params.yaml is valid\n")
     print(f"params.yaml is valid: study '{study.study.name}' with {len(study.models())} models")
 
 
