@@ -136,7 +136,7 @@ def test_every_model_has_one_current_mlflow_run_per_stage_mirroring_its_files(re
     assert pretrain.data.params["model.block"] == "serial"
     assert len(mlflow.MlflowClient().get_metric_history(pretrain.info.run_id, "val_loss")) == 4
     report = next(r for r in runs if r.data.tags["stage"] == "report")
-    table = mlflow.load_table("summary.json", run_ids=[report.info.run_id], experiment_ids=[report.info.experiment_id])
+    table = mlflow.MlflowClient().load_table(report.info.experiment_id, "summary.json", [report.info.run_id])
     assert sorted(table["model"]) == sorted(NAMES)
 
 
