@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,9 @@ from components.config import ModelConfig
 from components.data import StepBatches, StepsFrom, eval_offsets, load_tokens, window_batch
 from components.device import device_name
 from components.model import TransformerLM, moe_layers, moe_losses
+
+# Lightning 2.6's own code calls a torch API that torch 2.13 deprecates, once a stage: nothing for a user to act on.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 if TYPE_CHECKING:                     # only the type: the schema is not needed to train
     from components.params import TrainParams
@@ -173,9 +177,13 @@ class TrainingCurve(L.Callback):
                "train_loss": self._loss_sum / self._steps, "val_loss": self.val_loss(pl_module.model),
                "lr": trainer.optimizers[0].param_groups[0]["lr"]}
         self.rows.append(row)
+        tokens_per_s = self._steps * self.tokens_per_step / dt
         if trainer.logger:
             trainer.logger.log_metrics({k: v for k, v in row.items() if k != "step"}
-                                       | {"tokens_per_s": self._steps * self.tokens_per_step / dt}, step=step)
+                                       | {"tokens_per_s": tokens_per_s}, step=step)
+        if trainer.is_global_zero:        # the console's progress: a line a row (no progress bar)
+            print(f"  step {step:>{len(str(self.max_steps))}}/{self.max_steps}  train_loss {row['train_loss']:.4f}  "
+                  f"val_loss {row['val_loss']:.4f}  lr {row['lr']:.2e}  {tokens_per_s:,.0f} tokens/s", flush=True)
         self._loss_sum, self._steps, self._t0 = 0.0, 0, time.perf_counter()
 
     @torch.no_grad()
@@ -235,6 +243,7 @@ def resume_step(ckpt: Path, params_hash: str) -> int:
 def make_trainer(train: TrainParams, ckpt_dir: Path, callbacks: list, logger) -> L.Trainer:
     """The Trainer every training stage uses: `train` settings, a resumable checkpoint every
     ckpt_every steps in ckpt_dir (outside DVC outs), no Lightning validation loop (the curve callback does it)."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)   # no banners, tips or GPU/TPU lines
     trainer = L.Trainer(
         accelerator=train.accelerator, devices=train.devices, num_nodes=train.num_nodes,
         strategy=train.strategy, precision=train.precision, deterministic=train.deterministic,
@@ -243,8 +252,8 @@ def make_trainer(train: TrainParams, ckpt_dir: Path, callbacks: list, logger) ->
         callbacks=[*callbacks, StepCheckpoint(ckpt_dir / "last.ckpt", train.ckpt_every)],
         enable_checkpointing=False, plugins=[AtomicCheckpointIO()], logger=logger,
         limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
+        enable_progress_bar=False,              # it counts epochs of an endless one; TrainingCurve prints steps
         log_every_n_steps=min(50, train.ckpt_every))
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     return trainer
 
 

@@ -197,16 +197,17 @@ def log_metrics(metrics: dict, step: int | None = None) -> None:
         mlflow.log_metrics(metrics, step=step)
 
 
-def log_model_dir(path: str | Path, log_weights: bool = False) -> None:
-    """Mirror a written model directory on the active run: config.json, meta.json, curve.csv with
-    a plot of it, and the weights only if asked (DVC already stores them)."""
+def log_model_dir(path: str | Path, log_weights: bool = False, curve: bool = True) -> None:
+    """Mirror a model directory on the active run: config.json, meta.json, curve.csv with a plot of it
+    (`curve`: the training stages'; evaluate skips it, and matplotlib's second of start-up), and the
+    weights only if asked (DVC already stores them)."""
     if not active():
         return
     path = Path(path)
     for name in ("config.json", "meta.json", "curve.csv"):
-        if (path / name).exists():
+        if (path / name).exists() and (curve or name != "curve.csv"):
             mlflow.log_artifact(str(path / name))
-    if (path / "curve.csv").exists():
+    if curve and (path / "curve.csv").exists():
         mlflow.log_figure(curve_figure(path / "curve.csv", path.name), "curve.png")
     if log_weights:
         mlflow.log_artifact(str(path / "model.safetensors"))

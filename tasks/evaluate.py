@@ -139,7 +139,7 @@ def main(argv: list[str]) -> None:
     with tracking.stage_run(study, "evaluate", model=args.name, parents=meta["parents"], params=params,
                             tags=tags) as run_id:
         tracking.log_metrics({k: v for k, v in metrics.items() if k != "device"})
-        tracking.log_model_dir(model_dir, study.tracking.log_models)
+        tracking.log_model_dir(model_dir, study.tracking.log_models, curve=False)   # the training run has it
         if run_id:
             tracking.mlflow.log_text(samples(model, tokenizer, val, ev.prompt_tokens, ev.decode_tokens), "samples.txt")
         if run_id and study.tracking.register:
