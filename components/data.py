@@ -17,12 +17,27 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from components.errors import ParamsError
+
 
 def load_tokens(prepared: str | Path, split: str = "train") -> np.memmap:
-    """The token ids of a split ('train', 'val', 'domains/<name>/train', ...) as a read-only memmap."""
+    """The token ids of a split ('train', 'val', 'domains/<name>/train', ...) as a read-only memmap.
+    A missing or truncated token file (its size is not what meta.json counts) is one ParamsError."""
     prepared = Path(prepared)
-    meta = json.loads((prepared / "meta.json").read_text())
-    return np.memmap(prepared / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
+    path, fix = prepared / f"{split}.bin", (f"restore it with `dvc checkout {prepared}`, or rebuild it with "
+                                            f"`dvc repro -f prepare`")
+    try:
+        meta = json.loads((prepared / "meta.json").read_text())
+        parts = split.split("/")                 # 'val', or 'domains/<name>/val'
+        expected = (meta["domains"][parts[1]] if len(parts) == 3 else meta)[f"{parts[-1]}_tokens"]
+        dtype = np.dtype(meta["dtype"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ParamsError(f"{prepared / 'meta.json'} is missing or damaged ({type(e).__name__}: {e}): {fix}") from None
+    size = path.stat().st_size if path.is_file() else None
+    if size != expected * dtype.itemsize:
+        problem = "is missing" if size is None else f"has {size:,} bytes, not {expected:,} tokens x {dtype.itemsize}"
+        raise ParamsError(f"{path} {problem} (as {prepared / 'meta.json'} records): {fix}")
+    return np.memmap(path, dtype=dtype, mode="r")
 
 
 def window_batch(tokens: np.ndarray, offsets, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ import pytest
 
 from components.errors import ParamsError
 from components.tokenizer import Tokenizer
+from components.data import load_tokens
 from tasks import corpus as corpus_stage
 from tasks import prepare
 
@@ -193,3 +194,19 @@ def test_a_bad_corpus_writes_no_manifest(project):
     with pytest.raises(ParamsError, match=r"not UTF-8 text: lib/bad.py \(byte 6\)"):
         corpus_stage.main([])
     assert not (project / "data").exists()
+
+
+def test_a_missing_or_truncated_token_file_is_one_message_with_the_fix(project):
+    prepare.main([])
+    out = project / "data/prepared"
+    assert len(load_tokens(out, "domains/app/val")) == json.loads((out / "meta.json").read_text())["domains"]["app"]["val_tokens"]
+    (out / "val.bin").write_bytes((out / "val.bin").read_bytes()[:-2])
+    with pytest.raises(ParamsError, match=r"val.bin has [\d,]+ bytes, not [\d,]+ tokens x 2 \(as .*meta.json records\): "
+                                          r"restore it with `dvc checkout .*prepared`, or rebuild it with `dvc repro -f prepare`"):
+        load_tokens(out, "val")
+    (out / "domains/app/train.bin").unlink()
+    with pytest.raises(ParamsError, match=r"domains/app/train.bin is missing"):
+        load_tokens(out, "domains/app/train")
+    (out / "meta.json").write_text("{")
+    with pytest.raises(ParamsError, match=r"meta.json is missing or damaged \(JSONDecodeError"):
+        load_tokens(out, "train")
