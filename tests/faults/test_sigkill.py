@@ -101,7 +101,7 @@ def kill_after_checkpoints(proc: subprocess.Popen, ckpt: Path, rng: random.Rando
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_killed_stage_resumes_to_the_weights_of_an_uninterrupted_run(study, kind, monkeypatch):
+def test_a_killed_stage_resumes_to_the_weights_of_an_uninterrupted_run(study, kind, monkeypatch, fault):
     module, name, out = KINDS[kind]
     monkeypatch.chdir(study)
     if kind == "upcycle-bam" and not (study / "branches/parallel/par-a").exists():
@@ -114,6 +114,7 @@ def test_a_killed_stage_resumes_to_the_weights_of_an_uninterrupted_run(study, ki
     rng, ckpt = random.Random(kind), study / "checkpoints" / name / "last.ckpt"
     for kill in range(2):
         log = kill_after_checkpoints(start(study, module.__name__, name), ckpt, rng)
+        fault(f"SIGKILL {kind} mid-training ({kill + 1} of 2)")
         assert not (study / out).exists(), f"kill {kill + 1} came after the model was written:\n{log[-2000:]}"
         assert ckpt.exists(), f"no checkpoint before kill {kill + 1}:\n{log[-2000:]}"
 
