@@ -26,15 +26,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def copy_project(dest: Path) -> Path:
-    """The project's files as git sees them, the smoke study as params.yaml, a fresh git repo."""
+def copy_project(dest: Path, params: str | None = None) -> Path:
+    """The project's files as git sees them, `params` (default: the smoke study) as params.yaml, a fresh git repo."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for f in files:
         if (ROOT / f).is_file():
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, dest / f)
-    shutil.copy(ROOT / "tests/smoke/params.yaml", dest / "params.yaml")
+    (dest / "params.yaml").write_text(params or (ROOT / "tests/smoke/params.yaml").read_text())
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=b", "-c", "user.email=b@b",
                                                                "commit", "-qm", "bench"]):
         subprocess.run(cmd, cwd=dest, check=True, capture_output=True)

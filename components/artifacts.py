@@ -34,10 +34,13 @@ def short_hash(obj) -> str:
 
 
 def save_model_dir(dst: str | Path, model: TransformerLM, meta: dict, files: dict[str, str] | None = None):
-    """Write model + config + meta (+ extra text files) to a temp dir, then swap it into place."""
+    """Write model + config + meta (+ extra text files) to a temp dir, then swap it into place: a
+    reader sees the old directory, none, or the new one, never part of one. Temp dirs that killed
+    writers left are removed first (DVC lets one stage at a time write `dst`)."""
     dst = Path(dst)
+    for stale in dst.parent.glob(f".{dst.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(weights(model), tmp / "model.safetensors", metadata={"format": "pt"})
     (tmp / "config.json").write_text(dumps(model.cfg.to_dict()))
@@ -72,7 +75,7 @@ def read_checked(file: Path, read):
         return read(file)
     except Exception as e:      # truncated, not JSON, not safetensors, or weights of another shape
         raise ParamsError(f"{file} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]}): restore it "
-                          f"with `dvc checkout {file.parent}`, or rebuild it with `dvc repro -f` of the stage "
+                          f"with `dvc checkout --force {file.parent}`, or rebuild it with `dvc repro -f` of the stage "
                           f"that writes {file.parent} (`dvc status` names it)") from None
 
 

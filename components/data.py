@@ -24,7 +24,7 @@ def load_tokens(prepared: str | Path, split: str = "train") -> np.memmap:
     """The token ids of a split ('train', 'val', 'domains/<name>/train', ...) as a read-only memmap.
     A missing or truncated token file (its size is not what meta.json counts) is one ParamsError."""
     prepared = Path(prepared)
-    path, fix = prepared / f"{split}.bin", (f"restore it with `dvc checkout {prepared}`, or rebuild it with "
+    path, fix = prepared / f"{split}.bin", (f"restore it with `dvc checkout --force {prepared}`, or rebuild it with "
                                             f"`dvc repro -f prepare`")
     try:
         meta = json.loads((prepared / "meta.json").read_text())

@@ -18,6 +18,7 @@ model X at stage S" is always well defined: `current_runs(study)` lists them. Ru
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import sqlite3
@@ -108,6 +109,20 @@ def relocate(db: Path, root: Path) -> None:
                             (prefix + "/", f"{root}/", f"%{prefix}/%"))
 
 
+@contextlib.contextmanager
+def first_use_lock(db: Path):
+    """One process at a time sets up a sqlite store: MLflow's first use of a new database creates its
+    schema, and two processes doing it at once crash ("table ... already exists"); two creating the
+    study's experiment at once collide too. An flock on the database file itself (sqlite's own locks
+    are fcntl locks, which flock does not touch); the kernel drops it if the process dies."""
+    with open(db, "a") as f:                 # an empty file is a valid empty sqlite database
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def connect(study) -> bool:
     """Point MLflow at the backend and the study's experiment. Unreachable: with
     tracking.required (default) raise a clear error before any work; else warn once, return False."""
@@ -126,9 +141,10 @@ def connect(study) -> bool:
     mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:///"):         # local: artifacts next to the database, both movable
         db = Path(uri.removeprefix("sqlite:///")).resolve()
-        relocate(db, db.parent)
-        if mlflow.get_experiment_by_name(study.experiment) is None:
-            mlflow.create_experiment(study.experiment, artifact_location=str(db.parent / ARTIFACTS))
+        with first_use_lock(db):
+            relocate(db, db.parent)
+            if mlflow.get_experiment_by_name(study.experiment) is None:
+                mlflow.create_experiment(study.experiment, artifact_location=str(db.parent / ARTIFACTS))
     mlflow.set_experiment(study.experiment)
     return True
 

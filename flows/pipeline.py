@@ -16,8 +16,10 @@ Without PREFECT_API_URL the flow runs against a temporary local server (ephemera
 
 import argparse
 import collections
+import contextlib
 import csv
 import difflib
+import fcntl
 import os
 import queue
 import subprocess
@@ -38,6 +40,7 @@ from components.params import load_study
 
 RETRY_DELAY_S = 2
 LOG_TAIL = 30                      # lines of a failed stage's log quoted in the flow's error
+_holding = False                   # this process holds the project's flow lock (one_flow_per_project)
 
 
 @dataclass
@@ -63,8 +66,13 @@ class StageFailed(RuntimeError):
 def pipeline(targets: Optional[list[str]] = None, max_parallel: int = 2, retries: int = 0,
              task_runner: Literal["thread", "dask", "ray"] = "thread", address: Optional[str] = None) -> dict:
     """Reproduce dvc.yaml's stages (or `targets` and their upstream) as Prefect tasks."""
-    study, plan = preflight(targets or [])
-    params = {"targets": " ".join(targets or []) or "all", "max_parallel": max_parallel, "retries": retries,
+    with one_flow_per_project():
+        return run_pipeline(targets or [], max_parallel, retries, task_runner, address)
+
+
+def run_pipeline(targets: list[str], max_parallel: int, retries: int, task_runner: str, address: Optional[str]) -> dict:
+    study, plan = preflight(targets)
+    params = {"targets": " ".join(targets) or "all", "max_parallel": max_parallel, "retries": retries,
               "task_runner": task_runner}
     with tracking.stage_run(study, "pipeline", params=params, tags={"prefect_flow_run_id": flow_run_id()}) as parent_run:
         # every stage's MLflow run nests under this one (none: tracking is off, see tracking.required)
@@ -76,6 +84,38 @@ def pipeline(targets: Optional[list[str]] = None, max_parallel: int = 2, retries
         publish_artifacts(outcomes, study.experiment, parent_run)
         raise_if_failed(outcomes)              # inside the MLflow run: it ends FAILED
     return {name: o.status for name, o in outcomes.items()}
+
+
+@contextlib.contextmanager
+def one_flow_per_project():
+    """Hold the project's flow lock (.dvc/tmp/archflow-flow.lock) while the flow runs. A second flow
+    started meanwhile would plan the same stale stages and collide with the first on DVC's output
+    locks: it stops at once instead, naming the one running. The kernel drops the lock if the process dies.
+    main() takes it before Prefect starts (a refused flow costs no server start-up); a deployment's flow
+    run, in a process of its own, takes it in the flow body."""
+    global _holding
+    if _holding:                               # main() took it: the flow body runs in the same process
+        yield
+        return
+    path = Path(".dvc/tmp/archflow-flow.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise ParamsError(f"another flow is running in this project ({f.read().strip() or 'unknown process'}): "
+                              "wait for it to finish or stop it, then run again (it reruns only what is "
+                              "still stale)") from None
+        f.truncate(0)
+        f.write(f"PID {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.flush()
+        _holding = True
+        try:
+            yield
+        finally:
+            _holding = False
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @task(cache_policy=NONE, persist_result=False)
@@ -349,7 +389,8 @@ def main(argv: list[str]) -> int:
                               "export PREFECT_API_URL=http://127.0.0.1:4200/api")
         pipeline.serve(name=args.name, cron=args.cron, parameters=params)   # until SIGTERM / Ctrl-C
         return 0
-    state = pipeline(**params, return_state=True)
+    with one_flow_per_project():
+        state = pipeline(**params, return_state=True)
     if state.is_failed():
         print(f"error: the pipeline failed: {state.message}", file=sys.stderr)
         return 1

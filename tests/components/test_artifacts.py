@@ -98,7 +98,7 @@ def test_a_damaged_model_directory_names_the_file_and_the_fix(tmp_path, damage):
     else:
         config.write_text(json.dumps({**json.loads(config.read_text()), "n_embd": 64}))
     broken = weights if damage != "config not json" else config
-    with pytest.raises(ParamsError, match=rf"{broken} is damaged .*dvc checkout {tmp_path / 'm'}"):
+    with pytest.raises(ParamsError, match=rf"{broken} is damaged .*dvc checkout --force {tmp_path / 'm'}"):
         load_model_dir(tmp_path / "m")
 
 

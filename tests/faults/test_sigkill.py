@@ -129,3 +129,20 @@ def test_a_killed_stage_resumes_to_the_weights_of_an_uninterrupted_run(study, ki
     pd.testing.assert_frame_equal(pd.read_csv(study / out / "curve.csv"),
                                   reference_curve)       # rows and partial sums survive the kills too
     assert not ckpt.parent.exists()                     # removed once the model is written
+
+
+def test_a_stage_killed_while_saving_leaves_no_partial_model_and_reruns_cleanly(study, monkeypatch, fault):
+    """A kill between writing the temp directory and swapping it in leaves a half-written
+    `.student.tmp-<pid>` and no model (the old one was removed, the new one not yet in place): the
+    rerun writes the model whole and removes the leftover."""
+    monkeypatch.chdir(study)
+    out = study / "models/student"
+    leftover = study / "models/.student.tmp-999999"
+    leftover.mkdir(parents=True)
+    (leftover / "model.safetensors").write_bytes(b"half a")
+    shutil.rmtree(out, ignore_errors=True)
+    fault("killed while saving the model directory")
+    distill.main(["student"])
+    assert sorted(f.name for f in out.iterdir()) == ["config.json", "curve.csv", "meta.json", "model.safetensors"]
+    assert load_file(out / "model.safetensors")                      # whole: safetensors checks its header
+    assert not list(out.parent.glob(".student.tmp-*"))

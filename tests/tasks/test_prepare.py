@@ -202,7 +202,7 @@ def test_a_missing_or_truncated_token_file_is_one_message_with_the_fix(project):
     assert len(load_tokens(out, "domains/app/val")) == json.loads((out / "meta.json").read_text())["domains"]["app"]["val_tokens"]
     (out / "val.bin").write_bytes((out / "val.bin").read_bytes()[:-2])
     with pytest.raises(ParamsError, match=r"val.bin has [\d,]+ bytes, not [\d,]+ tokens x 2 \(as .*meta.json records\): "
-                                          r"restore it with `dvc checkout .*prepared`, or rebuild it with `dvc repro -f prepare`"):
+                                          r"restore it with `dvc checkout --force .*prepared`, or rebuild it with `dvc repro -f prepare`"):
         load_tokens(out, "val")
     (out / "domains/app/train.bin").unlink()
     with pytest.raises(ParamsError, match=r"domains/app/train.bin is missing"):
