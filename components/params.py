@@ -83,7 +83,7 @@ class DataParams(Strict):
 _MODEL_TYPES = get_type_hints(ModelConfig)
 ModelOverrides = create_model(
     "ModelOverrides", __base__=Strict,
-    **{f.name: (Optional[WIDTHS if f.name.startswith("layer_") else _MODEL_TYPES[f.name]],
+    **{f.name: (Optional[WIDTHS] if f.name.startswith("layer_") else Optional[_MODEL_TYPES[f.name]],
                 Field(None, **MODEL_BOUNDS.get(f.name, {})))
        for f in fields(ModelConfig) if f.name not in ("vocab_size", "quant", "quant_embeddings")},
 )
