@@ -24,12 +24,41 @@ NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_-]{0,62}[A-Za-z0-9])?$")   # also
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)   # .inf/.nan: no field reads them
+
+
+# Upper bounds of counts and sizes: generous (many times the largest published models' values) but
+# finite, so an absurd value (n_embd: 1e9, a typo's extra zeros) is a message before any compute,
+# not an out-of-memory or an int64 overflow deep in torch. MAX_SIZE_PARAMS bounds the whole model.
+MAX_STEPS = 10**9                      # max_steps, warmup_steps, eval_every, ckpt_every
+MAX_BATCH = 2**20                      # sequences (train.batch_size, evaluate.batch_size) or batches
+MAX_LAYERS = 1024                      # n_layer, n_loop, and the layer indices of ffn_fusion runs
+MAX_HEADS = 1024                       # n_head, n_kv_head
+MAX_EXPERTS = 1024                     # n_expert, n_attn_expert
+MAX_WIDTH = 2**16                      # n_embd (Llama 3 405B: 16384)
+MAX_D_FF = 2**20                       # d_ff (Llama 3 405B: 53248)
+MAX_BLOCK_SIZE = 2**20                 # context length: rope tables and learned positions are block_size x n_embd
+MAX_D_STATE = 1024                     # hybrid SSM state per head (Mamba: 16, Mamba-2: 128)
+MAX_SIZE_PARAMS = 10**11               # 400 GB of float32 weights, 1.6 TB with AdamW's state
+MAX_THREADS = 1024                     # torch.set_num_threads: 10**6 threads crash the process
+MAX_NODES = 2**16                      # train.num_nodes, train.devices (per node)
+MAX_RUNS = 1000                        # evaluate.speed_warmup, speed_runs: the median of 1000 is plenty
+MODEL_BOUNDS = {                       # ModelConfig's own checks (>= 1, divisibility, ...) do the rest
+    "block_size": {"le": MAX_BLOCK_SIZE}, "n_layer": {"le": MAX_LAYERS}, "n_loop": {"le": MAX_LAYERS},
+    "n_head": {"le": MAX_HEADS}, "n_kv_head": {"le": MAX_HEADS}, "n_embd": {"le": MAX_WIDTH},
+    "d_ff": {"le": MAX_D_FF}, "n_expert": {"le": MAX_EXPERTS}, "n_attn_expert": {"le": MAX_EXPERTS},
+    "top_k": {"le": MAX_EXPERTS}, "moe_every": {"le": MAX_LAYERS}, "d_state": {"le": MAX_D_STATE},
+    "dwa_dilation": {"le": MAX_LAYERS**2}, "dwa_period": {"le": MAX_LAYERS**2},
+    "rope_base": {"gt": 0}, "norm_eps": {"gt": 0},   # rope: base ** (-2i / hs); norms divide by sqrt(var + eps)
+}
+WIDTHS = list[Annotated[int, Field(le=MAX_D_FF)]]   # layer_n_head, layer_n_kv_head, layer_d_ff: per-layer widths
 
 
 class StudyParams(Strict):
     name: str = "archflow"                 # names the MLflow experiment and the report
-    seed: int = Field(1337, ge=0, le=2**32 - 1)   # model init and batch order derive from it (the seeding call's range)
+    seed: int = Field(1337, ge=0, le=2**32 - 1,   # model init and batch order derive from it
+                      description="the seed of lightning's seed_everything, which takes 0 to 2**32 - 1: "
+                                  "pick one in that range, e.g. 1337")
 
 
 # The default corpus: a pinned release of a pure-Python package (a dependency of torch, pinned in
@@ -54,29 +83,30 @@ class DataParams(Strict):
 _MODEL_TYPES = get_type_hints(ModelConfig)
 ModelOverrides = create_model(
     "ModelOverrides", __base__=Strict,
-    **{f.name: (Optional[_MODEL_TYPES[f.name]], None) for f in fields(ModelConfig)
-       if f.name not in ("vocab_size", "quant", "quant_embeddings")},
+    **{f.name: (Optional[WIDTHS] if f.name.startswith("layer_") else Optional[_MODEL_TYPES[f.name]],
+                Field(None, **MODEL_BOUNDS.get(f.name, {})))
+       for f in fields(ModelConfig) if f.name not in ("vocab_size", "quant", "quant_embeddings")},
 )
 # A variant: optionally `preset` (a name of config.PRESETS), and overrides of any model field.
 VariantParams = create_model("VariantParams", __base__=ModelOverrides, preset=(Optional[str], None))
 
 
 class TrainParams(Strict):
-    max_steps: int = Field(1000, ge=1)
-    batch_size: int = Field(16, ge=1)      # sequences per optimizer step, summed over all devices
+    max_steps: int = Field(1000, ge=1, le=MAX_STEPS)
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH)   # sequences per optimizer step, summed over all devices
     lr: float = Field(1e-3, gt=0)
     min_lr: float = Field(1e-4, ge=0)      # cosine decays to this
-    warmup_steps: int = Field(50, ge=0)
+    warmup_steps: int = Field(50, ge=0, le=MAX_STEPS)
     weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0)    # 0 disables clipping
-    eval_every: int = Field(100, ge=1)     # steps between validation-loss points of the training curve
-    eval_batches: int = Field(4, ge=1)
-    ckpt_every: int = Field(100, ge=1)     # steps between resumable checkpoints (outside DVC outs)
+    eval_every: int = Field(100, ge=1, le=MAX_STEPS)   # steps between validation-loss points of the training curve
+    eval_batches: int = Field(4, ge=1, le=MAX_BATCH)
+    ckpt_every: int = Field(100, ge=1, le=MAX_STEPS)   # steps between resumable checkpoints (outside DVC outs)
     accelerator: str = "auto"              # passed to lightning.pytorch.Trainer as is
-    devices: int | str = "auto"
-    num_nodes: int = Field(1, ge=1)
+    devices: int | str = "auto"            # a count per node (-1: all of them), or as Lightning reads a string
+    num_nodes: int = Field(1, ge=1, le=MAX_NODES)
     strategy: str = "auto"
     precision: str = "32-true"             # e.g. bf16-mixed
     deterministic: bool | Literal["warn"] = True   # "warn" on GPUs, where some kernels have no deterministic version
@@ -88,10 +118,10 @@ class PretrainParams(Strict):
 
 class StageTrainParams(Strict):
     """Overrides of `train` for a stage that trains (branch, upcycle, distill, compress recovery)."""
-    max_steps: Optional[int] = Field(None, ge=0)   # default: train.max_steps; 0 = no training
+    max_steps: Optional[int] = Field(None, ge=0, le=MAX_STEPS)   # default: train.max_steps; 0 = no training
     lr: Optional[float] = Field(None, gt=0)
     min_lr: Optional[float] = Field(None, ge=0)
-    warmup_steps: Optional[int] = Field(None, ge=0)
+    warmup_steps: Optional[int] = Field(None, ge=0, le=MAX_STEPS)
 
 
 class BranchParams(StageTrainParams):
@@ -126,7 +156,7 @@ class Sparse(MoEOptions):
     """sparse (Komatsuzaki et al.): every expert of an MoE FFN is a copy of the parent's FFN."""
     method: Literal["sparse"]
     parent: str
-    n_expert: int = Field(4, ge=1)         # copies of the FFN
+    n_expert: int = Field(4, ge=1, le=MAX_EXPERTS)   # copies of the FFN
     expert_noise: float = Field(0.0, ge=0)   # each copy's weights + noise * std(W) * N(0, 1)
 
     def experts(self, branches: list[str]) -> list[str]:
@@ -202,7 +232,7 @@ class Recovery(StageTrainParams):
     """What prune and ffn_fusion share: a float source scored on calibration batches, then max_steps steps
     of recovery (0: none)."""
     source: str                            # any model of the study
-    calib_batches: int = Field(4, ge=1)    # training batches scored (prune: wanda, taylor; ffn_fusion: its search)
+    calib_batches: int = Field(4, ge=1, le=MAX_BATCH)   # training batches scored (prune: wanda, taylor; ffn_fusion: its search)
     recover: Literal["train", "distill"] = "distill"   # continued training, or KD from the source
     alpha: float = Field(0.5, ge=0, le=1)  # recover distill: loss = (1 - alpha) * CE + alpha * T^2 * KL
     temperature: float = Field(2.0, gt=0)
@@ -226,7 +256,7 @@ class FfnFusion(Recovery):
     verb: ClassVar[str] = "fuse"
     needs_layers: ClassVar[bool] = True
     method: Literal["ffn_fusion"]
-    runs: list[list[int]] = []             # [[first, last], ...] layers to fuse; [] = search for them
+    runs: list[list[Annotated[int, Field(ge=0, le=MAX_LAYERS)]]] = []   # [[first, last], ...] layers to fuse; [] = search
     max_loss_increase: float = Field(0.1, ge=0)   # the search: calibration loss increase allowed (nats)
 
     def source_problems(self, cfg: ModelConfig | None) -> list[str]:
@@ -237,13 +267,13 @@ CompressEntry = Annotated[Union[Int8, Prune, FfnFusion], Field(discriminator="me
 
 
 class EvaluateParams(Strict):
-    max_tokens: int = Field(65536, ge=1)   # validation tokens scored (non-overlapping windows)
-    batch_size: int = Field(8, ge=1)
-    prompt_tokens: int = Field(64, ge=1)   # prefill length for the speed measurement
+    max_tokens: int = Field(65536, ge=1)   # validation tokens scored (non-overlapping windows; at most all of them)
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH)
+    prompt_tokens: int = Field(64, ge=1)   # prefill length for the speed measurement (+ decode_tokens <= block_size)
     decode_tokens: int = Field(32, ge=1)
-    speed_warmup: int = Field(1, ge=0)
-    speed_runs: int = Field(5, ge=1)       # the median is reported
-    threads: int = Field(0, ge=0)          # 0: torch's default
+    speed_warmup: int = Field(1, ge=0, le=MAX_RUNS)
+    speed_runs: int = Field(5, ge=1, le=MAX_RUNS)   # the median is reported
+    threads: int = Field(0, ge=0, le=MAX_THREADS)   # 0: torch's default
 
 
 class ReportParams(Strict):
@@ -423,7 +453,8 @@ FIXES = {"int": "Write a whole number without quotes, e.g. 4.",
          "float": "Write a number without quotes, e.g. 0.001 or 1.0e-3.",
          "bool": "Write true or false.",
          "string": "Write a string (quote it if YAML reads it as something else).",
-         "literal": "Use one of the values listed."}
+         "literal": "Use one of the values listed.",
+         "finite": "Write a finite number, e.g. 0.001 (no field reads .inf or .nan)."}
 BOUNDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 
 
@@ -498,12 +529,14 @@ def semantic_problems(study: Study) -> list[str]:
             if not NAME_RE.match(name):
                 p.append(f"{section}.{name}: the name is unsafe as a path, stage or DVC artifact name; "
                          f"use letters, digits, '-' and '_' (at most 64, starting and ending with a letter or digit)")
-    base = _unchecked_config(_set(study.model)).problems()
+    base_cfg = _unchecked_config(_set(study.model))
+    base = base_cfg.problems() + size_problems(base_cfg, study.data.vocab_size)
     p += [f"model: {problem}" for problem in base]
     for name, variant in study.pretrain.variants.items():
         if variant.preset is not None:
             p += [f"pretrain.variants.{name}: {problem}" for problem in preset_problems(variant.preset)]
-        for problem in _unchecked_config(study.variant_overrides(name)).problems():
+        cfg = _unchecked_config(study.variant_overrides(name))
+        for problem in cfg.problems() + size_problems(cfg, study.data.vocab_size):
             if problem not in base:
                 p.append(f"pretrain.variants.{name}: {problem}")
     p += reference_problems(study)
@@ -525,6 +558,10 @@ def semantic_problems(study: Study) -> list[str]:
             if name.lower() == "latest" or re.fullmatch(r"[vV]\d+", name):
                 p.append(f"tracking.register: the model name '{name}' cannot be an MLflow alias ('latest' and "
                          f"v<number> are reserved): rename the model or set register: false")
+    devices = study.train.devices
+    if isinstance(devices, int) and not (devices == -1 or 1 <= devices <= MAX_NODES):
+        p.append(f"train.devices: {devices} is not a device count: use a count in [1, {MAX_NODES}], -1 (all of them) "
+                 f"or auto")
     if study.train.min_lr > study.train.lr:
         p.append(f"train.min_lr={study.train.min_lr} exceeds train.lr={study.train.lr}: lower min_lr")
     return p + stage_lr_problems(study)
@@ -605,7 +642,7 @@ def upcycle_problems(study: Study) -> list[str]:
         if not isinstance(u, MoEOptions) or u.parent not in study.pretrain.variants:   # unknown parent: reported
             continue
         parent = _unchecked_config(study.variant_overrides(u.parent))
-        if parent.problems():                                     # reported under pretrain.variants
+        if parent.problems() or size_problems(parent, study.data.vocab_size):   # reported under pretrain.variants
             continue
         if parent.n_expert or parent.n_attn_expert:
             p.append(f"{where}.parent: '{u.parent}' is already an MoE model: upcycle a dense variant")
@@ -625,6 +662,7 @@ def upcycle_problems(study: Study) -> list[str]:
             moe = _unchecked_config({**study.variant_overrides(u.parent), **u.config_fields(n)})
             p += [f"{where}: {problem}" for problem in moe.moe_problems()      # less its wording of too_many
                   if not (too_many and problem.startswith(f"top_k={u.top_k} must be"))]
+            p += [f"{where}: {problem}" for problem in size_problems(moe, study.data.vocab_size)]
     return p
 
 
@@ -650,7 +688,7 @@ def student_problems(study: Study, name: str) -> list[str]:
         return teacher_init_problems(teacher if teacher is None or not teacher.problems() else None, _set(d.student))
     p = preset_problems(d.student.preset) if d.student.preset is not None else []
     cfg, base = _unchecked_config(study.student_overrides(name)), _unchecked_config(_set(study.model)).problems()
-    p += [problem for problem in cfg.problems() if problem not in base]
+    p += [problem for problem in cfg.problems() if problem not in base] + size_problems(cfg, study.data.vocab_size)
     ev = study.evaluate
     if ev.prompt_tokens + ev.decode_tokens > cfg.block_size:
         p.append(f"evaluate: prompt_tokens + decode_tokens = {ev.prompt_tokens + ev.decode_tokens} exceeds "
@@ -739,6 +777,17 @@ def fusion_run_problems(n_layer: int | None, runs: list[list[int]]) -> list[str]
         else:
             used |= set(range(run[0], run[1] + 1))
     return p
+
+
+def size_problems(cfg: ModelConfig, vocab_size: int) -> list[str]:
+    """The model's size, roughly (the embedding and each layer's attention and FFN matmuls), against
+    MAX_SIZE_PARAMS: each field within its bound can still multiply up to an absurd model."""
+    n, d_ff = cfg.n_embd, cfg.d_ff or 4 * cfg.n_embd      # d_ff 0: 4 n_embd (gelu; swiglu and one-wide-ffn alike)
+    size = vocab_size * n + cfg.n_layer * (4 * n * n * max(1, cfg.n_attn_expert) + 2 * n * d_ff * max(1, cfg.n_expert))
+    if size <= MAX_SIZE_PARAMS:
+        return []
+    return [f"about {size:.1e} parameters (n_layer={cfg.n_layer}, n_embd={n}, d_ff={d_ff}, n_expert={cfg.n_expert}), "
+            f"over the {MAX_SIZE_PARAMS:.0e} allowed (400 GB of float32 weights): shrink the model"]
 
 
 def _unchecked_config(overrides: dict) -> ModelConfig:

@@ -249,3 +249,48 @@ def test_a_seed_outside_the_seeding_range_is_named(tmp_path, seed):
 def test_the_largest_seed_is_accepted(tmp_path):
     (tmp_path / "params.yaml").write_text(MINIMAL + "study: {seed: 4294967295}\n")
     assert load_study(tmp_path / "params.yaml").study.seed == 2**32 - 1
+
+
+@pytest.mark.parametrize("section, expected", [
+    ("study: {seed: 99999999999999999999}", "study.seed: 99999999999999999999 is outside [0, 4294967295]; "
+                                            "seed is the seed of lightning's seed_everything"),
+    ("study: {seed: -1}", "study.seed: -1 is outside [0, 4294967295]"),
+    ("model: {n_embd: 1000000000}", "model.n_embd: 1000000000 must be <= 65536"),
+    ("model: {block_size: 100000000}", "model.block_size: 100000000 must be <= 1048576"),
+    ("model: {n_layer: 5000}", "model.n_layer: 5000 must be <= 1024"),
+    ("model: {d_ff: 10000000000}", "model.d_ff: 10000000000 must be <= 1048576"),
+    ("model: {rope_base: -10000.0}", "model.rope_base: -10000.0 must be > 0"),
+    ("model: {norm_eps: 0.0}", "model.norm_eps: 0.0 must be > 0"),
+    ("model: {layer_d_ff: [4000000000]}", "model.layer_d_ff.0: input should be less than or equal to 1048576"),
+    ("train: {lr: .inf}", "train.lr: input should be a finite number, got inf (float). Write a finite number"),
+    ("train: {weight_decay: .nan}", "train.weight_decay: input should be a finite number"),
+    ("train: {batch_size: 10000000}", "train.batch_size: 10000000 is outside [1, 1048576]"),
+    ("train: {max_steps: 100000000000}", "train.max_steps: 100000000000 is outside [1, 1000000000]"),
+    ("train: {devices: 0}", "train.devices: 0 is not a device count: use a count in [1, 65536], -1 (all of them)"),
+    ("train: {devices: -5}", "train.devices: -5 is not a device count"),
+    ("evaluate: {threads: 1000000}", "evaluate.threads: 1000000 is outside [0, 1024]"),
+    ("evaluate: {speed_runs: 100000}", "evaluate.speed_runs: 100000 is outside [1, 1000]"),
+])
+def test_values_the_runtime_cannot_take_are_named(tmp_path, section, expected):
+    msg = problems(tmp_path, MINIMAL + section + "\n")
+    assert "1 problem)" in msg and expected in msg
+
+
+def test_model_size_is_bounded_as_a_whole(tmp_path):
+    """Each field within its bound, their product absurd: one message under `model`, not one per variant."""
+    msg = problems(tmp_path, MINIMAL + "model: {n_layer: 1024, n_embd: 65536, n_head: 64}\n")
+    assert "1 problem)" in msg
+    assert "model: about 5.3e+13 parameters (n_layer=1024, n_embd=65536" in msg and "shrink the model" in msg
+
+
+def test_unbounded_fusion_runs_are_refused_before_any_set_is_built(tmp_path):
+    """A source that is not a pretrain variant has no known depth: runs were checked by building the set of
+    their layers, so [0, 10**11] hung validation."""
+    msg = problems(tmp_path, MINIMAL + "distill:\n  kd: {teacher: serial, student: {n_layer: 1}}\n"
+                   "compress:\n  f: {source: kd, method: ffn_fusion, runs: [[0, 100000000000]]}\n")
+    assert "compress.f.runs.0.1: input should be less than or equal to 1024" in msg
+
+
+def test_upcycle_experts_are_bounded(tmp_path):
+    msg = problems(tmp_path, MINIMAL + "upcycle:\n  s: {parent: serial, method: sparse, n_expert: 100000}\n")
+    assert "upcycle.s.n_expert: 100000 is outside [1, 1024]" in msg
