@@ -53,10 +53,10 @@ class StepBatches(Dataset):
 
     def __init__(self, tokens, block_size, batch_size, seed, rank=0, world_size=1):
         if batch_size % world_size:
-            raise ValueError(f"train.batch_size={batch_size} is not divisible by the {world_size} devices")
+            raise ParamsError(f"train.batch_size={batch_size} is not divisible by the {world_size} devices")
         if len(tokens) <= block_size + 1:
-            raise ValueError(f"only {len(tokens)} training tokens, fewer than block_size+1={block_size + 1}: "
-                             f"use a bigger corpus or a smaller block_size")
+            raise ParamsError(f"only {len(tokens)} training tokens, not more than block_size+1={block_size + 1}: "
+                              f"use a bigger corpus or a smaller model.block_size")
         self.tokens, self.block_size, self.batch_size, self.seed = tokens, block_size, batch_size, seed
         self.rank, self.world_size = rank, world_size
 
