@@ -25,7 +25,7 @@ def test_the_ranks_slices_make_up_the_global_batch():
 
 
 @pytest.mark.parametrize("tokens, batch, world, problem", [
-    (TOKENS[:9], 4, 1, r"only 9 training tokens, fewer than block_size\+1=9: .* smaller model.block_size"),
+    (TOKENS[:9], 4, 1, r"only 9 training tokens, not more than block_size\+1=9: .* smaller model.block_size"),
     (TOKENS, 3, 2, r"train.batch_size=3 is not divisible by the 2 devices")])
 def test_impossible_batches_are_one_params_error(tokens, batch, world, problem):
     with pytest.raises(ParamsError, match=problem):
