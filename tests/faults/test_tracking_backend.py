@@ -15,7 +15,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-
 from tasks import prepare, pretrain
 from tests.faults.test_sigkill import inode
 from tests.tasks.tiny_corpus import write_domain_corpus
