@@ -24,7 +24,7 @@ from ruamel.yaml import YAML
 from tests.flows.conftest import make_project, runs, stage
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = stage("a", sleep=3) + stage("b", deps=["out/a.txt"]) + stage("c")
+STAGES = stage("a", sleep=2) + stage("b", deps=["out/a.txt"]) + stage("c")
 
 
 def free_port() -> int:
@@ -72,9 +72,9 @@ def test_a_killed_prefect_server_ends_the_flow_with_one_message_and_the_rerun_sk
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     server = prefect_server(home, port)
-    # One client retry: the server stays down until this run ends (by default the client waits ~1 min
+    # No client retries: the server stays down until this run ends (by default the client waits ~1 min
     # for it at each of the flow's last calls, then fails the same way).
-    run = flow(project, tmp_path / "client", PREFECT_API_URL=url, PREFECT_CLIENT_MAX_RETRIES="1")
+    run = flow(project, tmp_path / "client", PREFECT_API_URL=url, PREFECT_CLIENT_MAX_RETRIES="0")
     while not (project / "log/a.started").exists():
         assert run.poll() is None, run.communicate()
         time.sleep(0.05)

@@ -33,7 +33,8 @@ pretrain:
     parallel: {{block: parallel}}
 evaluate: {{prompt_tokens: 16, decode_tokens: 8}}
 """
-OUT, METRICS, CKPT = Path("models/parallel"), Path("metrics/train/parallel.json"), Path("checkpoints/parallel/last.ckpt")
+OUT, METRICS = Path("models/parallel"), Path("metrics/train/parallel.json")      # the stage's DVC outputs
+CKPT = Path("checkpoints/parallel/last.ckpt")
 
 
 def mlflow_server(home: Path, port: int) -> subprocess.Popen:
