@@ -29,8 +29,17 @@ from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")   # off unless the user turns it on
 os.environ.setdefault("DO_NOT_TRACK", "true")
+# A server that goes away mid-stage: by default MLflow's client retries each request 7 times with
+# exponential backoff (about 4 minutes) and waits up to 120 s for each answer. Give up within seconds
+# instead: the stage stops with one message and keeps its checkpoint, and its rerun resumes from it.
+# Set these variables to wait longer.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 import mlflow  # noqa: E402  imported once, in the main thread (concurrent first imports crash)
+import requests  # noqa: E402  mlflow's HTTP client
+from mlflow.exceptions import MlflowException  # noqa: E402
 
 from components.errors import ParamsError  # noqa: E402
 
@@ -168,11 +177,29 @@ def stage_run(study, stage: str, model: str | None = None, parents=(), params: d
     if parent := os.environ.get(PARENT_RUN_ENV):       # set by flows/pipeline.py: nest under its run
         all_tags |= {"mlflow.parentRunId": parent, "pipeline_run_id": parent}
     name = f"{stage}@{model}" if model else stage
-    with mlflow.start_run(run_name=name, tags=all_tags) as run:
-        if params:
-            mlflow.log_params({k: ("" if v is None else v) for k, v in flatten(params).items()})
-        yield run.info.run_id
-        make_current(run.info.run_id, stage, model)
+    try:
+        with mlflow.start_run(run_name=name, tags=all_tags) as run:
+            if params:
+                mlflow.log_params({k: ("" if v is None else v) for k, v in flatten(params).items()})
+            yield run.info.run_id
+            make_current(run.info.run_id, stage, model)
+    except (MlflowException, requests.RequestException):
+        if problem := lost_backend():
+            raise ParamsError(f"MLflow tracking backend {tracking_uri()} stopped answering during {name} "
+                              f"({problem}). The stage stopped; it wrote no partial outputs, and a training "
+                              "stage keeps its checkpoint: start the server again (see README: MLflow) and rerun "
+                              "the stage (`dvc repro`), which resumes from that checkpoint") from None
+        raise
+
+
+def lost_backend() -> str | None:
+    """Why the tracking server no longer answers (None: it does, or the backend is local). Once it
+    is gone, later calls (mlflow's end_run at exit) fail at once instead of retrying."""
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")) or not (problem := check_backend(uri)):
+        return None
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    return problem
 
 
 def make_current(run_id: str, stage: str, model: str | None) -> None:

@@ -11,7 +11,9 @@ dvc.yaml stays the only DAG and DVC alone decides what reruns: each task runs
 dvc.lock and every output end up as `dvc repro` leaves them, and a second run executes nothing.
 Stages DVC reports up to date (with nothing stale upstream) finish at once as "Skipped".
 Prefect adds concurrency, retries, live logs, schedules and the UI; its result caching is off.
-Without PREFECT_API_URL the flow runs against a temporary local server (ephemeral mode).
+Without PREFECT_API_URL the flow runs against a temporary local server (ephemeral mode), given
+TEMP_SERVER_STARTUP_S to start. A server that stops answering mid-flow ends the flow with one message
+once Prefect's client stops retrying; the stages keep running without it, and DVC records those that finish.
 """
 
 import argparse
@@ -20,6 +22,7 @@ import contextlib
 import csv
 import difflib
 import fcntl
+import logging
 import os
 import queue
 import subprocess
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
+import httpx
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
@@ -39,6 +43,11 @@ from components.errors import ParamsError
 from components.params import load_study
 
 RETRY_DELAY_S = 2
+# Prefect's temporary server took 11-15 s to start on a fresh PREFECT_HOME (database migrations) on
+# 2 quiet cores, 17-20 s beside 2 busy processes, 51 s when other jobs loaded the machine too
+# (load 6.7): Prefect's default of 20 s fails there. PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+# when set, wins over this.
+TEMP_SERVER_STARTUP_S = 120
 LOG_TAIL = 30                      # lines of a failed stage's log quoted in the flow's error
 _holding = False                   # this process holds the project's flow lock (one_flow_per_project)
 
@@ -81,7 +90,10 @@ def run_pipeline(targets: list[str], max_parallel: int, retries: int, task_runne
             outcomes = run_stages(runner, plan, max_parallel, retries, env)
         if any(o.status in ("ran", "restored") for o in outcomes.values()):
             keep_lock_order(plan)
-        publish_artifacts(outcomes, study.experiment, parent_run)
+        try:
+            publish_artifacts(outcomes, study.experiment, parent_run)
+        except httpx.TransportError as e:      # the server is gone: main() reports it once the flow ends
+            get_run_logger().warning(f"no Prefect artifacts for this run ({type(e).__name__}: {e})")
         raise_if_failed(outcomes)              # inside the MLflow run: it ends FAILED
     return {name: o.status for name, o in outcomes.items()}
 
@@ -332,13 +344,14 @@ def flow_run_id() -> str:
 
 
 def check_prefect_api(timeout: float = 3.0) -> None:
-    """With PREFECT_API_URL set, its server must answer /health (else fail before any stage runs)."""
-    import httpx
+    """With PREFECT_API_URL set, its server must answer /health; without, the temporary server must
+    start (else fail before any stage runs)."""
     from prefect.settings import PREFECT_API_KEY, PREFECT_API_URL
 
     url = PREFECT_API_URL.value()
     if not url:
-        return                                 # ephemeral mode: a temporary local server
+        start_temporary_server()
+        return
     key = PREFECT_API_KEY.value()
     try:
         r = httpx.get(f"{url.rstrip('/')}/health", timeout=timeout,
@@ -349,6 +362,56 @@ def check_prefect_api(timeout: float = 3.0) -> None:
     if problem:
         raise ParamsError(f"no Prefect server answers at PREFECT_API_URL={url} ({problem}): start one with "
                           "`prefect server start --host 127.0.0.1`, or unset PREFECT_API_URL to run without one")
+
+
+def start_temporary_server() -> None:
+    """Start Prefect's temporary local server now, with time enough to start on busy cores; the flow
+    then uses it (Prefect keeps one per process). Not started: one message with the alternative."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    ephemeral = get_current_settings().server.ephemeral
+    if not ephemeral.enabled:
+        return                                 # Prefect itself says that PREFECT_API_URL is needed
+    timeout = (ephemeral.startup_timeout_seconds if "startup_timeout_seconds" in ephemeral.model_fields_set
+               else TEMP_SERVER_STARTUP_S)
+    server = SubprocessASGIServer()
+    try:
+        server.start(timeout=timeout)
+    except RuntimeError as e:                  # "Timed out while attempting to connect to ephemeral ..."
+        server.stop()
+        why = str(e).split(" stdout:")[0].rstrip(".")
+        raise ParamsError(f"Prefect's temporary server (no PREFECT_API_URL is set) did not start within {timeout} s "
+                          f"({why}). Run a real server instead: `prefect server start --host 127.0.0.1` in another "
+                          "shell, then export PREFECT_API_URL=http://127.0.0.1:4200/api; or give it longer with "
+                          "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") from None
+
+
+def exit_lost_server(error: Exception) -> None:
+    """The flow's end when its Prefect server stopped answering (after the client's retries): one
+    message, exit code 2, and no at-exit drain of Prefect's services, which would retry each queued
+    event against the lost server (about 7 s each) before the process could end."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
+
+    server = f"the Prefect server at PREFECT_API_URL={url}" if (url := PREFECT_API_URL.value()) else \
+        "Prefect's temporary server"
+    # a new line first: Prefect's own "--- Error logging to API ---" note to stderr ends without one
+    print(f"\nerror: {server} stopped answering ({type(error).__name__}: {error}), so the flow run could not be "
+          "recorded. Stages that finished are in dvc.lock with complete outputs: start the server again "
+          "(`prefect server start --host 127.0.0.1`) and rerun; DVC skips what is done", file=sys.stderr)
+    if not url:
+        SubprocessASGIServer().stop()
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(2)
+
+
+def drop_server_gone_traceback(record: logging.LogRecord) -> bool:
+    """A filter on Prefect's flow-run logger: when its server stops answering, the engine logs the
+    client's 60-line traceback; main() says it in one line instead."""
+    if record.exc_info and isinstance(record.exc_info[1], httpx.TransportError):
+        record.exc_info, record.exc_text = None, None
+    return True
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -379,7 +442,6 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     preflight(args.targets)                    # every user error is reported before Prefect starts
     stage_runner(args.task_runner, args.address, args.max_parallel)   # its extra is installed
-    check_prefect_api()
     params = {"targets": args.targets, "max_parallel": args.max_parallel, "retries": args.retries,
               "task_runner": args.task_runner, "address": args.address}
     if args.serve:
@@ -387,10 +449,16 @@ def main(argv: list[str]) -> int:
         if not PREFECT_API_URL.value():
             raise ParamsError("serve needs a Prefect server: `prefect server start --host 127.0.0.1`, then "
                               "export PREFECT_API_URL=http://127.0.0.1:4200/api")
+        check_prefect_api()
         pipeline.serve(name=args.name, cron=args.cron, parameters=params)   # until SIGTERM / Ctrl-C
         return 0
-    with one_flow_per_project():
-        state = pipeline(**params, return_state=True)
+    with one_flow_per_project():               # before Prefect starts: a refused flow costs no server
+        check_prefect_api()
+        logging.getLogger("prefect.flow_runs").addFilter(drop_server_gone_traceback)
+        try:
+            state = pipeline(**params, return_state=True)
+        except httpx.TransportError as e:      # the API did not answer, even after Prefect's retries
+            exit_lost_server(e)
     if state.is_failed():
         print(f"error: the pipeline failed: {state.message}", file=sys.stderr)
         return 1
