@@ -34,21 +34,29 @@ def short_hash(obj) -> str:
 
 
 def save_model_dir(dst: str | Path, model: TransformerLM, meta: dict, files: dict[str, str] | None = None):
-    """Write model + config + meta (+ extra text files) to a temp dir, then swap it into place: a
-    reader sees the old directory, none, or the new one, never part of one. Temp dirs that killed
-    writers left are removed first (DVC lets one stage at a time write `dst`)."""
+    """Write model + config + meta (+ extra text files) to a temp dir, then swap it into place: the
+    previous directory is renamed aside, not deleted, until the new one is in place, so `dst` is
+    always a whole directory (or, between the two renames, none); a failed write leaves it as it was.
+    What killed writers left aside is removed first (DVC lets one stage at a time write `dst`)."""
     dst = Path(dst)
-    for stale in dst.parent.glob(f".{dst.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True)
-    save_file(weights(model), tmp / "model.safetensors", metadata={"format": "pt"})
-    (tmp / "config.json").write_text(dumps(model.cfg.to_dict()))
-    (tmp / "meta.json").write_text(dumps(meta))
-    for name, text in (files or {}).items():
-        (tmp / name).write_text(text)
-    shutil.rmtree(dst, ignore_errors=True)
+    for leftover in [*dst.parent.glob(f".{dst.name}.tmp-*"), *dst.parent.glob(f".{dst.name}.old-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp, old = (dst.with_name(f".{dst.name}.{kind}-{os.getpid()}") for kind in ("tmp", "old"))
+    try:
+        tmp.mkdir(parents=True)
+        save_file(weights(model), tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(dumps(model.cfg.to_dict()))
+        (tmp / "meta.json").write_text(dumps(meta))
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)   # cleanup only; the error itself propagates
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        dst.rename(old)
     tmp.rename(dst)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_model_dir(path: str | Path) -> tuple[TransformerLM, dict]:

@@ -1,7 +1,8 @@
-"""Model directories: round trip, tied weights saved once under a fixed name, atomic replacement; a stage's
-inputs checked with the fix."""
+"""Model directories: round trip, tied weights saved once under a fixed name, atomic replacement (a
+failed write leaves the previous directory, a crash mid-swap a whole one); a stage's inputs checked with the fix."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from components import artifacts
 from components.artifacts import input_problems, load_input, load_model_dir, prepared_meta, save_model_dir
 from components.config import ModelConfig
 from components.model import TransformerLM
@@ -47,6 +49,52 @@ def test_bytes_do_not_depend_on_the_process(tmp_path):
         subprocess.run([sys.executable, "-c", SAVE, str(tmp_path / seed)], env=env, check=True)
     files = {(tmp_path / s / "model.safetensors").read_bytes() for s in ("1", "2", "3")}
     assert len(files) == 1
+
+
+def tiny(seed: int) -> TransformerLM:
+    torch.manual_seed(seed)
+    return TransformerLM(ModelConfig(vocab_size=64, n_layer=1, n_embd=32, n_head=2))
+
+
+def snapshot(path: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def test_a_failure_while_writing_leaves_the_previous_directory(tmp_path, monkeypatch):
+    save_model_dir(tmp_path / "m", tiny(0), {"run": 1}, {"curve.csv": "step\n1\n"})
+    before = snapshot(tmp_path / "m")
+    dumps = artifacts.dumps
+
+    def failing_dumps(obj):                              # weights and config.json written, then meta.json fails
+        if obj == {"run": 2}:
+            raise OSError("disk full")
+        return dumps(obj)
+    monkeypatch.setattr(artifacts, "dumps", failing_dumps)
+    with pytest.raises(OSError, match="disk full"):
+        save_model_dir(tmp_path / "m", tiny(1), {"run": 2})
+    assert snapshot(tmp_path / "m") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]          # no temporary left behind
+
+
+def test_a_crash_while_replacing_shows_a_whole_directory(tmp_path, monkeypatch):
+    """Killed while the previous directory is being deleted: models/m is still a whole directory,
+    the previous one or the new one, never one with some of its files gone."""
+    save_model_dir(tmp_path / "new", tiny(1), {"run": 2})
+    new = snapshot(tmp_path / "new")
+    save_model_dir(tmp_path / "m", tiny(0), {"run": 1}, {"curve.csv": "step\n1\n"})
+    old = snapshot(tmp_path / "m")
+    rmtree = shutil.rmtree
+
+    def killed_midway(path, ignore_errors=False):        # deletes one file, then the process "dies"
+        files = sorted(p for p in Path(path).rglob("*") if p.is_file())
+        if not files:
+            return rmtree(path, ignore_errors=True)
+        files[0].unlink()
+        raise KeyboardInterrupt
+    monkeypatch.setattr(artifacts.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_model_dir(tmp_path / "m", tiny(1), {"run": 2})
+    assert snapshot(tmp_path / "m") in (old, new)
 
 
 def test_missing_model_is_a_clear_error(tmp_path):

@@ -162,6 +162,22 @@ def test_pruning_keeps_the_highest_scores_and_one_unit_per_layer():
     assert keep_c == [[0, 1]]
 
 
+def test_magnitude_pruning_drops_the_smallest_channel_and_keeps_the_largest():
+    """A channel's magnitude score is sum |w| over its fc row and proj column. Shrink channel 3 of
+    layer 1 and grow channel 7: pruning one channel of the model drops 3, and 7 stays."""
+    src = model(block="serial", ffn="gelu")
+    mlp = src.blocks[1].mlp
+    with torch.no_grad():
+        for c, factor in ((3, 1e-3), (7, 10.0)):
+            mlp.fc.weight[c] *= factor
+            mlp.proj.weight[:, c] *= factor
+    groups, channels = importance(src, "magnitude", [])
+    torch.testing.assert_close(channels[1], mlp.fc.weight.abs().sum(1) + mlp.proj.weight.abs().sum(0))
+    d_ff = src.cfg.d_ff
+    _, keep = keep_by_score((groups, channels), 1 / (3 * d_ff))          # 1 of the 3 * d_ff channels
+    assert keep == [list(range(d_ff)), [c for c in range(d_ff) if c != 3], list(range(d_ff))]
+
+
 def test_pruning_a_group_removes_its_heads_exactly():
     """GQA: dropping KV group 1 of layer 0 equals zeroing its query heads' output columns."""
     src = model(n_kv_head=2, block="serial", ffn="swiglu", norm="rmsnorm", pos="rope")

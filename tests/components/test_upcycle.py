@@ -1,10 +1,12 @@
 """Pins components/upcycle.py: sparse upcycling with identical experts reproduces the dense model
 (renormalised top-k), BTX from identical branches is sparse upcycling, BAM from identical branches
 is the dense parallel model, and with different branches every expert is its branch's FFN or
-attention while the rest is their mean. Tiny CPU configs.
+attention while the rest is their mean, softmax-topk scales the dense FFN by exactly its weights, and
+each router_init draws its own distribution. Tiny CPU configs.
 
     .venv/bin/python -m pytest tests/components/test_upcycle.py -q
 """
+import math
 from dataclasses import replace
 
 import pytest
@@ -70,8 +72,29 @@ def test_sparse_upcycling_reproduces_the_dense_model(dense_kw, moe_kw):
     idx = tokens()
     if model.cfg.router == "topk-softmax":
         assert max_diff(model(idx), dense(idx)) < 1e-5
-    else:                                                       # weights p_i < 1: not the dense model
-        assert max_diff(model(idx), dense(idx)) > 1e-3
+    else:                         # weights p_i < 1: the dense model with its MoE layers' FFN outputs scaled
+        assert init == "zero"     # p_i = 1 / n_expert for every token
+        assert max_diff(model(idx), scaled_ffns(dense, model.cfg, moe_output_factor(model.cfg))(idx)) < 1e-5
+
+
+def moe_output_factor(cfg) -> float:
+    """MoE output / dense FFN output for identical experts, softmax-topk and a zero router: k experts
+    weighed 1 / n_expert each, plus the shared expert; with one, each holds half the FFN."""
+    half = 0.5 if cfg.shared_expert else 1.0
+    return (half if cfg.shared_expert else 0.0) + cfg.top_k / cfg.n_expert * half
+
+
+def scaled_ffns(dense: TransformerLM, cfg, factor: float) -> TransformerLM:
+    """A copy of the dense model whose FFN output projections (weights and biases) in the layers
+    that are MoE in `cfg` are multiplied by `factor`."""
+    ref = TransformerLM(dense.cfg).eval()
+    ref.load_state_dict(dense.state_dict())
+    with torch.no_grad():
+        for i, block in enumerate(ref.blocks):
+            if (i + 1) % cfg.moe_every == 0:
+                for p in block.mlp.proj.parameters():
+                    p.mul_(factor)
+    return ref
 
 
 def test_sparse_copies_every_non_ffn_weight_exactly():
@@ -162,6 +185,22 @@ def test_routers_depend_on_the_seed_only():
     assert not torch.equal(one["blocks.0.mlp.router.weight"], other["blocks.0.mlp.router.weight"])
     assert not torch.equal(one["blocks.0.mlp.router.weight"], one["blocks.1.mlp.router.weight"])
     assert one["blocks.0.mlp.router.weight"].std().item() == pytest.approx(0.02, rel=0.2)
+
+
+@pytest.mark.parametrize("init", ["zero", "uniform", "random"])
+def test_router_init_draws_the_named_distribution(init):
+    """FFN and attention routers alike: zero, U(-1/sqrt(C), 1/sqrt(C)) (std 1/sqrt(3C)), or N(0, 0.02)."""
+    a, b = dense_model(0, block="parallel"), dense_model(7, block="parallel")
+    _, sd = upcycle("bam", [a, b], 2, top_k=2, router_init=init)
+    w = torch.cat([sd[f"blocks.{i}.{m}.router.weight"].flatten() for i in range(2) for m in ("mlp", "attn")])
+    bound = 1 / math.sqrt(TINY["n_embd"])
+    if init == "zero":
+        assert torch.equal(w, torch.zeros_like(w))
+    elif init == "uniform":
+        assert w.abs().max() <= bound and w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.15)
+    else:
+        assert w.std().item() == pytest.approx(0.02, rel=0.15)
+    assert w.numel() == 4 * 2 * TINY["n_embd"]
 
 
 def test_continue_keeps_the_config():

@@ -4,7 +4,8 @@ A tiny project is a git + DVC repo in tmp_path whose stages are `python stage.py
 writes its output (content: the stage's name, so runs are byte-comparable) and appends
 "<name> <start> <end> <parent MLflow run id>" to log/runs.txt, outside DVC's outputs. Modes:
 `fail` always fails, `flaky` fails the first time only, `meet=<other>` waits (up to 120 s) until
-stage <other> has started, so it passes only if the two run at the same time.
+stage <other> has started, so it passes only if the two run at the same time, `copy=<file>`
+writes the content of <file> (a dep) instead of its name.
 """
 import os
 import subprocess
@@ -21,10 +22,10 @@ name, out, sleep, mode = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[
 start = time.time()
 log = pathlib.Path("log")
 log.mkdir(exist_ok=True)
+(log / f"{name}.started").touch()
 if mode == "fail":
     print("boom: this stage always fails")
     sys.exit(3)
-(log / f"{name}.started").touch()
 if mode.startswith("meet="):                 # wait until stage <other> runs too: proves they overlap
     other = log / f"{mode[5:]}.started"
     while not other.exists() and time.time() - start < 120:
@@ -38,7 +39,8 @@ if mode == "flaky" and not (log / f"{name}.tried").exists():
     sys.exit(1)
 time.sleep(sleep)
 pathlib.Path(out).parent.mkdir(exist_ok=True)
-pathlib.Path(out).write_text(name + "\\n")
+text = pathlib.Path(mode[5:]).read_text() if mode.startswith("copy=") else name + "\\n"
+pathlib.Path(out).write_text(text)
 with open(log / "runs.txt", "a") as f:
     f.write(f"{name} {start} {time.time()} {os.environ.get('ARCHFLOW_PARENT_RUN_ID', '-')}\\n")
 '''

@@ -14,13 +14,21 @@ import pytest
 from ruamel.yaml import YAML
 
 from components.errors import ParamsError
-from flows.pipeline import main, pipeline
+from flows.pipeline import main, pipeline, plan_stages
 from tests.flows.conftest import make_project, runs, stage
 
 ROOT = Path(__file__).resolve().parents[2]
 
-DIAMOND = (stage("root") + stage("left", ["out/root.txt"], sleep=1.5)
-           + stage("right", ["out/root.txt"], sleep=0.2) + stage("join", ["out/left.txt", "out/right.txt"]))
+
+
+def diamond(root: str = stage("root"), slow: str = "left") -> str:
+    """root -> left, right -> join; of the two independent stages, `slow` finishes last."""
+    sleep = {"left": 0.2, "right": 0.2, slow: 1.5}
+    return (root + stage("left", ["out/root.txt"], sleep=sleep["left"])
+            + stage("right", ["out/root.txt"], sleep=sleep["right"]) + stage("join", ["out/left.txt", "out/right.txt"]))
+
+
+DIAMOND = diamond()
 
 
 def test_stages_follow_the_dag_and_independent_ones_overlap(project):
@@ -34,12 +42,18 @@ def test_stages_follow_the_dag_and_independent_ones_overlap(project):
     assert len(parent) == 1 and mlflow.get_run(parent.pop()).data.tags["stage"] == "pipeline"
 
 
-def test_a_second_run_executes_nothing(project):
-    root = project(DIAMOND)
+def test_a_second_run_executes_nothing_and_a_changed_input_reruns_downstream(project):
+    root = project(diamond(root=stage("root", ["in.txt"], mode="copy=in.txt")))     # out/root.txt: in.txt
+    (root / "in.txt").write_text("one\n")
     pipeline()
     before = (root / "log/runs.txt").read_text()
     assert set(pipeline().values()) == {"skipped"}
     assert (root / "log/runs.txt").read_text() == before
+    # Only root's own dep changed; left and right are stale once root has rerun (DVC then runs them),
+    # join is not: their outputs came out the same.
+    (root / "in.txt").write_text("two\n")
+    assert pipeline() == {"root": "ran", "left": "ran", "right": "ran", "join": "skipped"}
+    assert (root / "out/root.txt").read_text() == "two\n"
 
 
 def test_an_always_changed_stage_that_changes_nothing_reruns_nothing_downstream(project):
@@ -52,9 +66,14 @@ def test_an_always_changed_stage_that_changes_nothing_reruns_nothing_downstream(
 
 
 def test_dvc_lock_and_outputs_are_what_dvc_repro_writes(project, tmp_path):
-    by_flow = project(DIAMOND, "flow")          # `right` finishes before `left` here, not in dvc repro
+    by_flow = project(DIAMOND, "flow")
+    order = plan_stages([]).order               # dvc repro's order in this process (see below)
+    # The independent stage dvc repro runs first finishes last here: dvc.lock gets the entries in the
+    # order the stages finish, until the flow puts them in dvc repro's.
+    first = next(n for n in order if n in ("left", "right"))
+    (by_flow / "dvc.yaml").write_text("stages:\n" + diamond(slow=first))
     pipeline(max_parallel=2)
-    by_dvc = make_project(tmp_path / "dvc", DIAMOND)
+    by_dvc = make_project(tmp_path / "dvc", diamond(slow=first))
     subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=by_dvc, check=True, capture_output=True)
     files = [f"out/{n}.txt" for n in ("root", "left", "right", "join")]
     assert {f: (by_flow / f).read_bytes() for f in files} == {f: (by_dvc / f).read_bytes() for f in files}
@@ -62,7 +81,7 @@ def test_dvc_lock_and_outputs_are_what_dvc_repro_writes(project, tmp_path):
     # and `right`), which DVC orders by string hashes that change with PYTHONHASHSEED
     lock_flow, lock_dvc = (YAML(typ="safe").load((d / "dvc.lock").read_text())["stages"] for d in (by_flow, by_dvc))
     assert lock_flow == lock_dvc
-    assert list(lock_flow)[0] == "root" and list(lock_flow)[-1] == "join"
+    assert list(lock_flow) == order
     assert sorted((by_flow / "out/.gitignore").read_text().split()) == sorted((by_dvc / "out/.gitignore").read_text().split())
 
 
@@ -86,13 +105,15 @@ def latest_artifact(key: str) -> dict:
 
 
 def test_a_failed_stage_fails_the_flow_by_name_and_independent_stages_finish(project):
+    # `other` is still running when `bad` fails: `after_other` is submitted after the failure.
     root = project(stage("root") + stage("bad", ["out/root.txt"], mode="fail")
-                   + stage("after_bad", ["out/bad.txt"]) + stage("other", ["out/root.txt"], sleep=1.5))
+                   + stage("after_bad", ["out/bad.txt"]) + stage("other", ["out/root.txt"], sleep=1.5, mode="meet=bad")
+                   + stage("after_other", ["out/other.txt"]))
     state = pipeline(max_parallel=2, return_state=True)
     assert state.is_failed()
     assert "stage 'bad' failed" in state.message and "boom: this stage always fails" in state.message
     assert "not run (upstream failed): after_bad" in state.message
-    assert set(runs(root)) == {"root", "other"}                # `other` was not cancelled
+    assert set(runs(root)) == {"root", "other", "after_other"}  # `other` was not cancelled, nor what follows it
     parent = runs(root)["other"][2]
     assert mlflow.get_run(parent).info.status == "FAILED"
 

@@ -88,7 +88,11 @@ def test_int8_is_small_loads_alone_and_evaluates(project):
     m = meta(project, "q8")
     assert (m["stage"], m["method"], m["parents"], m["steps"], m["tokens_seen"]) == ("compress", "int8", ["serial"], 0, 1000)
     assert m["int8_path"] in ("int8_mm", "dequant") and m["embeddings"] is True
-    assert abs(m["val_loss_compressed"] - m["val_loss_source"]) < 0.05
+    # Measured on torch 2.13 CPU: |delta val_loss| 1.3e-3 (q8), 1.5e-3 (q8-lin); 15 levels instead of 127 give
+    # 1.2e-2. (This source's logits are near uniform, so the loss moves little: the int8 error is pinned
+    # per channel in tests/components/test_compress.py.)
+    for name in ("q8", "q8-lin"):
+        assert abs(meta(project, name)["val_loss_compressed"] - meta(project, name)["val_loss_source"]) < 5e-3
     assert size(project, "q8") <= 0.40 * size(project, "serial") < size(project, "q8-lin")
     assert not (project / "models/q8/curve.csv").exists()       # nothing trained
     model, _ = load_model_dir(project / "models/q8")

@@ -10,9 +10,11 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
 from components.artifacts import load_model_dir, save_model_dir
 from components.config import ModelConfig
+from components.distill import LitDistill
 from components.model import TransformerLM
 from components.errors import ParamsError
 from tasks import distill, prepare
@@ -43,13 +45,18 @@ def write_params(root, distill_entries=ENTRIES):
     (root / "params.yaml").write_text(PARAMS.format(distill=distill_entries))
 
 
-def save_teacher(root, vocab_size=257, **meta):
-    """A tiny 2-layer teacher in models/serial, as pretrain would leave it (weights random but fixed)."""
+def save_teacher(root, vocab_size=257, spread=0.0, **meta):
+    """A tiny 2-layer teacher in models/serial, as pretrain would leave it (weights random but fixed;
+    `spread`: noise of that scale added to every weight, for logits far from uniform)."""
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=vocab_size, block_size=32, n_layer=2, n_head=4, n_embd=32, ffn="swiglu",
                       norm="rmsnorm", pos="rope")
+    teacher = TransformerLM(cfg)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(torch.randn(p.shape) * spread)
     data_sha = json.loads((root / "data/prepared/meta.json").read_text())["sha256"]
-    save_model_dir(root / "models/serial", TransformerLM(cfg),
+    save_model_dir(root / "models/serial", teacher,
                    {"stage": "pretrain", "parents": [], "data_sha256": data_sha, "params_hash": "t" * 16,
                     "tokens_seen": 1000, "steps": 1, "params": 0, **meta})
 
@@ -88,11 +95,30 @@ def test_distilled_student_explains_itself(project):
     assert run.data.params["distill.small.teacher"] == "serial" and run.data.params["model.n_embd"] == "16"
 
 
-def test_reverse_kd_with_hidden_term(project):
+def test_reverse_kd_with_hidden_term(project, monkeypatch):
+    """The stage trains on the entry's objective: its alpha, temperature, reverse KL and hidden term,
+    checked against the formula on the trained student (a stage that dropped any of them would still
+    write the same meta.json)."""
+    save_teacher(project, spread=0.3)       # a random init's logits are near uniform: every KD term would be ~0
+    made = []
+    monkeypatch.setattr(distill, "LitDistill", lambda *a, **kw: made.append(LitDistill(*a, **kw)) or made[-1])
     distill.main(["rev"])
     m = meta(project, "rev")
     assert (m["method"], m["steps"], m["alpha"], m["temperature"]) == ("kd-reverse+hidden", 2, 0.7, 1.5)
     assert len(pd.read_csv(project / "models/rev/curve.csv")) == 2
+    [lit] = made
+    lit.log = lit.log_dict = lambda *a, **kw: None                 # no Trainer to log to here
+    student, teacher = lit.model.eval(), lit.teacher
+    x = torch.randint(0, 257, (2, 32), generator=torch.Generator().manual_seed(0))
+    y = torch.roll(x, -1, dims=1)
+    with torch.no_grad():
+        s, t = student(x), teacher(x)
+        ce = F.cross_entropy(s.flatten(0, 1), y.flatten())
+        p_s, log_p_s, log_p_t = F.softmax(s / 1.5, -1), F.log_softmax(s / 1.5, -1), F.log_softmax(t / 1.5, -1)
+        reverse_kl = (p_s * (log_p_s - log_p_t)).sum(-1).mean()           # KL(p_s || p_t)
+        cosine = 1 - F.cosine_similarity(student.hidden(x), teacher.hidden(x), dim=-1).mean()   # same width: P = I
+        expected = 0.3 * ce + 0.7 * 1.5 ** 2 * reverse_kl + 0.5 * cosine
+        assert lit.training_step((x, y), 0)["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_teacher_init_without_training_keeps_every_other_layer(project):

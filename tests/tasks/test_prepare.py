@@ -137,7 +137,8 @@ def test_failed_run_leaves_previous_output(project, monkeypatch):
     (project / "params.yaml").write_text((PARAMS % "bpe").replace("source: corpus", "source: gone"))
     with pytest.raises(ParamsError, match="data.source: directory .*gone does not exist"):
         prepare.main([])
-    (project / "params.yaml").write_text(PARAMS % "bpe")
+    # Other params, so a writer that wrote in place would leave other bytes: a char tokenizer, other token ids.
+    (project / "params.yaml").write_text(PARAMS % "char")
     monkeypatch.setattr(prepare, "corpus_sha256", lambda root, files: 1 / 0)   # fails mid-write
     with pytest.raises(ZeroDivisionError):
         prepare.main([])

@@ -1,6 +1,7 @@
 """pretrain@<variant> on a tiny corpus: pinned first losses, outputs, the same bytes from a rerun (the
 time in metrics/train/), checkpoints of other inputs or holding code ignored, DDP on 2 CPU processes
-(resume after SIGKILL: tests/faults).
+(each rank half of the global batch), a batch of its own for every step of a longer run with pinned
+losses (resume after SIGKILL: tests/faults).
 
     .venv/bin/python -m pytest tests/tasks/test_pretrain.py -q
 """
@@ -9,12 +10,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import pandas as pd
 import pytest
 import torch
 
+from components import lit
+from components.data import StepBatches
 from tasks import prepare, pretrain
 from tests.tasks.tiny_corpus import write_corpus
 
@@ -100,18 +104,41 @@ def test_a_rerun_writes_the_same_bytes_and_the_time_apart(project):
     assert (timing["device"], timing["world_size"], timing["precision"]) == ("cpu", 1, "32-true")
 
 
-def test_checkpoint_of_other_params_is_ignored(project):
+def test_checkpoint_of_other_params_is_ignored(project, monkeypatch, capsys):
+    """A readable checkpoint made with another lr: resuming from it would give another curve."""
     write_params(project, max_steps=6, eval_every=3, ckpt_every=3)
-    (project / "checkpoints/serial").mkdir(parents=True)
-    # Readable, at step 3 of 6, but of other inputs: resuming from it would end after one row.
-    torch.save({"global_step": 3, "params_hash": "other-params"}, project / "checkpoints/serial/last.ckpt")
     pretrain.main(["serial"])
-    assert list(curve(project)["step"]) == [3, 6]
+    fresh = curve(project)
+    # The other run: 3 steps at another lr, its step-3 checkpoint kept (the stage deletes it when done).
+    params = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(params.replace("max_steps: 6", "max_steps: 3").replace("lr: 3.0e-3", "lr: 1.0e-2"))
+    with monkeypatch.context() as mp:
+        mp.setattr(pretrain, "shutil", SimpleNamespace(rmtree=lambda *a, **kw: None))
+        pretrain.main(["serial"])
+    ckpt = project / "checkpoints/serial/last.ckpt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 3     # readable, resumable
+    (project / "params.yaml").write_text(params)
+    capsys.readouterr()
+    pretrain.main(["serial"])
+    pd.testing.assert_frame_equal(curve(project), fresh)         # trained from step 0, as the fresh run
+    assert "made with other params" in capsys.readouterr().out
+
+
+def batch_of_rank(rank: int, world_size: int, step: int = 5) -> torch.Tensor:
+    """The inputs (B / world_size, T) that the data module gives DDP rank `rank` at `step`."""
+    data = lit.LMDataModule("data/prepared", block_size=32, batch_size=8, seed=7)
+    data.trainer = SimpleNamespace(global_rank=rank, world_size=world_size, global_step=step)   # what it reads
+    return next(iter(data.train_dataloader()))[0]
 
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes(project):
     """DDP re-executes the command on each rank; each rank takes half of every global batch."""
+    # The two ranks' halves are the global batch (were each rank to take all of it, the losses below
+    # would not change: averaging equal gradients is what one process computes).
+    halves = [batch_of_rank(rank, 2) for rank in (0, 1)]
+    assert [h.shape for h in halves] == [(4, 32), (4, 32)]
+    assert torch.equal(torch.cat(halves), batch_of_rank(0, 1))
     write_params(project, max_steps=6, eval_every=3)
     single = run_stage(project, "serial").communicate()[0]
     single_curve = curve(project)
@@ -124,6 +151,29 @@ def test_ddp_on_two_cpu_processes(project):
     assert curve(project)["val_loss"].tolist() == pytest.approx(single_curve["val_loss"].tolist(), rel=1e-4)
     runs = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
     assert len(runs) == 3                                       # prepare, single-process run, DDP run: one each
+
+
+def test_every_step_trains_on_a_batch_of_its_own(project, monkeypatch):
+    """One endless epoch: step s draws batch s of (seed, s), for s = 0..11, never a replay of an
+    earlier step's batch (a loader that restarted at step 0 every few steps would pass any
+    test whose run fits in its first round)."""
+    drawn = []
+
+    class Recorded(StepBatches):
+        def __getitem__(self, step):
+            x, y = super().__getitem__(step)
+            drawn.append((step, x))
+            return x, y
+
+    monkeypatch.setattr(lit, "StepBatches", Recorded)
+    write_params(project, max_steps=12, eval_every=4)
+    pretrain.main(["serial"])
+    assert [step for step, _ in drawn[:12]] == list(range(12))      # (the loader may fetch one ahead)
+    assert len({x.numpy().tobytes() for _, x in drawn[:12]}) == 12
+    rows = curve(project)
+    # Pinned on torch 2.13 CPU: mean train loss and val loss at steps 4, 8, 12.
+    assert rows["train_loss"].tolist() == pytest.approx([5.31008, 4.69371, 4.38995], abs=1e-3)
+    assert rows["val_loss"].tolist() == pytest.approx([4.88158, 4.45667, 4.31334], abs=1e-3)
 
 
 class Planted:

@@ -1,10 +1,12 @@
 """branch@ and upcycle@ on a tiny prepared corpus with two domains: outputs and lineage, equal extra
-tokens, pinned first mix-phase losses, max_steps 0, evaluation of every method, the report's training
-times (btx/bam: with their branches'), and bad inputs (on disk and in params.yaml) rejected before compute.
+tokens, pinned first mix-phase losses, max_steps 0, evaluation of every method (val_ppl and val_bpb
+from val_loss), the report's training times (btx/bam: with their branches') and comparisons, and bad
+inputs (on disk and in params.yaml) rejected before compute.
 
     .venv/bin/python -m pytest tests/tasks/test_upcycle.py -q
 """
 import json
+import math
 import shutil
 
 import pandas as pd
@@ -35,6 +37,7 @@ upcycle:
   bam: {parent: parallel, method: bam, keep_parent: true, top_k: 2, max_steps: 2}
   bam-shared-0: {parent: parallel, method: bam, top_k: 1, router: softmax-topk, moa: kv-shared, max_steps: 0}
 evaluate: {max_tokens: 512, prompt_tokens: 16, decode_tokens: 8, speed_runs: 1, speed_warmup: 0}
+report: {comparisons: [[sparse, parallel], [btx, cont]]}
 """
 METHODS = {"cont": "continue", "sparse": "sparse", "btx": "btx", "bam": "bam", "bam-shared-0": "bam"}
 
@@ -84,6 +87,10 @@ def test_every_method_is_made_and_evaluated(project):
         meta = meta_of(project, f"models/{name}")
         assert (meta["stage"], meta["method"]) == ("upcycle", method)
         metrics = json.loads((project / "metrics" / f"{name}.json").read_text())
+        # byte tokens, and val holds no EOT: every scored token is one byte
+        assert metrics["val_bytes"] == metrics["val_tokens"] > 0
+        assert metrics["val_ppl"] == pytest.approx(math.exp(metrics["val_loss"]), rel=1e-12)
+        assert metrics["val_bpb"] == pytest.approx(metrics["val_loss"] / math.log(2), rel=1e-12)
         if method == "continue":
             assert meta["parents"] == ["parallel"] and metrics["active_params"] == metrics["params"]
         else:
@@ -115,7 +122,8 @@ def test_first_mix_losses_are_pinned(project):
 
 def test_report_joins_the_training_times(project):
     """The report reads metrics/train/: each model's own time and speed, and for btx/bam the time
-    spent in their branches (continue and sparse have none; a pretrain variant is no upcycle)."""
+    spent in their branches (continue and sparse have none; a pretrain variant is no upcycle); its
+    comparisons are computed from the metrics files."""
     report.main([])
     df = pd.read_csv(project / "reports/summary.csv", index_col="model")
     timing = {n: json.loads((project / f"metrics/train/{n}.json").read_text()) for n in ("par-a", "par-b", "btx")}
@@ -125,6 +133,22 @@ def test_report_joins_the_training_times(project):
     btx = df.loc["btx"]
     assert (btx.train_seconds, btx.train_tokens_per_s) == (timing["btx"]["train_seconds"], timing["btx"]["tokens_per_s"])
     assert pd.isna(df.loc["bam-shared-0", "train_tokens_per_s"])                 # max_steps 0: no speed
+
+    # Each report.comparisons pair (model, baseline): deltas model - baseline, ratios model / baseline,
+    # from metrics/<name>.json and metrics/train/<name>.json.
+    comp = pd.read_csv(project / "reports/comparisons.csv")
+    assert comp[["model", "baseline"]].values.tolist() == [["sparse", "parallel"], ["btx", "cont"]]
+    for (_, row), (a, b) in zip(comp.iterrows(), [("sparse", "parallel"), ("btx", "cont")]):
+        A, B = (json.loads((project / f"metrics/{n}.json").read_text()) for n in (a, b))
+        tA, tB = (json.loads((project / f"metrics/train/{n}.json").read_text()) for n in (a, b))
+        expected = {"d_val_loss": A["val_loss"] - B["val_loss"], "d_val_bpb": A["val_bpb"] - B["val_bpb"],
+                    "params_ratio": A["params"] / B["params"],
+                    "active_params_ratio": A["active_params"] / B["active_params"],
+                    "size_ratio": A["size_bytes"] / B["size_bytes"], "tokens_ratio": A["train_tokens"] / B["train_tokens"],
+                    "train_speed_ratio": tA["tokens_per_s"] / tB["tokens_per_s"],
+                    "prefill_speed_ratio": A["prefill_tokens_per_s"] / B["prefill_tokens_per_s"],
+                    "decode_speed_ratio": A["decode_tokens_per_s"] / B["decode_tokens_per_s"]}
+        assert row[list(expected)].to_dict() == pytest.approx(expected, rel=1e-9)
 
 
 def test_max_steps_zero_saves_the_transform(project):
