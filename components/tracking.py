@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import sqlite3
 import subprocess
@@ -42,6 +43,9 @@ import requests  # noqa: E402  mlflow's HTTP client
 from mlflow.exceptions import MlflowException  # noqa: E402
 
 from components.errors import ParamsError  # noqa: E402
+
+for _name in ("mlflow.store.db.utils", "alembic.runtime.migration"):   # "Creating initial MLflow database
+    logging.getLogger(_name).setLevel(logging.WARNING)                 # tables...": noise, every new store
 
 PARENT_RUN_ENV = "ARCHFLOW_PARENT_RUN_ID"   # a pipeline's MLflow run id: stage runs nest under it
 ARTIFACTS = "mlartifacts"                   # next to mlflow.db, for the default local backend
