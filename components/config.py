@@ -55,8 +55,10 @@ class ModelConfig:
     norm: str = "layernorm"       # layernorm | rmsnorm
     pos: str = "learned"          # learned | rope
     rope_base: float = 10000.0
+    rotary_pct: float = 1.0       # rope: the fraction of each head's channels rotated (GPT-NeoX 0.25); the rest pass
     tie_embeddings: bool = True
     bias: bool = False
+    norm_bias: bool = False       # layernorm: a bias even with bias: false (Falcon: linears without, norms with)
     dropout: float = 0.0
     norm_eps: float = 1e-5
     # Mixture-of-Experts (components/model.py): made by upcycle@, or set on a variant to train one from scratch.
@@ -127,7 +129,22 @@ class ModelConfig:
             p.append(f"rope needs an even head size, got n_embd/n_head={self.n_embd // self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             p.append(f"dropout={self.dropout} must be in [0, 1)")
-        return p + self.stack_problems() + self.compressed_problems() + self.moe_problems()
+        return p + self.position_problems() + self.stack_problems() + self.compressed_problems() + self.moe_problems()
+
+    def position_problems(self) -> list[str]:
+        """Problems of rotary_pct and norm_bias (the fields Hugging Face checkpoints need, components/hf.py)."""
+        p = []
+        if not 0.0 < self.rotary_pct <= 1.0:
+            p.append(f"rotary_pct={self.rotary_pct} must be in (0, 1]: the fraction of each head's channels rotated")
+        elif self.rotary_pct != 1.0 and self.pos != "rope":
+            p.append(f"rotary_pct={self.rotary_pct} is only read with pos: rope: set pos: rope or remove it")
+        elif self.rotary_pct != 1.0 and self.n_head >= 1 and (self.rope_dim % 2 or self.rope_dim < 2):
+            p.append(f"rotary_pct={self.rotary_pct} rotates {self.rope_dim} of {self.head_size} channels per head: "
+                     f"pick rotary_pct so that head_size * rotary_pct is even and >= 2")
+        if self.norm_bias and (self.norm != "layernorm" or self.bias):
+            p.append("norm_bias is only read with norm: layernorm and bias: false (bias: true gives norms a bias "
+                     "already): remove it")
+        return p
 
     def stack_problems(self) -> list[str]:
         """Problems of the fields only some presets read (layout, dwa_*, d_state); a value nothing
@@ -215,6 +232,11 @@ class ModelConfig:
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def rope_dim(self) -> int:
+        """Channels of each head that rope rotates: the first int(head_size * rotary_pct) (GPT-NeoX's rule)."""
+        return int(self.head_size * self.rotary_pct)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -52,12 +52,13 @@ KV = tuple[torch.Tensor, ...]               # one block application's cache slot
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "layernorm":
-        return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+        return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias or cfg.norm_bias)
     return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
 
 
 def rope_tables(head_size: int, n_pos: int, base: float) -> Rope:
-    """cos/sin of position * frequency for the rotate-half form, each (n_pos, hs)."""
+    """cos/sin of position * frequency for the rotate-half form, each (n_pos, hs); hs: the channels
+    rotated (rope_dim: all of a head's, or GPT-NeoX's first rotary_pct of them)."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
     angles = torch.outer(torch.arange(n_pos, dtype=torch.float32), inv_freq)   # (n_pos, hs/2)
     angles = torch.cat([angles, angles], dim=-1)                               # (n_pos, hs)
@@ -70,7 +71,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    cos, sin = rope                                         # (T, hs), broadcast over (B, nh)
+    cos, sin = rope                                         # (T, rope_dim), broadcast over (B, nh)
+    if cos.size(-1) < x.size(-1):                           # partial rotary (GPT-NeoX): the first rope_dim
+        n = cos.size(-1)                                    # channels rotate, the rest pass through
+        return torch.cat([apply_rope(x[..., :n], rope), x[..., n:]], dim=-1)
     return (x * cos + rotate_half(x) * sin).type_as(x)      # (B, nh, T, hs)
 
 
@@ -678,8 +682,8 @@ class TransformerLM(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
         if cfg.pos == "rope":
-            cos, sin = rope_tables(cfg.head_size, cfg.block_size, cfg.rope_base)
-            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs)
+            cos, sin = rope_tables(cfg.rope_dim, cfg.block_size, cfg.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, rope_dim)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.shared_mlp = MLP(cfg) if cfg.block == "one-wide-ffn" else None
