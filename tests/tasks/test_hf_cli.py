@@ -1,0 +1,139 @@
+"""python -m tasks.hf_import and python -m tasks.export on tiny random models: a saved HF directory
+imports to a model directory that load_model_dir reads, with the same logits as transformers and its
+source in meta.json; exporting it gives back the original files' tensors and config; an archflow
+model with a bpe tokenizer exports to a directory whose AutoTokenizer encodes as archflow's does;
+bad configs are refused before any weight is read, and models with no HF form by name.
+
+    .venv/bin/python -m pytest tests/tasks/test_hf_cli.py -q
+"""
+import json
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from components.artifacts import load_model_dir, save_model_dir  # noqa: E402
+from components.compress import quantize  # noqa: E402
+from components.config import ModelConfig  # noqa: E402
+from components.errors import ParamsError  # noqa: E402
+from components.model import TransformerLM  # noqa: E402
+from components.tokenizer import train_tokenizer  # noqa: E402
+from tasks import export, hf_import  # noqa: E402
+
+torch.set_num_threads(1)
+transformers.logging.set_verbosity_error()
+
+PYTHIA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=24, rotary_pct=0.25)
+
+
+def saved_hf_model(path, kind="gpt_neox", **overrides):
+    config = transformers.AutoConfig.for_model(kind, **{**PYTHIA, **overrides})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    model.save_pretrained(path)
+    return model
+
+
+def test_import_then_export_round_trip(tmp_path):
+    # as the Hugging Face cache holds a download: snapshots/<commit>/, config.json naming the repository
+    src = tmp_path / "hub" / "snapshots" / ("0123abcd" * 5)
+    hf = saved_hf_model(src)
+    raw = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**raw, "_name_or_path": "EleutherAI/pythia-tiny-random"}))
+    hf_import.main([str(src), str(tmp_path / "models" / "pythia")])
+    model, meta = load_model_dir(tmp_path / "models" / "pythia")
+    assert model.cfg.block == "parallel-2norm" and model.cfg.rotary_pct == 0.25
+    assert meta == {"stage": "import", "method": "hf", "parents": [],
+                    "source": {"path": str(src), "model_type": "gpt_neox",
+                               "name_or_path": "EleutherAI/pythia-tiny-random", "revision": "0123abcd" * 5}}
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(idx) - hf(idx).logits).abs().max().item() <= 1e-4
+
+    export.main([str(tmp_path / "models" / "pythia"), str(tmp_path / "out")])
+    original, back = load_file(src / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in back)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "gpt_neox" and config["rotary_pct"] == 0.25
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True).eval()
+    with torch.no_grad():
+        assert torch.equal(again(idx).logits, hf(idx).logits)
+
+
+def test_bad_config_is_refused_before_reading_weights(tmp_path):
+    """A config with two problems, beside a weights file that is not safetensors: one message naming
+    both (not the damaged weights), nothing written."""
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(
+        transformers.AutoConfig.for_model("falcon", vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                          num_attention_heads=4, alibi=True, activation="relu").to_dict()))
+    (tmp_path / "hf" / "model.safetensors").write_text("not weights")
+    with pytest.raises(ParamsError) as e:
+        hf_import.main([str(tmp_path / "hf"), str(tmp_path / "out")])
+    assert "alibi=true" in str(e.value) and "activation='relu'" in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_model_type_and_missing_config_are_refused(tmp_path):
+    (tmp_path / "t5").mkdir()
+    (tmp_path / "t5" / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    with pytest.raises(ParamsError, match="model_type='t5'"):
+        hf_import.main([str(tmp_path / "t5"), str(tmp_path / "out")])
+    with pytest.raises(ParamsError, match="has no config.json"):
+        hf_import.main([str(tmp_path / "nothing"), str(tmp_path / "out")])
+
+
+def archflow_dir(path, **overrides):
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(**{**dict(vocab_size=64, block_size=24, n_layer=2, n_head=4, n_embd=32,
+                                                 pos="rope"), **overrides})).eval()
+    save_model_dir(path, model, {"stage": "pretrain", "parents": []})
+    return model
+
+
+def test_export_with_a_bpe_tokenizer(tmp_path):
+    texts = ["def main():\n    return 42\n", "import os\nprint(os.getcwd())\n"] * 20
+    tok = train_tokenizer("bpe", texts, 300)
+    tok.save(tmp_path / "tokenizer.json")
+    model = archflow_dir(tmp_path / "model", vocab_size=tok.vocab_size, norm="rmsnorm", ffn="swiglu")
+    export.main([str(tmp_path / "model"), str(tmp_path / "out"), "--tokenizer", str(tmp_path / "tokenizer.json")])
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out", local_files_only=True)
+    text = "def main():\n    print(42)\n"
+    assert hf_tok(text)["input_ids"] == tok.encode(text) and hf_tok.eos_token_id == tok.eot_id
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True).eval()
+    assert hf.config.model_type == "llama" and hf.config.eos_token_id == tok.eot_id
+    idx = torch.tensor([tok.encode(text)])
+    with torch.no_grad():
+        assert (model(idx) - hf(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_export_refuses_char_tokenizers_and_models_without_hf_form(tmp_path):
+    tok = train_tokenizer("char", ["abc"], 0)
+    tok.save(tmp_path / "tokenizer.json")
+    archflow_dir(tmp_path / "serial", vocab_size=tok.vocab_size, norm="rmsnorm", ffn="swiglu")
+    with pytest.raises(ParamsError, match="char tokenizer, which has no Hugging Face form"):
+        export.main([str(tmp_path / "serial"), str(tmp_path / "out"), "--tokenizer", str(tmp_path / "tokenizer.json")])
+    archflow_dir(tmp_path / "par", block="par")
+    with pytest.raises(ParamsError, match="block='par' has no Hugging Face equivalent"):
+        export.main([str(tmp_path / "par"), str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_int8_model_exports_dequantised(tmp_path):
+    model = archflow_dir(tmp_path / "float", block="parallel", n_kv_head=1)
+    q = quantize(model, embeddings=False)
+    save_model_dir(tmp_path / "int8", q, {"stage": "compress", "parents": ["float"]})
+    export.main([str(tmp_path / "int8"), str(tmp_path / "out")])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True).eval()
+    assert hf.config.model_type == "falcon"             # its layernorm biases written as zeros, not left to init
+    assert set(load_file(tmp_path / "out" / "model.safetensors")) == set(hf.state_dict()) - {"lm_head.weight"}
+    idx = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (q(idx) - hf(idx).logits).abs().max().item() <= 1e-4
