@@ -200,6 +200,7 @@ def fuse_ffns(model: TransformerLM, runs: list[tuple[int, int]]) -> TransformerL
     concatenated FFNs, each norm's gain (and LayerNorm bias) folded into its rows, under one norm
     with unit gain. Exact with respect to that parallel formulation."""
     cfg, sd = model.cfg, model.state_dict()
+    assert not cfg.norm_bias, "a layernorm shift without FFN biases cannot be folded (compress_shape_problems)"
     starts = {a: b for a, b in runs}
     out = {k: v for k, v in sd.items() if not k.startswith("blocks.")}
     widths, i = [], 0

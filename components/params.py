@@ -752,6 +752,9 @@ def compress_shape_problems(cfg: ModelConfig, method: str) -> list[str]:
                 f"instead (int8 last)"]
     if not method_classes(CompressEntry)[method].needs_layers:
         return []
+    if method == "ffn_fusion" and cfg.norm_bias:
+        return ["cannot fuse the FFNs of a norm_bias model (a Falcon import) exactly: each layernorm's shift "
+                "would become an FFN bias, which bias: false leaves out; prune it or quantise it instead"]
     why = ("its layers are not a stack of attention + FFN layers" if cfg.block not in PER_LAYER_BLOCKS else
            "its blocks run more than once (n_loop)" if cfg.n_loop != 1 else
            "its depth-weighted averages (dwa) are sized by the layers" if cfg.dwa else

@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from components.compress import quantize  # noqa: E402
+from components.compress import importance, keep_by_score, prune, quantize  # noqa: E402
 from components.config import ModelConfig  # noqa: E402
 from components.errors import ParamsError  # noqa: E402
 from components.hf import (  # noqa: E402
@@ -32,6 +32,8 @@ from components.hf import (  # noqa: E402
     state_to_hf,
 )
 from components.model import TransformerLM  # noqa: E402
+from components.params import compress_shape_problems  # noqa: E402
+from components.upcycle import upcycle_state_dict, upcycled_config  # noqa: E402
 
 torch.set_num_threads(1)
 transformers.logging.set_verbosity_error()
@@ -246,3 +248,20 @@ def test_new_config_fields_are_checked():
                        (dict(norm_bias=True, bias=True), "norm_bias is only read")):
         with pytest.raises(ValueError, match=words.replace("(", r"\(").replace("]", r"\]")):
             ModelConfig(**{**TINY, **bad})
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "falcon-7b-mqa"])
+def test_imported_models_take_the_upcycle_and_compress_transforms(name):
+    """An MoE sparse-upcycled from an import reproduces it (identical experts); pruning and int8 run;
+    FFN Fusion of a Falcon import (layernorm shift, no FFN bias) is refused by name."""
+    ours = imported(*hf_model(name))
+    cfg = upcycled_config(ours.cfg, "sparse", 4, top_k=2)
+    moe = TransformerLM(cfg)
+    moe.load_state_dict(upcycle_state_dict(cfg, ours.cfg, [ours.state_dict()], [0] * 4, 7, "random", 0.0))
+    idx = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(moe.eval()(idx), ours(idx), atol=1e-5)
+        prune(ours, *keep_by_score(importance(ours, "magnitude", []), 0.3))(idx)
+        quantize(ours, embeddings=False)(idx)
+    fusion = compress_shape_problems(ours.cfg, "ffn_fusion")
+    assert (fusion == []) == (name == "llama-gqa") and all("norm_bias" in p for p in fusion)
