@@ -59,6 +59,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     bias: bool = False
     norm_bias: bool = False       # layernorm: a bias even with bias: false (Falcon: linears without, norms with)
+    qkv_bias: bool = False        # a bias on the q, k, v projection only, with bias: false (Qwen2)
     dropout: float = 0.0
     norm_eps: float = 1e-5
     # Mixture-of-Experts (components/model.py): made by upcycle@, or set on a variant to train one from scratch.
@@ -132,7 +133,7 @@ class ModelConfig:
         return p + self.position_problems() + self.stack_problems() + self.compressed_problems() + self.moe_problems()
 
     def position_problems(self) -> list[str]:
-        """Problems of rotary_pct and norm_bias (the fields Hugging Face checkpoints need, components/hf.py)."""
+        """Problems of rotary_pct, norm_bias and qkv_bias (what Hugging Face checkpoints need, components/hf.py)."""
         p = []
         if not 0.0 < self.rotary_pct <= 1.0:
             p.append(f"rotary_pct={self.rotary_pct} must be in (0, 1]: the fraction of each head's channels rotated")
@@ -144,6 +145,9 @@ class ModelConfig:
         if self.norm_bias and (self.norm != "layernorm" or self.bias):
             p.append("norm_bias is only read with norm: layernorm and bias: false (bias: true gives norms a bias "
                      "already): remove it")
+        if self.qkv_bias and (self.bias or self.block in ("parallel", "hybrid") or self.n_attn_expert):
+            p.append("qkv_bias is only read with bias: false by a separate attention module (not block parallel's "
+                     "fused input matmul, hybrid or n_attn_expert): remove it, or use block parallel-unfused")
         return p
 
     def stack_problems(self) -> list[str]:

@@ -6,6 +6,7 @@ functions of dicts and tensors (tasks/hf_import.py and tasks/export.py read and 
 
     HF model_type         archflow
     llama, mistral        serial, rmsnorm, swiglu, rope (GQA; bias: Llama's attention_bias = mlp_bias)
+    qwen2                 the same with qkv_bias (biases on q, k, v only)
     gpt_neox (Pythia)     parallel-2norm (use_parallel_residual false: serial), layernorm, gelu, bias,
                           rope on the first rotary_pct of each head
     falcon                parallel (one layernorm; new_decoder_architecture with two: parallel-2norm;
@@ -28,15 +29,14 @@ from components.config import ModelConfig
 from components.errors import ParamsError
 from components.model import fuse_parallel_state_dict, unfuse_parallel_state_dict
 
-FAMILIES = ("llama", "mistral", "gpt_neox", "falcon")
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+FAMILIES = ("llama", "mistral", "qwen2", "gpt_neox", "falcon")
+LLAMA_LIKE = ("llama", "mistral", "qwen2")         # one tensor layout: q, k, v, gate, up as separate matrices
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "gpt_neox": "GPTNeoXForCausalLM", "falcon": "FalconForCausalLM"}
 # Model types people will try, and why each is not mapped (the rest: "no mapping").
 REFUSED = {
     "mixtral": "a mixture-of-experts model: import a dense model and upcycle it (upcycle@) instead",
     "qwen2_moe": "a mixture-of-experts model: import a dense model and upcycle it (upcycle@) instead",
-    "qwen2": "its q, k, v projections have biases and its output projection none; ModelConfig's bias is "
-             "all-or-none (no qkv_bias field yet)",
     "gptj": "its lm_head has a bias and its activation is gelu_new (tanh): archflow's head has none, gelu is exact",
     "phi": "its lm_head has a bias and its activation is gelu_new (tanh): archflow's head has none, gelu is exact",
     "gpt2": "learned positions with gelu_new (tanh) and Conv1D weights: not mapped yet",
@@ -63,7 +63,7 @@ def hf_problems(hf: dict) -> list[str]:
     n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
     if n_embd % n_head:
         p.append(f"hidden_size={n_embd} is not divisible by num_attention_heads={n_head}")
-    if kind in ("llama", "mistral"):
+    if kind in LLAMA_LIKE:
         if hf.get("hidden_act") != "silu":
             p.append(f"hidden_act={hf.get('hidden_act')!r}: archflow's swiglu gates with silu only")
         if hf.get("head_dim") not in (None, n_embd // n_head):
@@ -76,6 +76,9 @@ def hf_problems(hf: dict) -> list[str]:
             p.append(f"sliding_window={hf['sliding_window']} < max_position_embeddings="
                      f"{hf['max_position_embeddings']}: archflow attends to the whole context; set sliding_window "
                      f"to null only if the model was trained without one")
+        if any(t != "full_attention" for t in hf.get("layer_types") or []):
+            p.append(f"layer_types={hf['layer_types']} has sliding-window layers (use_sliding_window): archflow "
+                     f"attends to the whole context in every layer")
     elif kind == "gpt_neox":
         if hf.get("hidden_act") != "gelu":
             p.append(f"hidden_act={hf.get('hidden_act')!r}: archflow's gelu is the exact (erf) one, 'gelu'")
@@ -115,11 +118,11 @@ def config_from_hf(hf: dict) -> ModelConfig:
     common = dict(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
                   n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
                   pos="rope", tie_embeddings=hf.get("tie_word_embeddings", True))
-    if kind in ("llama", "mistral"):
+    if kind in LLAMA_LIKE:                                 # Qwen2: biases on q, k, v only
         own = dict(n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
                    d_ff=hf["intermediate_size"], block="serial", ffn="swiglu", norm="rmsnorm",
                    rope_base=float(hf.get("rope_theta", 10000.0)), bias=bool(hf.get("attention_bias", False)),
-                   norm_eps=hf["rms_norm_eps"])
+                   qkv_bias=kind == "qwen2", norm_eps=hf["rms_norm_eps"])
     elif kind == "gpt_neox":
         own = dict(d_ff=hf["intermediate_size"], block="parallel-2norm" if hf["use_parallel_residual"] else "serial",
                    ffn="gelu", norm="layernorm", rope_base=float(hf.get("rotary_emb_base", 10000.0)),
@@ -151,14 +154,17 @@ def falcon_block(hf: dict) -> str:
 def export_problems(cfg: ModelConfig, kind: str) -> list[str]:
     """Why HF family `kind` cannot express an archflow model of config cfg (empty if it can)."""
     p = []
-    want = {"llama": dict(norm="rmsnorm", ffn="swiglu"), "mistral": dict(norm="rmsnorm", ffn="swiglu", bias=False),
+    want = {"llama": dict(norm="rmsnorm", ffn="swiglu", qkv_bias=False),
+            "mistral": dict(norm="rmsnorm", ffn="swiglu", bias=False, qkv_bias=False),
+            "qwen2": dict(norm="rmsnorm", ffn="swiglu", bias=False, qkv_bias=True),
             "gpt_neox": dict(norm="layernorm", ffn="gelu", bias=True, n_kv_head=cfg.n_head),
-            "falcon": dict(norm="layernorm", ffn="gelu", rotary_pct=1.0)}[kind]
-    blocks = {"llama": ("serial",), "mistral": ("serial",), "gpt_neox": ("serial", "parallel-2norm"),
+            "falcon": dict(norm="layernorm", ffn="gelu", rotary_pct=1.0, qkv_bias=False)}[kind]
+    blocks = {"llama": ("serial",), "mistral": ("serial",), "qwen2": ("serial",),
+              "gpt_neox": ("serial", "parallel-2norm"),
               "falcon": ("serial", "parallel", "parallel-unfused", "parallel-2norm")}[kind]
     if cfg.block not in blocks:
         p.append(f"block={cfg.block!r} (it has {', '.join(blocks)})")
-    if kind == "llama" and cfg.rotary_pct != 1.0:
+    if kind in LLAMA_LIKE and cfg.rotary_pct != 1.0:
         p.append(f"rotary_pct={cfg.rotary_pct} (it rotates whole heads)")
     if cfg.pos != "rope":
         p.append(f"pos={cfg.pos!r} (it has rope)")
@@ -203,11 +209,12 @@ def hf_config(cfg: ModelConfig, kind: str) -> dict:
                   hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
                   max_position_embeddings=cfg.block_size, tie_word_embeddings=cfg.tie_embeddings,
                   rope_scaling=None, torch_dtype="float32", bos_token_id=None, eos_token_id=None)
-    if kind in ("llama", "mistral"):
+    if kind in LLAMA_LIKE:
         own = dict(num_key_value_heads=cfg.n_kv_head, intermediate_size=cfg.d_ff, hidden_act="silu",
                    rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_base)
-        own |= dict(head_dim=cfg.head_size, attention_bias=cfg.bias, mlp_bias=cfg.bias) if kind == "llama" else \
-            dict(head_dim=None, sliding_window=None)
+        own |= {"llama": dict(head_dim=cfg.head_size, attention_bias=cfg.bias, mlp_bias=cfg.bias),
+                "mistral": dict(head_dim=None, sliding_window=None),
+                "qwen2": dict(use_sliding_window=False, sliding_window=None)}[kind]
     elif kind == "gpt_neox":
         own = dict(intermediate_size=cfg.d_ff, hidden_act="gelu", rotary_pct=cfg.rotary_pct,
                    rotary_emb_base=cfg.rope_base, layer_norm_eps=cfg.norm_eps, attention_bias=True,
@@ -248,12 +255,12 @@ def qkv_to_grouped(t: torch.Tensor, n_head: int, n_kv_head: int) -> torch.Tensor
 # ---------------------------------------------------------------------------------------------
 # state dicts. Per family: the HF name of each archflow tensor of layer i (unfused parallel names:
 # `ln`, `attn.qkv`, ...; fuse_parallel_state_dict makes the fused block's), where one HF tensor is
-# one archflow tensor. attn.qkv (and llama's mlp.fc) are put together by `layer_to_archflow`.
+# one archflow tensor. attn.qkv (and Llama's mlp.fc) are put together by state_from_hf.
 
 
 def names(cfg: ModelConfig, kind: str) -> tuple[dict, dict]:
     """({archflow name: HF name} of the model-level tensors, the same of layer i's with `{i}`)."""
-    if kind in ("llama", "mistral"):
+    if kind in LLAMA_LIKE:
         top = {"wte.weight": "model.embed_tokens.weight", "norm_f.weight": "model.norm.weight"}
         layer = {"ln_1.weight": "input_layernorm.weight", "ln_2.weight": "post_attention_layernorm.weight",
                  "attn.proj": "self_attn.o_proj", "mlp.proj": "mlp.down_proj"}
@@ -297,13 +304,14 @@ def state_from_hf(cfg: ModelConfig, kind: str, hf_sd: dict) -> dict:
     for i in range(cfg.n_layer):
         p = f"blocks.{i}."
         sd |= {p + a: hf_sd[h.format(i=i)] for a, h in layer.items()}
-        if kind in ("llama", "mistral"):
+        if kind in LLAMA_LIKE:
             hp = f"model.layers.{i}."
-            for leaf in ("weight", "bias") if cfg.bias else ("weight",):
+            for leaf in parts(cfg.bias or cfg.qkv_bias):
                 sd[f"{p}attn.qkv.{leaf}"] = torch.cat([hf_sd[f"{hp}self_attn.{x}_proj.{leaf}"] for x in "qkv"])
+            for leaf in parts(cfg.bias):
                 sd[f"{p}mlp.fc.{leaf}"] = torch.cat([hf_sd[f"{hp}mlp.{x}_proj.{leaf}"] for x in ("gate", "up")])
         else:
-            for leaf in ("weight", "bias") if cfg.bias else ("weight",):
+            for leaf in parts(cfg.bias):
                 sd[f"{p}attn.qkv.{leaf}"] = grouped_to_qkv(sd[f"{p}attn.qkv.{leaf}"], cfg.n_head, cfg.n_kv_head)
     if cfg.block == "parallel":
         sd = fuse_parallel_state_dict(sd)
@@ -319,17 +327,25 @@ def state_to_hf(cfg: ModelConfig, kind: str, sd: dict) -> dict:
     for i in range(cfg.n_layer):
         p = f"blocks.{i}."
         hf |= {h.format(i=i): sd[p + a] for a, h in layer.items() if not a.startswith(("attn.qkv", "mlp.fc"))}
-        for leaf in ("weight", "bias") if cfg.bias else ("weight",):
-            qkv, fc = sd[f"{p}attn.qkv.{leaf}"], sd[f"{p}mlp.fc.{leaf}"]
-            if kind in ("llama", "mistral"):
-                hp, hs = f"model.layers.{i}.", cfg.head_size
+        hp, hs = f"model.layers.{i}.", cfg.head_size
+        for leaf in parts(cfg.bias or cfg.qkv_bias):
+            qkv = sd[f"{p}attn.qkv.{leaf}"]
+            if kind in LLAMA_LIKE:
                 for x, t in zip("qkv", qkv.split([cfg.n_head * hs, cfg.n_kv_head * hs, cfg.n_kv_head * hs])):
                     hf[f"{hp}self_attn.{x}_proj.{leaf}"] = t
-                hf[f"{hp}mlp.gate_proj.{leaf}"], hf[f"{hp}mlp.up_proj.{leaf}"] = fc.chunk(2)
             else:
                 hf[layer[f"attn.qkv.{leaf}"].format(i=i)] = qkv_to_grouped(qkv, cfg.n_head, cfg.n_kv_head)
+        for leaf in parts(cfg.bias):
+            fc = sd[f"{p}mlp.fc.{leaf}"]
+            if kind in LLAMA_LIKE:
+                hf[f"{hp}mlp.gate_proj.{leaf}"], hf[f"{hp}mlp.up_proj.{leaf}"] = fc.chunk(2)
+            else:
                 hf[layer[f"mlp.fc.{leaf}"].format(i=i)] = fc
     return {k: v.contiguous() for k, v in hf.items()}
+
+
+def parts(bias: bool) -> tuple[str, ...]:
+    return ("weight", "bias") if bias else ("weight",)
 
 
 def hf_norm_biases(cfg: ModelConfig, kind: str) -> list[str]:

@@ -173,7 +173,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head = n_head or cfg.n_head, n_kv_head or cfg.n_kv_head
         self.dropout, self.head_size = cfg.dropout, cfg.head_size
-        self.qkv = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv_head) * cfg.head_size, bias=cfg.bias)
+        rows = (self.n_head + 2 * self.n_kv_head) * cfg.head_size          # q, k, v
+        self.qkv = nn.Linear(cfg.n_embd, rows, bias=cfg.bias or cfg.qkv_bias)
         self.proj = nn.Linear(self.n_head * cfg.head_size, cfg.n_embd, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
