@@ -33,7 +33,10 @@ def main(argv: list[str]) -> None:
     if not (args.hf_dir / "config.json").exists():
         raise ParamsError(f"{args.hf_dir} has no config.json: give a local Hugging Face model directory")
     raw = read_json(args.hf_dir / "config.json")
-    from transformers import AutoConfig, AutoModelForCausalLM   # the optional `hf` extra: imported on use
+    try:                                                     # the optional `hf` extra: imported on use
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ModuleNotFoundError as e:
+        raise ParamsError(f"hf_import reads checkpoints with transformers ({e}): pip install -e '.[hf]'") from e
 
     # transformers fills the defaults config.json leaves out; an unknown model_type is reported as is
     known = raw.get("model_type") in FAMILIES
