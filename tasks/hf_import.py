@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from components.artifacts import read_json, save_model_dir, tied_head
+from components.artifacts import read_json, save_model_dir, short_hash, tied_head
 from components.errors import ParamsError, cli
 from components.hf import FAMILIES, config_from_hf, state_from_hf
 from components.model import TransformerLM
@@ -46,7 +46,12 @@ def main(argv: list[str]) -> None:
     model = TransformerLM(cfg)
     missing, unexpected = model.load_state_dict(state_from_hf(cfg, hf["model_type"], source.state_dict()), strict=False)
     assert not unexpected and set(missing) == tied_head(model), (missing, unexpected)
-    meta = {"stage": "import", "method": "hf", "parents": [], "source": source_of(args.hf_dir, raw)}
+    source = source_of(args.hf_dir, raw)
+    # the lineage keys the stages read from an input model; tokens_seen counts tokens trained in archflow
+    # (the checkpoint's own pretraining is not in its config). No data_sha256: it was not trained on
+    # the study's prepared data, which load_input checks.
+    meta = {"stage": "import", "method": "hf", "parents": [], "source": source, "params": model.num_params(),
+            "tokens_seen": 0, "params_hash": short_hash({"stage": "import", "source": source, "model": cfg.to_dict()})}
     save_model_dir(args.out_dir, model.eval(), meta)
     print(f"hf_import: {hf['model_type']} {args.hf_dir} -> {args.out_dir} (block {cfg.block}, "
           f"{model.num_params() / 1e6:.1f}M params)")

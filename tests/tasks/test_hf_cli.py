@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from components.artifacts import load_model_dir, save_model_dir  # noqa: E402
+from components.artifacts import load_model_dir, save_model_dir, short_hash  # noqa: E402
 from components.compress import quantize  # noqa: E402
 from components.config import ModelConfig  # noqa: E402
 from components.errors import ParamsError  # noqa: E402
@@ -50,9 +50,11 @@ def test_import_then_export_round_trip(tmp_path):
     hf_import.main([str(src), str(tmp_path / "models" / "pythia")])
     model, meta = load_model_dir(tmp_path / "models" / "pythia")
     assert model.cfg.block == "parallel-2norm" and model.cfg.rotary_pct == 0.25
-    assert meta == {"stage": "import", "method": "hf", "parents": [],
-                    "source": {"path": str(src), "model_type": "gpt_neox",
-                               "name_or_path": "EleutherAI/pythia-tiny-random", "revision": "0123abcd" * 5}}
+    source = {"path": str(src), "model_type": "gpt_neox", "name_or_path": "EleutherAI/pythia-tiny-random",
+              "revision": "0123abcd" * 5}
+    assert meta == {"stage": "import", "method": "hf", "parents": [], "source": source, "params": hf.num_parameters(),
+                    "tokens_seen": 0, "params_hash": short_hash({"stage": "import", "source": source,
+                                                                 "model": model.cfg.to_dict()})}
     idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (model(idx) - hf(idx).logits).abs().max().item() <= 1e-4
