@@ -66,9 +66,10 @@ def study(variants: int) -> str:
     """The smoke study's corpus with a byte tokenizer and `variants` 2-step models, no lifecycle stages."""
     params = yaml.safe_load((ROOT / "tests/smoke/params.yaml").read_text())
     params["data"]["tokenizer"] = "byte"
+    params["data"].pop("hf_tokenizer", None)
     params["train"] |= {"max_steps": 2, "eval_every": 2, "ckpt_every": 2, "warmup_steps": 1}
     params["pretrain"]["variants"] = {f"v{i}": {"preset": "serial", "n_embd": 32 + 8 * i} for i in range(variants)}
-    for section in ("branch", "upcycle", "distill", "compress"):
+    for section in ("import", "branch", "upcycle", "distill", "compress"):
         params[section] = {}
     params["report"]["comparisons"] = []
     return yaml.safe_dump(params, sort_keys=False)

@@ -127,9 +127,16 @@ def input_problems(study, name: str, data_meta: dict, role: str) -> list[str]:
         return [f"the {role} '{name}' is not built ({path} is missing): run {fix} first"]
     config, meta = read_json(path / "config.json"), read_json(path / "meta.json")
     p = []
-    if meta.get("data_sha256") != data_meta["sha256"]:
+    if stage == "import":                  # not trained here: its tokenizer must be the study's (data.hf_tokenizer)
+        if meta.get("tokenizer_sha256") not in (None, data_meta.get("tokenizer_sha256")):
+            p.append(f"the {role} '{name}' was imported with another tokenizer than {PREPARED}'s "
+                     f"(data.hf_tokenizer {data_meta.get('hf_tokenizer')}): rebuild it with {fix}, or set "
+                     f"data.hf_tokenizer to its directory")
+    elif meta.get("data_sha256") != data_meta["sha256"]:
         p.append(f"the {role} '{name}' was trained on other prepared data (another corpus): rebuild it with {fix}")
-    if config["vocab_size"] != data_meta["vocab_size"]:
+    # hf tokenizers: an embedding padded past the vocabulary (Pythia: 50304 rows, 50277 tokens) is fine
+    padded = data_meta["tokenizer"] == "hf" and config["vocab_size"] > data_meta["vocab_size"]
+    if config["vocab_size"] != data_meta["vocab_size"] and not padded:
         p.append(f"the {role} '{name}' has vocab_size {config['vocab_size']} but {PREPARED} has "
                  f"{data_meta['vocab_size']} (another tokenizer): rebuild it with {fix}")
     return p

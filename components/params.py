@@ -73,8 +73,11 @@ class DataParams(Strict):
     include: list[str] = ["[a-i]*/*.py", "[a-i]*/tests/test_*.py"]   # globs relative to source, read in sorted order
     exclude: list[str] = []
     domains: dict[str, list[str]] = {}     # name -> globs (relative to source) for branch training
-    tokenizer: Literal["bpe", "char", "byte"] = "bpe"
+    tokenizer: Literal["bpe", "char", "byte", "hf"] = "bpe"
     vocab_size: int = Field(4096, ge=258, le=65536)   # bpe only: 256 byte tokens + merges + <|endoftext|>
+    # hf only: a Hugging Face tokenizer.json, or a directory holding one (an imported model's): the study's
+    # models then share that model's vocabulary
+    hf_tokenizer: Optional[str] = None
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5)  # tail of each document held out for validation
 
 
@@ -266,6 +269,14 @@ class FfnFusion(Recovery):
 CompressEntry = Annotated[Union[Int8, Prune, FfnFusion], Field(discriminator="method")]
 
 
+class ImportParams(Strict):
+    """A Hugging Face causal-LM checkpoint made an archflow model by the import stage (tasks/hf_import.py)."""
+    path: str                              # a local HF model directory (config.json + *.safetensors), relative to
+                                           # the project root: a DVC dependency, so changed files rerun the import
+    hf: Optional[str] = None               # where it was downloaded from (e.g. EleutherAI/pythia-70m), for the lineage
+    revision: Optional[str] = None         # and the revision downloaded (a commit hash pins it)
+
+
 class EvaluateParams(Strict):
     max_tokens: int = Field(65536, ge=1)   # validation tokens scored (non-overlapping windows; at most all of them)
     batch_size: int = Field(8, ge=1, le=MAX_BATCH)
@@ -296,6 +307,7 @@ class Study(Strict):
     model: ModelOverrides = ModelOverrides()
     train: TrainParams = TrainParams()
     pretrain: PretrainParams
+    imports: dict[str, ImportParams] = Field({}, alias="import")   # `import` is a Python keyword
     branch: dict[str, BranchParams] = {}
     upcycle: dict[str, UpcycleEntry] = {}
     distill: dict[str, DistillParams] = {}
@@ -308,6 +320,7 @@ class Study(Strict):
         """Every model of the study: name -> {stage, parents, dir}, in stage then declaration order.
         Branches live under branches/<parent>/ (upcycle@ of that parent waits for all of them)."""
         out = {name: {"stage": "pretrain", "parents": [], "dir": f"models/{name}"} for name in self.pretrain.variants}
+        out |= {name: {"stage": "import", "parents": [], "dir": f"models/{name}"} for name in self.imports}
         for name, b in self.branch.items():
             out[name] = {"stage": "branch", "parents": [b.parent], "dir": f"branches/{b.parent}/{name}"}
         for name, u in self.upcycle.items():             # the parent, then the branches its experts come from
@@ -330,6 +343,11 @@ class Study(Strict):
         """The training time of model `name` (branches too): wall-clock, so a DVC metric outside its
         model directory, whose bytes stay a function of the inputs."""
         return Path("metrics/train") / f"{name}.json"
+
+    def roots(self) -> list[str]:
+        """The models made from nothing else in the study: pretrain variants and imports (what branch@
+        and upcycle@ start from)."""
+        return [*self.pretrain.variants, *self.imports]
 
     def branches_of(self, parent: str) -> list[str]:
         return [name for name, b in self.branch.items() if b.parent == parent]
@@ -481,7 +499,7 @@ def schema_at(loc: tuple) -> tuple[list[str], object, object, dict]:
             continue
         path.append(str(part))
         if isinstance(node, type) and issubclass(node, BaseModel):
-            field = node.model_fields.get(str(part))
+            field = next((f for name, f in node.model_fields.items() if (f.alias or name) == str(part)), None)
             node = field.annotation if field else None
         else:  # inside dict[str, X] or list[X]: the key is a name or an index, step into X
             args, field = get_args(node), None
@@ -496,7 +514,9 @@ def node_at(loc: tuple):
 def known_keys(loc: tuple) -> list[str]:
     """Keys allowed at a location, for 'did you mean' hints."""
     node = node_at(loc)
-    return sorted(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
+    if not (isinstance(node, type) and issubclass(node, BaseModel)):
+        return []
+    return sorted(f.alias or name for name, f in node.model_fields.items())
 
 
 def method_classes(node) -> dict[str, type]:
@@ -514,8 +534,8 @@ def method_of(cls: type) -> str:
 def semantic_problems(study: Study) -> list[str]:
     """Problems pydantic cannot see: names, references, impossible shapes."""
     p = []
-    sections = {"pretrain.variants": study.pretrain.variants, "branch": study.branch, "upcycle": study.upcycle,
-                "distill": study.distill, "compress": study.compress}
+    sections = {"pretrain.variants": study.pretrain.variants, "import": study.imports, "branch": study.branch,
+                "upcycle": study.upcycle, "distill": study.distill, "compress": study.compress}
     names = list(study.models())
     seen = {}
     for section, keys in sections.items():
@@ -539,7 +559,7 @@ def semantic_problems(study: Study) -> list[str]:
         for problem in cfg.problems() + size_problems(cfg, study.data.vocab_size):
             if problem not in base:
                 p.append(f"pretrain.variants.{name}: {problem}")
-    p += reference_problems(study)
+    p += reference_problems(study) + tokenizer_problems(study)
     p += branch_problems(study) + upcycle_problems(study) + distill_problems(study) + compress_problems(study)
     for i, pair in enumerate(study.report.comparisons):
         for name in pair:
@@ -594,7 +614,7 @@ def _unknown(kind: str, name: str, known: list[str]) -> str:
 
 def reference_problems(study: Study) -> list[str]:
     """Every parent/teacher/source names a model that exists and comes earlier in the DAG."""
-    p, variants, models = [], list(study.pretrain.variants), study.models()
+    p, variants, models = [], study.roots(), study.models()
     for section, entries, field, allowed in (
             ("branch", study.branch, "parent", variants), ("upcycle", study.upcycle, "parent", variants),
             ("distill", study.distill, "teacher", None), ("compress", study.compress, "source", None)):
@@ -602,7 +622,7 @@ def reference_problems(study: Study) -> list[str]:
             ref = getattr(entry, field)
             known = allowed if allowed is not None else [m for m in study.evaluated() if m != name]
             if ref not in known:
-                what = "pretrain variant" if allowed is not None else "model"
+                what = "pretrain variant or import" if allowed is not None else "model"
                 p.append(f"{section}.{name}.{field}: {_unknown(what, ref, known)}")
     for name in models:                    # distill/compress may chain: A teaches B, B's copy teaches A
         path, todo = [name], list(models[name]["parents"])
@@ -619,10 +639,27 @@ def reference_problems(study: Study) -> list[str]:
         if b.domain not in study.data.domains:
             p.append(f"branch.{name}.domain: {_unknown('domain', b.domain, list(study.data.domains))}")
     for name, u in study.upcycle.items():
-        if u.parent in study.pretrain.variants and not study.branches_of(u.parent):
+        if u.parent in study.roots() and not study.branches_of(u.parent):
             p.append(f"upcycle.{name}: its parent '{u.parent}' has no branches; dvc.yaml makes every upcycle of a "
                      f"parent wait for branches/{u.parent}/: declare at least one `branch` entry with "
                      f"parent: {u.parent} (btx and bam make one expert of each)")
+    return p
+
+
+def tokenizer_problems(study: Study) -> list[str]:
+    """data.hf_tokenizer goes with data.tokenizer hf, and imported models need it: their token ids mean
+    their own tokenizer's text (the import stage checks it is theirs)."""
+    data, p = study.data, []
+    if data.tokenizer == "hf" and not data.hf_tokenizer:
+        p.append("data.hf_tokenizer: data.tokenizer is hf, so name the tokenizer: a tokenizer.json or a Hugging Face "
+                 "model directory holding one, e.g. the path of an import entry")
+    if data.tokenizer != "hf" and data.hf_tokenizer:
+        p.append(f"data.hf_tokenizer: it is read only with data.tokenizer hf (this study trains a {data.tokenizer} "
+                 f"tokenizer): set tokenizer: hf, or remove hf_tokenizer")
+    if study.imports and data.tokenizer != "hf":
+        name, entry = next(iter(study.imports.items()))
+        p.append(f"import.{name}: an imported model reads its own tokenizer's token ids, but data.tokenizer is "
+                 f"{data.tokenizer}: set data.tokenizer: hf and data.hf_tokenizer: {entry.path}")
     return p
 
 
@@ -635,34 +672,43 @@ def branch_problems(study: Study) -> list[str]:
 
 def upcycle_problems(study: Study) -> list[str]:
     """What can be said before the parent exists: its config (a pretrain variant) and the MoE the method
-    would make of it, checked by ModelConfig like any config."""
+    would make of it, checked by ModelConfig like any config (an imported parent: at stage start)."""
     p = []
     for name, u in study.upcycle.items():
-        where = f"upcycle.{name}"
         if not isinstance(u, MoEOptions) or u.parent not in study.pretrain.variants:   # unknown parent: reported
             continue
         parent = _unchecked_config(study.variant_overrides(u.parent))
         if parent.problems() or size_problems(parent, study.data.vocab_size):   # reported under pretrain.variants
             continue
-        if parent.n_expert or parent.n_attn_expert:
-            p.append(f"{where}.parent: '{u.parent}' is already an MoE model: upcycle a dense variant")
-        elif isinstance(u, Bam) and parent.block not in ("parallel", "parallel-unfused"):
-            p.append(f"{where}.parent: bam needs a parallel-block parent (block parallel or parallel-unfused: "
-                     f"attention and FFN experts read one normalised input), '{u.parent}' has block {parent.block}: "
-                     f"pick a parallel variant")
-        elif parent.block not in ("serial", "parallel", "parallel-unfused") or parent.n_loop != 1:
-            p.append(f"{where}.parent: '{u.parent}' has block {parent.block} (n_loop {parent.n_loop}); "
-                     f"upcycling takes block serial, parallel or parallel-unfused with n_loop 1")
-        else:
-            n = len(u.experts(study.branches_of(u.parent)))
-            too_many = n and u.top_k > n
-            if too_many:
-                fix = "raise n_expert" if isinstance(u, Sparse) else f"add branches of {u.parent} or set keep_parent"
-                p.append(f"{where}.top_k: {u.top_k} exceeds the {n} experts: lower top_k or {fix}")
-            moe = _unchecked_config({**study.variant_overrides(u.parent), **u.config_fields(n)})
-            p += [f"{where}: {problem}" for problem in moe.moe_problems()      # less its wording of too_many
-                  if not (too_many and problem.startswith(f"top_k={u.top_k} must be"))]
-            p += [f"{where}: {problem}" for problem in size_problems(moe, study.data.vocab_size)]
+        parent.vocab_size = study.data.vocab_size                # its size as prepare will make it (bpe: at most)
+        p += upcycle_parent_problems(study, name, parent)
+    return p
+
+
+def upcycle_parent_problems(study: Study, name: str, parent: ModelConfig) -> list[str]:
+    """Why upcycle `name` cannot make its MoE of a parent of config `parent`."""
+    u, where, p = study.upcycle[name], f"upcycle.{name}", []
+    if not isinstance(u, MoEOptions):                        # continue: any parent
+        return []
+    if parent.n_expert or parent.n_attn_expert:
+        p.append(f"{where}.parent: '{u.parent}' is already an MoE model: upcycle a dense variant")
+    elif isinstance(u, Bam) and parent.block not in ("parallel", "parallel-unfused"):
+        p.append(f"{where}.parent: bam needs a parallel-block parent (block parallel or parallel-unfused: "
+                 f"attention and FFN experts read one normalised input), '{u.parent}' has block {parent.block}: "
+                 f"pick a parallel variant")
+    elif parent.block not in ("serial", "parallel", "parallel-unfused") or parent.n_loop != 1:
+        p.append(f"{where}.parent: '{u.parent}' has block {parent.block} (n_loop {parent.n_loop}); "
+                 f"upcycling takes block serial, parallel or parallel-unfused with n_loop 1")
+    else:
+        n = len(u.experts(study.branches_of(u.parent)))
+        too_many = n and u.top_k > n
+        if too_many:
+            fix = "raise n_expert" if isinstance(u, Sparse) else f"add branches of {u.parent} or set keep_parent"
+            p.append(f"{where}.top_k: {u.top_k} exceeds the {n} experts: lower top_k or {fix}")
+        moe = _unchecked_config({**parent.to_dict(), **u.config_fields(n)})
+        p += [f"{where}: {problem}" for problem in moe.moe_problems()      # less its wording of too_many
+              if not (too_many and problem.startswith(f"top_k={u.top_k} must be"))]
+        p += [f"{where}: {problem}" for problem in size_problems(moe, parent.vocab_size)]
     return p
 
 

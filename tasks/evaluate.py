@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from components import tracking
-from components.artifacts import PREPARED, dumps, load_model_dir
+from components.artifacts import PREPARED, dumps, load_input, prepared_meta
 from components.data import load_tokens, window_batch
 from components.device import device_name, resolve_device
 from components.errors import ParamsError, cli
@@ -117,7 +117,7 @@ def main(argv: list[str]) -> None:
     if ev.threads:
         torch.set_num_threads(ev.threads)
     model_dir = study.model_dir(args.name)
-    model, meta = load_model_dir(model_dir)
+    model, meta = load_input(study, args.name, prepared_meta(), f"evaluate@{args.name}", "model")   # its tokenizer's
     model.to(device)
     tokenizer = Tokenizer.load(PREPARED / "tokenizer.json")
     val = load_tokens(PREPARED, "val")

@@ -9,7 +9,8 @@ imported from one of these goes back to its own family. Models with no Hugging F
 (par, one-wide-ffn, hybrid, DenseFormer, looped, MoE, mixture of attention, pruned per-layer widths)
 are refused with the reason. int8 models are written dequantised (W_q * s: the weights the int8
 model computes with, in float32). --tokenizer copies a bpe tokenizer.json (HF `tokenizers` format)
-with a tokenizer_config.json; char and byte tokenizers have no HF form and are refused.
+with a tokenizer_config.json, or an hf one (data.tokenizer hf) with its own; char and byte
+tokenizers have no HF form and are refused.
 Needs the `hf` extra only to load the result, not to write it.
 """
 from __future__ import annotations
@@ -27,14 +28,14 @@ from safetensors.torch import save_file
 from components.artifacts import dumps, load_model_dir
 from components.errors import ParamsError, cli
 from components.hf import dequantized_state, hf_config, hf_family, hf_norm_biases, state_to_hf
-from components.tokenizer import EOT, Tokenizer
+from components.tokenizer import CONFIG, EOT, Tokenizer
 
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model_dir", type=Path, help="an archflow model directory, e.g. models/serial")
     ap.add_argument("out_dir", type=Path, help="the Hugging Face directory to write")
-    ap.add_argument("--tokenizer", type=Path, help="the study's data/prepared/tokenizer.json (bpe only)")
+    ap.add_argument("--tokenizer", type=Path, help="the study's data/prepared/tokenizer.json (bpe or hf)")
     args = ap.parse_args(argv)
     model, meta = load_model_dir(args.model_dir)
     cfg, sd = model.cfg, model.state_dict()
@@ -53,19 +54,22 @@ def main(argv: list[str]) -> None:
 
 
 def tokenizer_files(path: Path, vocab_size: int) -> dict[str, str]:
-    """tokenizer.json and tokenizer_config.json for PreTrainedTokenizerFast, from a bpe tokenizer."""
+    """tokenizer.json and tokenizer_config.json for PreTrainedTokenizerFast, from a bpe tokenizer; an hf
+    one (an imported model's) goes back as it came, with its own tokenizer_config.json."""
     tok = Tokenizer.load(path)
-    if tok.kind != "bpe":
+    if tok.kind not in ("bpe", "hf"):
         raise ParamsError(f"{path} is a {tok.kind} tokenizer, which has no Hugging Face form: export without "
-                          f"--tokenizer (only bpe tokenizers are written as tokenizer.json)")
-    if tok.vocab_size != vocab_size:
+                          f"--tokenizer (only bpe and hf tokenizers are written as tokenizer.json)")
+    if tok.vocab_size > vocab_size or (tok.kind == "bpe" and tok.vocab_size != vocab_size):
         raise ParamsError(f"{path} has {tok.vocab_size} tokens but the model has vocab_size {vocab_size}: "
                           f"give the tokenizer of the study the model was trained in")
+    if tok.kind == "hf":
+        return {"tokenizer.json": path.read_text(), CONFIG: path.with_name(CONFIG).read_text()}
     # archflow encodes a literal "<|endoftext|>" in text as ordinary text (encode_special_tokens);
     # PreTrainedTokenizerFast encodes it as the EOT token. Token ids of other text are the same.
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT, "bos_token": EOT,
               "unk_token": None, "model_max_length": None, "clean_up_tokenization_spaces": False}
-    return {"tokenizer.json": path.read_text(), "tokenizer_config.json": json.dumps(config, indent=2) + "\n"}
+    return {"tokenizer.json": path.read_text(), CONFIG: json.dumps(config, indent=2) + "\n"}
 
 
 def write_dir(dst: Path, tensors: dict, files: dict[str, str]) -> None:

@@ -3,7 +3,7 @@
     python -m tasks.prepare                 # what `dvc repro prepare` runs, from the project root
 
 Reads the `data` section of params.yaml and writes data/prepared/:
-    tokenizer.json                  Tokenizer.load() reads it
+    tokenizer.json                  Tokenizer.load() reads it (hf: with its tokenizer_config.json)
     train.bin, val.bin              flat token ids (dtype in meta.json), np.memmap-able
     domains/<name>/{train,val}.bin  the same, for the files of each data.domains entry
     meta.json                       source, corpus hash, tokenizer, token counts (nothing machine-specific)
@@ -74,8 +74,13 @@ def main(argv: list[str]) -> None:
     domains = domain_files(root, files, data.domains)
     texts = read_texts(root, files)
 
-    # 2. Tokenizer trained on the whole corpus; every document encoded and split.
-    tokenizer = train_tokenizer(data.tokenizer, texts, data.vocab_size)
+    # 2. Tokenizer trained on the whole corpus (hf: read, not trained); every document encoded and split.
+    try:
+        tokenizer = train_tokenizer(data.tokenizer, texts, data.vocab_size, data.hf_tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        if data.tokenizer != "hf":
+            raise
+        raise ParamsError(f"data.hf_tokenizer: {e}") from None
     encoded = tokenizer.encode_batch(texts)
     docs = {f: split(ids, tokenizer.eot_id, data.val_fraction) for f, ids in zip(files, encoded)}
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
@@ -102,6 +107,8 @@ def main(argv: list[str]) -> None:
                 "sha256": corpus_sha256(root, files), "include": data.include, "exclude": data.exclude,
                 "tokenizer": data.tokenizer, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
                 "dtype": dtype.name, "val_fraction": data.val_fraction, **counts, "domains": per_domain}
+        if data.tokenizer == "hf":                 # what import@ and the stages after it check models against
+            meta |= {"hf_tokenizer": data.hf_tokenizer, "tokenizer_sha256": tokenizer.sha256()}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         swap_in(tmp, OUT)
     except BaseException:

@@ -29,7 +29,7 @@ from components.errors import ParamsError, cli
 from components.files import write_atomic
 from components.lit import LitLM, LMDataModule, TrainingCurve, fit, global_rank0
 from components.model import TransformerLM
-from components.params import Bam, Btx, Continue, Sparse, StageTrainParams, load_study
+from components.params import Bam, Btx, Continue, Sparse, StageTrainParams, load_study, upcycle_parent_problems
 from components.upcycle import upcycle_state_dict
 
 
@@ -43,6 +43,8 @@ def main(argv: list[str]) -> None:
     entry, parents = study.upcycle[args.name], study.models()[args.name]["parents"]
     data_meta = prepared_meta()
     sources = load_sources(study, args.name, parents, data_meta)    # name -> (model, meta), checked alike
+    if problems := upcycle_parent_problems(study, args.name, sources[entry.parent][0].cfg):   # imports: first here
+        raise ParamsError("\n".join(problems))
     experts = entry.experts(study.branches_of(entry.parent))     # the model each expert comes from
     model = transform(entry, sources, experts, study.study.seed)
     cfg, train, seed = model.cfg, study.stage_train(entry), study.study.seed

@@ -20,9 +20,10 @@ import io
 import posixpath
 from pathlib import Path
 
-from components.errors import cli
+from components.errors import ParamsError, cli
 from components.files import write_atomic
-from components.params import Int8, Study, load_study
+from components.params import Int8, Study, format_problems, load_study
+from components.tokenizer import hf_files
 
 OK = Path("data/params.ok")
 VIEWS = Path("models/dvc.yaml")
@@ -37,7 +38,7 @@ def views(study: Study) -> str:
 
     models = study.models()
     rel = {name: posixpath.relpath(m["dir"], VIEWS.parent.as_posix()) for name, m in models.items()}
-    trained = [name for name in models if not isinstance(study.compress.get(name), Int8)]
+    trained = [name for name in models if not isinstance(study.compress.get(name), Int8) and name not in study.imports]
     plot = {"template": "curves", "title": "validation loss vs tokens of each model's own stage", "x": "tokens",
             "y": {f"{rel[name]}/curve.csv": "val_loss" for name in trained}}
     artifacts = {name: {"path": rel[name], "type": "model", "desc": describe(name, m),
@@ -61,6 +62,8 @@ def labels(study: Study, name: str, model: dict) -> list[str]:
         how = [f"preset:{preset}"] if preset else []
     elif stage == "branch":
         how = [f"domain:{study.branch[name].domain}"]
+    elif stage == "import":
+        how = [f"source:{study.imports[name].hf or study.imports[name].path}"]
     elif stage == "distill":
         how = [f"init:{study.distill[name].init}"]
     else:                                              # upcycle, compress: one class per method
@@ -68,9 +71,29 @@ def labels(study: Study, name: str, model: dict) -> list[str]:
     return [stage, *how, *(f"parent:{p}" for p in model["parents"])]
 
 
+def path_problems(study: Study) -> list[str]:
+    """The local files params.yaml names that must exist before any stage runs (load_study checks
+    only params.yaml itself): import paths and data.hf_tokenizer, each with how to get it."""
+    p = []
+    for name, entry in study.imports.items():
+        if not (Path(entry.path) / "config.json").is_file():
+            fetch = (f"download it with `huggingface-cli download {entry.hf}"
+                     + (f" --revision {entry.revision}" if entry.revision else "") + f" --local-dir {entry.path}`"
+                     if entry.hf else "give a local Hugging Face model directory (config.json + *.safetensors)")
+            p.append(f"import.{name}.path: {entry.path} has no config.json: {fetch}")
+    if study.data.tokenizer == "hf" and study.data.hf_tokenizer:
+        try:
+            hf_files(study.data.hf_tokenizer)
+        except FileNotFoundError as e:
+            p.append(f"data.hf_tokenizer: {e}")
+    return p
+
+
 def main(argv: list[str]) -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
     study = load_study()
+    if problems := path_problems(study):
+        raise ParamsError(format_problems(Path("params.yaml"), problems))
     write_atomic(VIEWS, views(study))
     write_atomic(OK, "params.yaml is valid\n")
     print(f"params.yaml is valid: study '{study.study.name}' with {len(study.models())} models")

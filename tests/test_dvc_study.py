@@ -22,6 +22,7 @@ model: {block_size: 32, n_layer: 1, n_head: 2, n_embd: 32}
 train: {max_steps: 4, batch_size: 4, lr: 1.0e-3, min_lr: 1.0e-4, warmup_steps: 1, eval_every: 2, eval_batches: 1,
         ckpt_every: 2}
 pretrain: {variants: {a: {preset: serial}}}
+import: {}
 branch: {}
 upcycle: {}
 distill: {}

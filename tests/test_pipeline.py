@@ -12,12 +12,15 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from dvc.repo import Repo
 
 from components.params import load_study
+from components.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = load_study(ROOT / "tests/smoke/params.yaml")
@@ -174,7 +177,8 @@ def test_plots_show_without_targets_overlays_every_curve_and_the_report_figures(
     assert not shown.get("errors")
     [curves] = shown["data"]["val_loss_vs_tokens"]
     points = pd.DataFrame(curves["content"]["data"]["values"])
-    trained = {n: m for n, m in MODELS.items() if n != "serial-int8"}   # int8 never trains: no curve.csv
+    trained = {n: m for n, m in MODELS.items() if m["stage"] != "import" and not n.endswith("-int8")}   # no curve:
+                                                                                    # imported, int8 (never trained)
     assert points.groupby("filename").size().to_dict() == {
         f"{m['dir']}/curve.csv": len(pd.read_csv(repo / m["dir"] / "curve.csv")) for m in trained.values()}
     for png in ("val_loss_vs_tokens.png", "ppl_vs_decode_speed.png"):
@@ -193,6 +197,39 @@ def test_every_model_is_a_dvc_artifact_labelled_with_its_lineage(repo, built):
         assert [label for label in artifact.labels if label.startswith("parent:")] == \
             [f"parent:{p}" for p in info["parents"]]
     assert artifacts["parallel-btx"].labels[1] == "method:btx"
+
+
+@pytest.mark.slow
+def test_every_mappable_model_exports_to_transformers_with_the_same_logits(repo, built, tmp_path):
+    """The imported checkpoints and every model of a design Hugging Face has (trained here or derived
+    from an import) export with the study's tokenizer and load in transformers with no custom code;
+    the rest are refused by name."""
+    transformers = pytest.importorskip("transformers")
+    from components.artifacts import load_model_dir
+    from components.errors import ParamsError
+    from tasks import export
+    prepared = repo / "data/prepared"
+    window = torch.from_numpy(np.fromfile(prepared / "val.bin", dtype=np.uint16)[:64].astype(np.int64))[None]
+    exported, refused = [], []
+    for name in NAMES:
+        try:
+            export.main([str(repo / MODELS[name]["dir"]), str(tmp_path / name), "--tokenizer", str(prepared / "tokenizer.json")])
+        except ParamsError as e:
+            assert "no Hugging Face equivalent" in str(e) or "no Hugging Face family expresses" in str(e)
+            refused.append(name)
+            continue
+        exported.append(name)
+        model, _ = load_model_dir(repo / MODELS[name]["dir"])
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name, local_files_only=True).eval()
+        with torch.no_grad():
+            assert (model.eval()(window) - hf(window).logits).abs().max().item() <= 1e-4, name
+    assert exported == ["serial", "parallel", "parallel-gqa", "parallel-2norm", "llama", "pythia", "falcon",
+                        "parallel-continue", "serial-kd", "llama-kd", "serial-int8", "serial-fused", "llama-int8"]
+    assert refused == ["par", "one-wide-ffn", "denseformer", "looped", "hybrid", "parallel-sparse", "parallel-btx",
+                       "parallel-bam", "llama-sparse", "serial-prune"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "llama")
+    text = "def f(x):\n    return x ** 2  # sympy"
+    assert tokenizer(text)["input_ids"] == Tokenizer.load(prepared / "tokenizer.json").encode(text)
 
 
 @pytest.mark.slow

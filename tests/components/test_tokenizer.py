@@ -81,3 +81,82 @@ def test_byte_vocabulary(tmp_path):
 def test_unknown_kind():
     with pytest.raises(ValueError, match="unknown tokenizer 'wordpiece'"):
         train_tokenizer("wordpiece", ["x"], 300)
+
+
+# ---------------------------------------------------------------------------------------------
+# hf: a ready-made Hugging Face tokenizer (an imported model's)
+
+def hf_dir(path, tok, eos=None):
+    """A model directory's tokenizer files: tokenizer.json, and tokenizer_config.json naming eos."""
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(path / "tokenizer.json")
+    if eos is not None:
+        (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos, "tokenizer_class": "X"}))
+    return path
+
+
+def metaspace_tokenizer(tmp_path):
+    """A SentencePiece-style BPE (Llama 2, Mistral): "\u2581" for spaces, <0xNN> byte fallback, </s>."""
+    from tokenizers import Tokenizer as HF, decoders, models, pre_tokenizers
+    pieces = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256)), "\u2581",
+              *sorted(set("".join(CORPUS)) - {" "}), "\u2581d", "ef", "\u2581def"]
+    hf = HF(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=[("\u2581", "d"), ("e", "f"), ("\u2581d", "ef")],
+                       byte_fallback=True, unk_token="<unk>"))
+    hf.add_special_tokens(["<unk>", "<s>", "</s>"])
+    hf.pre_tokenizer = pre_tokenizers.Metaspace()
+    hf.decoder = decoders.Sequence([decoders.Metaspace(), decoders.ByteFallback(), decoders.Fuse()])
+    (tmp_path / "sp").mkdir()
+    hf.save(str(tmp_path / "sp" / "tokenizer.json"))
+    (tmp_path / "sp" / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"}}))
+    return tmp_path / "sp"
+
+
+def test_hf_kind_reads_a_model_directory_and_counts_bytes_exactly(bpe, tmp_path):
+    """A byte-level tokenizer.json in a model directory: the same ids as the bpe kind it came from, EOT
+    from tokenizer_config.json, every byte counted once, saved and loaded as hf with the same identity."""
+    tok = train_tokenizer("hf", [], 0, str(hf_dir(tmp_path / "m", bpe, eos=EOT)))
+    assert (tok.kind, tok.vocab_size, tok.eot_id) == ("hf", bpe.vocab_size, bpe.eot_id)
+    ids = tok.encode(TEXT)
+    assert ids == bpe.encode(TEXT) and tok.decode(ids) == TEXT and tok.eot_id not in ids
+    assert sum(tok.token_bytes()[i] for i in ids) == len(TEXT.encode("utf-8")) == 63
+    assert tok.token_bytes() == bpe.token_bytes()
+    (tmp_path / "prepared").mkdir()
+    tok.save(tmp_path / "prepared" / "tokenizer.json")
+    again = Tokenizer.load(tmp_path / "prepared" / "tokenizer.json")
+    assert (again.kind, again.eot_id, again.sha256()) == ("hf", tok.eot_id, tok.sha256())
+    assert train_tokenizer("bpe", CORPUS[:2], 300).sha256() != tok.sha256()     # another vocabulary
+    # the identity ignores formatting: a compact copy of the same tokenizer.json is the same tokenizer
+    compact = tmp_path / "compact"
+    compact.mkdir()
+    (compact / "tokenizer.json").write_text(json.dumps(json.loads((tmp_path / "m" / "tokenizer.json").read_text())))
+    (compact / "tokenizer_config.json").write_text((tmp_path / "m" / "tokenizer_config.json").read_text())
+    assert train_tokenizer("hf", [], 0, str(compact)).sha256() == tok.sha256()
+    # a tokenizer.json path works as well as its directory
+    assert train_tokenizer("hf", [], 0, str(tmp_path / "m" / "tokenizer.json")).sha256() == tok.sha256()
+
+
+def test_hf_kind_sentencepiece_style_counts_spaces_and_byte_fallback(tmp_path):
+    tok = train_tokenizer("hf", [], 0, str(metaspace_tokenizer(tmp_path)))
+    assert tok.hf.id_to_token(tok.eot_id) == "</s>"
+    text = "def add(a, b):\n    return 2 €"                 # €: not in the vocabulary, so 3 byte-fallback tokens
+    ids = tok.encode(text)
+    assert [tok.hf.id_to_token(i) for i in ids[-3:]] == ["<0xE2>", "<0x82>", "<0xAC>"]
+    assert tok.hf.id_to_token(ids[0]) == "\u2581def" and tok.decode(ids) == text
+    sizes = tok.token_bytes()
+    # the Metaspace pre-tokenizer prepends one "\u2581" to the document: one byte more than the text
+    assert sum(sizes[i] for i in ids) == len(text.encode("utf-8")) + 1
+    assert sizes[tok.hf.token_to_id("<s>")] == 0 and sizes[tok.hf.token_to_id("<0x0A>")] == 1
+
+
+def test_hf_kind_refuses_what_it_cannot_use(bpe, tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a tokenizer.json nor a directory holding one"):
+        train_tokenizer("hf", [], 0, str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match=r"end-of-text token '</s>' is not in the vocabulary: name the right one"):
+        train_tokenizer("hf", [], 0, str(hf_dir(tmp_path / "m", bpe, eos="</s>")))
+    from tokenizers import Tokenizer as HF, models, pre_tokenizers
+    wordpiece = HF(models.WordPiece({"[UNK]": 0, "<|endoftext|>": 1, "a": 2}, unk_token="[UNK]"))
+    wordpiece.pre_tokenizer = pre_tokenizers.Whitespace()
+    (tmp_path / "wp").mkdir()
+    wordpiece.save(str(tmp_path / "wp" / "tokenizer.json"))
+    with pytest.raises(ValueError, match="neither byte-level BPE nor SentencePiece-style.*use data.tokenizer bpe"):
+        train_tokenizer("hf", [], 0, str(tmp_path / "wp"))

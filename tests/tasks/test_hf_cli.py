@@ -53,7 +53,7 @@ def test_import_then_export_round_trip(tmp_path):
     source = {"path": str(src), "model_type": "gpt_neox", "name_or_path": "EleutherAI/pythia-tiny-random",
               "revision": "0123abcd" * 5}
     assert meta == {"stage": "import", "method": "hf", "parents": [], "source": source, "params": hf.num_parameters(),
-                    "tokens_seen": 0, "params_hash": short_hash({"stage": "import", "source": source,
+                    "tokens_seen": 0, "steps": 0, "params_hash": short_hash({"stage": "import", "source": source,
                                                                  "model": model.cfg.to_dict()})}
     idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

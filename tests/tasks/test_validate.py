@@ -20,6 +20,7 @@ SMOKE = ROOT / "tests/smoke/params.yaml"
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     shutil.copy(SMOKE, tmp_path / "params.yaml")
+    shutil.copytree(ROOT / "tests/smoke/hf", tmp_path / "tests/smoke/hf")          # its imports
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -31,8 +32,8 @@ def test_views_overlay_every_curve_and_list_every_model_as_an_artifact(project):
     views, models = YAML(typ="safe").load(text), load_study().models()
     [[(name, plot)]] = [p.items() for p in views["plots"]]
     assert (name, plot["x"], plot["template"]) == ("val_loss_vs_tokens", "tokens", "curves")
-    assert [posixpath.normpath(f"models/{csv}") for csv in plot["y"]] == [     # int8 never trains: no curve
-        f"{m['dir']}/curve.csv" for name, m in models.items() if name != "serial-int8"]
+    assert [posixpath.normpath(f"models/{csv}") for csv in plot["y"]] == [     # imports, int8: never trained
+        f"{m['dir']}/curve.csv" for name, m in models.items() if m["stage"] != "import" and not name.endswith("int8")]
     assert set(plot["y"].values()) == {"val_loss"}
     assert list(views["artifacts"]) == list(models)
     assert {posixpath.normpath(f"models/{a['path']}") for a in views["artifacts"].values()} == \
@@ -46,6 +47,8 @@ def test_views_overlay_every_curve_and_list_every_model_as_an_artifact(project):
     assert views["artifacts"]["serial"]["labels"] == ["pretrain", "preset:serial"]
     assert views["artifacts"]["serial-kd"]["labels"] == ["distill", "init:scratch", "parent:serial"]
     assert views["artifacts"]["serial-int8"]["labels"] == ["compress", "method:int8", "parent:serial"]
+    assert views["artifacts"]["llama"]["labels"] == ["import", "source:tests/smoke/hf/llama"]
+    assert views["artifacts"]["llama-sparse"]["labels"] == ["upcycle", "method:sparse", "parent:llama"]
     assert (project / "data/params.ok").exists()
 
 
