@@ -7,9 +7,11 @@ Llama/Mistral -> serial, GPT-NeoX/Pythia -> parallel-2norm, Falcon -> parallel (
 the table). The config is checked first: an option archflow cannot compute exactly (sliding window,
 ALiBi, rope scaling, an MoE or unknown model_type, ...) stops the import with one message naming
 each, before any weight is read. Weights are read by transformers (local files only, no remote
-code) in float32. meta.json names the source: the path given, model_type, the repository the
-config names (_name_or_path) and, for a Hugging Face cache snapshot, its commit. Needs the `hf`
-extra (transformers).
+code) from safetensors only (model.safetensors or its shards; a pickle-only directory, e.g.
+pytorch_model.bin, is refused with how to convert it) and upcast to float32: a bfloat16 or float16
+checkpoint imports its exact values. meta.json names the source: the path given, model_type, the
+dtype config.json names, the repository the config names (_name_or_path) and, for a Hugging Face
+cache snapshot, its commit. Needs the `hf` extra (transformers).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 
 from components.artifacts import read_json, save_model_dir, short_hash, tied_head
 from components.errors import ParamsError, cli
-from components.hf import FAMILIES, config_from_hf, state_from_hf
+from components.hf import FAMILIES, config_from_hf, state_from_hf, weights_problem
 from components.model import TransformerLM
 
 
@@ -42,7 +44,10 @@ def main(argv: list[str]) -> None:
     known = raw.get("model_type") in FAMILIES
     hf = AutoConfig.from_pretrained(args.hf_dir, local_files_only=True).to_dict() if known else raw
     cfg = config_from_hf(hf)                               # every problem, before any tensor is read
-    source = AutoModelForCausalLM.from_pretrained(args.hf_dir, local_files_only=True, dtype=torch.float32)
+    if problem := weights_problem({f.name for f in args.hf_dir.iterdir()}):   # safetensors only, no pickles
+        raise ParamsError(f"{args.hf_dir} {problem}")
+    source = AutoModelForCausalLM.from_pretrained(args.hf_dir, local_files_only=True, dtype=torch.float32,
+                                                  use_safetensors=True)
     model = TransformerLM(cfg)
     missing, unexpected = model.load_state_dict(state_from_hf(cfg, hf["model_type"], source.state_dict()), strict=False)
     assert not unexpected and set(missing) == tied_head(model), (missing, unexpected)
@@ -58,10 +63,13 @@ def main(argv: list[str]) -> None:
 
 
 def source_of(hf_dir: Path, raw: dict) -> dict:
-    """Where the weights came from: the path given, model_type, the repository config.json names
-    (_name_or_path, when the writer kept it) and the commit of a Hugging Face cache download
-    (.../snapshots/<commit>/)."""
+    """Where the weights came from: the path given, model_type, the dtype config.json names (dtype,
+    torch_dtype before transformers 4.56; the stored one, upcast to float32 on import), the repository
+    config.json names (_name_or_path, when the writer kept it) and the commit of a Hugging Face cache
+    download (.../snapshots/<commit>/)."""
     source = {"path": str(hf_dir), "model_type": raw["model_type"]}
+    if raw.get("dtype") or raw.get("torch_dtype"):
+        source["dtype"] = raw.get("dtype") or raw["torch_dtype"]
     if raw.get("_name_or_path"):
         source["name_or_path"] = raw["_name_or_path"]
     commit = hf_dir.resolve()
