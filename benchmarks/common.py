@@ -6,6 +6,7 @@ rounds and are compared by the median of per-round ratios, never by separate ave
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -81,3 +82,27 @@ def decode_seconds(model, prompt: torch.Tensor, n: int) -> float:
     if logits.is_cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - t0
+
+
+SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+
+
+def host_line() -> str:
+    """One line naming the host a measurement ran on: CPU model, the cores this process may use,
+    its SIMD flags that matter to torch (AVX2 / AVX-512 / bf16 / AMX), torch's version and threads,
+    and the 1-minute load average (a busy machine measures slower)."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:                                        # not Linux: the model and flags are unknown
+        pass
+    simd = [f for f in SIMD_FLAGS if f in flags] or ["none of " + "/".join(SIMD_FLAGS)]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "?"
+    return (f"{model}, {cores} cores, flags {' '.join(simd)}; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads; load average (1 min) {load}")

@@ -230,6 +230,30 @@ def hf_config(cfg: ModelConfig, kind: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# checkpoint files
+
+
+PICKLES = (".bin", ".pt", ".pth", ".ckpt")                 # torch.save files: unpickling can run code
+
+
+def weights_problem(files: set[str]) -> str | None:
+    """Why a checkpoint directory holding `files` (names) has no weights hf_import reads, or None:
+    it reads safetensors only, model.safetensors or the shards model.safetensors.index.json lists
+    (the dtype stored, float32, bfloat16 or float16, is upcast to float32 exactly). A pickle-only
+    directory (pytorch_model.bin, *.pt, ...) is refused rather than unpickled: converting it once,
+    where its source is trusted, gives a directory every tool can read without running code."""
+    if {"model.safetensors", "model.safetensors.index.json"} & files:
+        return None
+    if pickles := sorted(f for f in files if f.endswith(PICKLES) or f == "pytorch_model.bin.index.json"):
+        return (f"has PyTorch pickle weights ({', '.join(pickles)}) and no model.safetensors: hf_import reads "
+                f"safetensors only, as unpickling a file can run code. Convert it where you trust its source: "
+                f"AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir) writes model.safetensors (or "
+                f"download the repository's *.safetensors files)")
+    return ("has no weights (no model.safetensors, nor a model.safetensors.index.json of shards): give the "
+            "directory save_pretrained wrote, or download the checkpoint's *.safetensors files beside config.json")
+
+
+# ---------------------------------------------------------------------------------------------
 # fused q, k, v rows
 
 

@@ -10,10 +10,12 @@ checked first: an option archflow cannot compute exactly (sliding window, ALiBi,
 or unknown model_type, ...) stops the import with one message naming each, before any weight is
 read. In a study the model's tokenizer must be the study's (data.tokenizer hf, data.hf_tokenizer):
 the directory's tokenizer.json, when it has one, is compared with it, and the embedding must have a
-row for every token. Weights are read by transformers (local files only, no remote code) and kept in
-float32. meta.json names the source: the path, model_type, the repository (import.<name>.hf, else the
-_name_or_path config.json kept) and its revision (import.<name>.revision, else the commit of a Hugging
-Face cache snapshot), and the tokenizer's sha256. Needs the `hf` extra (transformers).
+row for every token. Weights are read by transformers (local files only, no remote code) from
+safetensors only (model.safetensors or its shards; a pickle-only directory, e.g. pytorch_model.bin,
+is refused with how to convert it) and upcast to float32: a bfloat16 or float16 checkpoint imports its
+exact values. meta.json names the source: the path, model_type, the stored dtype, the repository
+(import.<name>.hf, else the _name_or_path config.json kept) and its revision (import.<name>.revision,
+else the commit of a Hugging Face cache snapshot), and the tokenizer's sha256. Needs the `hf` extra.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from components import tracking
 from components.artifacts import dumps, prepared_meta, read_json, save_model_dir, short_hash, tied_head
 from components.errors import ParamsError, cli
 from components.files import write_atomic
-from components.hf import FAMILIES, config_from_hf, state_from_hf
+from components.hf import FAMILIES, config_from_hf, state_from_hf, weights_problem
 from components.model import TransformerLM
 from components.params import load_study
 from components.tokenizer import load_hf
@@ -54,7 +56,10 @@ def convert(hf_dir: Path, hf: dict) -> TransformerLM:
     from transformers import AutoModelForCausalLM
 
     cfg = config_from_hf(hf)
-    source = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True, dtype=torch.float32)
+    if problem := weights_problem({f.name for f in hf_dir.iterdir()}):   # safetensors only, no pickles
+        raise ParamsError(f"{hf_dir} {problem}")
+    source = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True, dtype=torch.float32,
+                                                  use_safetensors=True)
     model = TransformerLM(cfg)
     missing, unexpected = model.load_state_dict(state_from_hf(cfg, hf["model_type"], source.state_dict()), strict=False)
     assert not unexpected and set(missing) == tied_head(model), (missing, unexpected)
@@ -62,10 +67,13 @@ def convert(hf_dir: Path, hf: dict) -> TransformerLM:
 
 
 def source_of(hf_dir: Path, raw: dict, repo: str | None = None, revision: str | None = None) -> dict:
-    """Where the weights came from: the path given, model_type, the repository (`repo`, else the
-    _name_or_path config.json keeps when the writer kept it) and the revision (`revision`, else the
-    commit of a Hugging Face cache download: .../snapshots/<commit>/)."""
+    """Where the weights came from: the path given, model_type, the dtype config.json names (dtype,
+    torch_dtype before transformers 4.56; the stored one, upcast to float32 on import), the repository
+    (`repo`, else the _name_or_path config.json keeps when the writer kept it) and the revision
+    (`revision`, else the commit of a Hugging Face cache download: .../snapshots/<commit>/)."""
     source = {"path": str(hf_dir), "model_type": raw["model_type"]}
+    if raw.get("dtype") or raw.get("torch_dtype"):
+        source["dtype"] = raw.get("dtype") or raw["torch_dtype"]
     if repo or raw.get("_name_or_path"):
         source["name_or_path"] = repo or raw["_name_or_path"]
     commit = hf_dir.resolve()

@@ -30,6 +30,7 @@ from components.hf import (  # noqa: E402
     qkv_to_grouped,
     state_from_hf,
     state_to_hf,
+    weights_problem,
 )
 from components.model import TransformerLM  # noqa: E402
 from components.params import compress_shape_problems  # noqa: E402
@@ -271,3 +272,16 @@ def test_imported_models_take_the_upcycle_and_compress_transforms(name):
         quantize(ours, embeddings=False)(idx)
     fusion = compress_shape_problems(ours.cfg, "ffn_fusion")
     assert (fusion == []) == (name != "falcon-7b-mqa") and all("norm_bias" in p for p in fusion)
+
+
+def test_weights_problem_names_the_files_and_the_fix():
+    """safetensors (whole or sharded) are read; pickles are refused by name, with the conversion; no
+    weights at all says what to give. Only file names are looked at."""
+    assert weights_problem({"config.json", "model.safetensors"}) is None
+    assert weights_problem({"config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors"}) is None
+    assert weights_problem({"config.json", "model.safetensors", "pytorch_model.bin"}) is None   # read: safetensors
+    problem = weights_problem({"config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json"})
+    assert problem.startswith("has PyTorch pickle weights (pytorch_model-00001-of-00002.bin, pytorch_model.bin."
+                              "index.json) and no model.safetensors") and "save_pretrained(dir)" in problem
+    assert "(consolidated.00.pth)" in weights_problem({"params.json", "consolidated.00.pth"})
+    assert weights_problem({"config.json", "tf_model.h5"}).startswith("has no weights (no model.safetensors")

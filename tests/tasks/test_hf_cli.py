@@ -1,8 +1,10 @@
 """python -m tasks.hf_import and python -m tasks.export on tiny random models: a saved HF directory
 imports to a model directory that load_model_dir reads, with the same logits as transformers and its
-source in meta.json; exporting it gives back the original files' tensors and config; an archflow
-model with a bpe tokenizer exports to a directory whose AutoTokenizer encodes as archflow's does;
-bad configs are refused before any weight is read, and models with no HF form by name.
+source in meta.json; exporting it gives back the original files' tensors and config; bfloat16 and
+float16 checkpoints import their exact values upcast to float32, sharded ones import, pickle-only and
+weightless directories are refused before anything is written; an archflow model with a bpe tokenizer
+exports to a directory whose AutoTokenizer encodes as archflow's does; bad configs are refused before
+any weight is read, and models with no HF form by name.
 
     .venv/bin/python -m pytest tests/tasks/test_hf_cli.py -q
 """
@@ -19,6 +21,7 @@ from components.artifacts import load_model_dir, save_model_dir, short_hash  # n
 from components.compress import quantize  # noqa: E402
 from components.config import ModelConfig  # noqa: E402
 from components.errors import ParamsError  # noqa: E402
+from components.hf import state_from_hf  # noqa: E402
 from components.model import TransformerLM  # noqa: E402
 from components.tokenizer import train_tokenizer  # noqa: E402
 from tasks import export, hf_import  # noqa: E402
@@ -30,15 +33,17 @@ PYTHIA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_la
               max_position_embeddings=24, rotary_pct=0.25)
 
 
-def saved_hf_model(path, kind="gpt_neox", **overrides):
+def saved_hf_model(path, kind="gpt_neox", dtype=torch.float32, save=None, **overrides):
+    """A random HF model (noise on every weight), saved to path in `dtype` with save_pretrained's
+    options `save`; returned as built (float32)."""
     config = transformers.AutoConfig.for_model(kind, **{**PYTHIA, **overrides})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.2)
-    model.save_pretrained(path)
-    return model
+    model.to(dtype).save_pretrained(path, **(save or {}))
+    return model.float()
 
 
 def test_import_then_export_round_trip(tmp_path):
@@ -50,8 +55,8 @@ def test_import_then_export_round_trip(tmp_path):
     hf_import.main([str(src), str(tmp_path / "models" / "pythia")])
     model, meta = load_model_dir(tmp_path / "models" / "pythia")
     assert model.cfg.block == "parallel-2norm" and model.cfg.rotary_pct == 0.25
-    source = {"path": str(src), "model_type": "gpt_neox", "name_or_path": "EleutherAI/pythia-tiny-random",
-              "revision": "0123abcd" * 5}
+    source = {"path": str(src), "model_type": "gpt_neox", "dtype": "float32",
+              "name_or_path": "EleutherAI/pythia-tiny-random", "revision": "0123abcd" * 5}
     assert meta == {"stage": "import", "method": "hf", "parents": [], "source": source, "params": hf.num_parameters(),
                     "tokens_seen": 0, "steps": 0, "params_hash": short_hash({"stage": "import", "source": source,
                                                                  "model": model.cfg.to_dict()})}
@@ -67,6 +72,69 @@ def test_import_then_export_round_trip(tmp_path):
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True).eval()
     with torch.no_grad():
         assert torch.equal(again(idx).logits, hf(idx).logits)
+
+
+def hf_reference(path):
+    """The checkpoint at path as transformers loads it in float32: the logits an import must give."""
+    return transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["llama", "gpt_neox"])
+def test_half_precision_checkpoint_imports_its_exact_values(tmp_path, kind, dtype):
+    """A bf16/fp16 checkpoint (as most on the Hub are): the imported float32 weights are the stored
+    values upcast, bit for bit; the logits are transformers' of the same checkpoint read in float32;
+    meta.json names the stored dtype; exporting writes those float32 values."""
+    saved_hf_model(tmp_path / "hf", kind, dtype=dtype, intermediate_size=48 if kind == "llama" else 64)
+    stored = load_file(tmp_path / "hf" / "model.safetensors")
+    assert {t.dtype for t in stored.values()} == {dtype}
+    hf_import.main([str(tmp_path / "hf"), str(tmp_path / "model")])
+    model, meta = load_model_dir(tmp_path / "model")
+    name = str(dtype).removeprefix("torch.")
+    assert meta["source"]["dtype"] == name and name in ("bfloat16", "float16")
+    upcast = state_from_hf(model.cfg, kind, {k: t.float() for k, t in stored.items()})
+    ours = model.state_dict()
+    assert upcast.keys() <= ours.keys() and all(ours[k].dtype == torch.float32 for k in upcast)
+    assert all(torch.equal(ours[k], upcast[k]) for k in upcast)
+    assert torch.equal(ours["wte.weight"], ours["wte.weight"].to(dtype).float())     # representable in dtype
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(idx) - hf_reference(tmp_path / "hf")(idx).logits).abs().max().item() <= 1e-4
+
+    export.main([str(tmp_path / "model"), str(tmp_path / "out")])
+    back = load_file(tmp_path / "out" / "model.safetensors")
+    assert back.keys() == stored.keys() and all(torch.equal(back[k], stored[k].float()) for k in back)
+
+
+def test_sharded_checkpoint_imports(tmp_path):
+    """save_pretrained with a small max_shard_size: model.safetensors.index.json and several shards."""
+    saved_hf_model(tmp_path / "hf", "llama", save=dict(max_shard_size="10KB"), intermediate_size=48)
+    shards = sorted(f.name for f in (tmp_path / "hf").glob("model-*.safetensors"))
+    assert len(shards) >= 3 and not (tmp_path / "hf" / "model.safetensors").exists()
+    assert set(json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"].values()) \
+        == set(shards)
+    hf_import.main([str(tmp_path / "hf"), str(tmp_path / "model")])
+    model, meta = load_model_dir(tmp_path / "model")
+    assert model.cfg.block == "serial" and meta["source"]["dtype"] == "float32"
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(idx) - hf_reference(tmp_path / "hf")(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_pickle_only_and_weightless_directories_are_refused_before_writing(tmp_path):
+    """pytorch_model.bin alone (transformers would unpickle it): refused, naming the conversion;
+    config.json with no weights at all: refused, naming what to give. Nothing written either way."""
+    saved_hf_model(tmp_path / "bin", save=dict(safe_serialization=False))
+    assert "pytorch_model.bin" in {f.name for f in (tmp_path / "bin").iterdir()}
+    with pytest.raises(ParamsError) as e:
+        hf_import.main([str(tmp_path / "bin"), str(tmp_path / "out")])
+    assert "pickle weights (pytorch_model.bin)" in str(e.value) and "save_pretrained(dir) writes model.safetensors" \
+        in str(e.value)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text((tmp_path / "bin" / "config.json").read_text())
+    with pytest.raises(ParamsError, match=r"has no weights \(no model.safetensors, nor a model.safetensors.index.json"):
+        hf_import.main([str(tmp_path / "empty"), str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
 
 
 def test_bad_config_is_refused_before_reading_weights(tmp_path):

@@ -73,7 +73,8 @@ def test_import_stage_writes_a_model_the_study_scores_on_its_tokens(study):
     assert prepared_meta()["vocab_size"] == tokenizer.vocab_size
     hf_import.main(["llama"])
     model, meta = load_model_dir(root / "models/llama")
-    assert meta["source"] == {"path": "hf/llama", "model_type": "llama", "name_or_path": "meta-llama/tiny-random",
+    assert meta["source"] == {"path": "hf/llama", "model_type": "llama", "dtype": "bfloat16",
+                              "name_or_path": "meta-llama/tiny-random",
                               "revision": "ab" * 20}
     assert meta["tokenizer_sha256"] == prepared_meta()["tokenizer_sha256"] and meta["steps"] == 0
     # stored in bfloat16, computed in float32: the same logits as transformers' float32 model of those weights
