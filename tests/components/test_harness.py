@@ -17,6 +17,7 @@ import pytest
 pytest.importorskip("lm_eval")
 
 import mlflow  # noqa: E402
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from lm_eval import simple_evaluate  # noqa: E402
@@ -29,7 +30,7 @@ from components.errors import ParamsError  # noqa: E402
 from components.harness import ArchflowLM  # noqa: E402
 from components.model import TransformerLM  # noqa: E402
 from components.tokenizer import EOT, train_tokenizer  # noqa: E402
-from tasks import evaluate, prepare  # noqa: E402
+from tasks import evaluate, prepare, report  # noqa: E402
 from tests.tasks.tiny_corpus import write_corpus  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -221,6 +222,20 @@ def test_evaluate_stage_writes_lm_eval_scores(project):
     assert metrics["val_loss"] > 0                            # the usual metrics are still there
     [run] = mlflow.search_runs(experiment_names=["tiny"], filter_string="tags.stage = 'evaluate'", output_format="list")
     assert run.data.metrics["lm_eval.archflow_tiny_mc.acc"] == scores["lm_eval.archflow_tiny_mc.acc"]
+    (project / "metrics/train").mkdir()
+    (project / "metrics/train/serial.json").write_text('{"train_seconds": 1.0, "tokens_per_s": 1000.0}')
+    report.main([])                                           # the summary shows the scores, the csv has them all
+    header = (project / "reports/summary.md").read_text().split("\n")[4]
+    assert "lm_eval.archflow_tiny_mc.acc " in header and "lm_eval.archflow_tiny_mc.acc_norm " in header
+    assert "stderr" not in header and "sample_len" not in header
+    summary = pd.read_csv(project / "reports/summary.csv", index_col="model")
+    assert summary.loc["serial", "lm_eval.archflow_tiny_mc.acc_stderr"] == scores["lm_eval.archflow_tiny_mc.acc_stderr"]
+
+
+def test_tasks_without_lm_eval_installed_name_the_extra(project, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", None)   # import lm_eval.tasks raises ImportError
+    with pytest.raises(ParamsError, match=r"^evaluate.tasks needs lm-evaluation-harness: pip install -e '.\[eval\]'$"):
+        evaluate.main(["serial"])
 
 
 def test_an_unknown_task_is_one_message_before_any_compute(project):
