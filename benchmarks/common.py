@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -81,3 +82,13 @@ def decode_seconds(model, prompt: torch.Tensor, n: int) -> float:
     if logits.is_cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - t0
+
+
+def host() -> str:
+    """The CPU model, its vector-extension flags that matter to matmuls, torch and its thread count."""
+    info = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    wanted = ["avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile"]
+    return (f"{model}; flags: {' '.join(f for f in wanted if f in flags) or 'none of ' + ', '.join(wanted)}; "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -22,15 +22,17 @@ device).
 Requests, as lm-eval's `hf` model scores them:
 - loglikelihood: context + continuation, left-truncated to the last block_size + 1 tokens; the
   sum of the continuation's log-probabilities and whether greedy decoding yields it. Batched:
-  rows sorted by length, right-padded (the model is causal, so padding never changes a score).
+  rows sorted by length, right-padded (the model is causal, so padding never changes a score);
+  requests with the same input (one-token choices after one context) share a row, as in `hf`.
 - loglikelihood_rolling: the text's log-likelihood over lm-eval's non-overlapping windows of
   block_size tokens (lm_eval.utils.get_rolling_token_windows, context_len 1), windows of all
   requests batched together; the first token is predicted from <|endoftext|>.
 - generate_until: greedy (temperature > 0 with do_sample: sampled), with the model's KV cache,
-  stopping at any `until` string, <|endoftext|> or max_gen_toks; the prompt is left-truncated so
-  prompt + max_gen_toks fit in block_size. TransformerLM has no attention mask and one position
-  for a whole batch, so left padding is impossible: requests are batched only with others of the
-  same prompt length and generation settings; the rest run one at a time (each with its cache).
+  stopping at any `until` string, <|endoftext|> or max_gen_toks; to fit block_size, max_gen_toks
+  is lowered (not below block_size // 2), then the prompt is left-truncated. TransformerLM has no
+  attention mask and one position for a whole batch, so left padding is impossible: requests are
+  batched only with others of the same prompt length and generation settings; the rest run one at
+  a time (each with its own cache).
 """
 from __future__ import annotations
 
@@ -110,34 +112,34 @@ class ArchflowLM(TemplateLM):
     # --- scoring
     @torch.inference_mode()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        """requests: (cache key, context ids, continuation ids) -> (sum log p(continuation), is greedy)."""
+        """requests: (cache key, context ids, continuation ids) -> (sum log p(continuation), is greedy).
+        Requests with the same input (a multiple-choice question's one-token choices) share one row."""
         T = self.max_length
-        rows = []                               # (input ids, target ids of the scored positions)
-        for _, context, continuation in requests:
+        inputs, users = {}, defaultdict(list)   # input ids -> its row's requests, with their targets
+        for i, (_, context, continuation) in enumerate(requests):
             whole = (context + continuation)[-(T + 1):]
             n = min(len(continuation), T)
             if n < len(continuation):
                 utils.warning_once(log, f"archflow: a continuation longer than block_size {T}: only its last {T} "
                                         f"tokens are scored")
-            rows.append((whole[:-1], whole[-n:]))
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))    # similar lengths share a batch
-        out: list[tuple[float, bool] | None] = [None] * len(rows)
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
-            width = len(rows[batch[0]][0])
-            x = torch.full((len(batch), width), self.eot_token_id, dtype=torch.long)
-            for r, i in enumerate(batch):
-                x[r, :len(rows[i][0])] = torch.tensor(rows[i][0])
+            key = tuple(whole[:-1])
+            inputs.setdefault(key, len(inputs))
+            users[key].append((i, whole[-n:]))
+        rows = sorted(inputs, key=len, reverse=True)    # similar lengths share a batch
+        out: list[tuple[float, bool] | None] = [None] * len(requests)
+        for start in range(0, len(rows), self.batch_size):
+            batch = rows[start:start + self.batch_size]
+            x = torch.full((len(batch), len(batch[0])), self.eot_token_id, dtype=torch.long)
+            for r, row in enumerate(batch):
+                x[r, :len(row)] = torch.tensor(row)
             logits = self.model(x.to(self._device))                          # (B, width, vocab)
-            for r, i in enumerate(batch):
-                inp, target = rows[i]
-                logprobs = F.log_softmax(logits[r, len(inp) - len(target):len(inp)].float(), dim=-1)  # (n, vocab)
-                target = torch.tensor(target, device=self._device)
-                score = logprobs.gather(-1, target[:, None]).sum().item()
-                out[i] = (score, bool((logprobs.argmax(-1) == target).all()))
-                key = requests[i][0]
-                if key is not None:
-                    self.cache_hook.add_partial("loglikelihood", key, out[i])
+            for r, row in enumerate(batch):
+                for i, target in users[row]:
+                    logprobs = F.log_softmax(logits[r, len(row) - len(target):len(row)].float(), dim=-1)  # (n, vocab)
+                    target = torch.tensor(target, device=self._device)
+                    out[i] = (logprobs.gather(-1, target[:, None]).sum().item(), bool((logprobs.argmax(-1) == target).all()))
+                    if requests[i][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[i][0], out[i])
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -206,9 +208,13 @@ def cut(text: str, until: list[str]) -> str:
 
 
 def fit(ids: list[int], max_new: int, block_size: int) -> tuple[list[int], int]:
-    """(prompt, tokens to generate) that fit the context: prompt + max_new <= block_size. The prompt
-    (not empty) is left-truncated; max_new is capped at block_size - 1, so it keeps at least one token."""
-    max_new = max(1, min(max_new, block_size - 1))
+    """(prompt, tokens to generate) with prompt + max_new <= block_size: max_new is first lowered so the
+    prompt fits, but not below block_size // 2 (lm-eval's default 256 would leave a 128-token model
+    no prompt), then the prompt (not empty) is left-truncated."""
+    max_new = max(1, min(max_new, max(block_size - len(ids), block_size // 2)))
+    if len(ids) + max_new > block_size:
+        utils.warning_once(log, f"archflow: prompts longer than block_size {block_size} - max_gen_toks are "
+                                f"left-truncated")
     return ids[-(block_size - max_new):], max_new
 
 

@@ -27,7 +27,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from components.artifacts import save_model_dir  # noqa: E402
 from components.config import ModelConfig  # noqa: E402
 from components.errors import ParamsError  # noqa: E402
-from components.harness import ArchflowLM  # noqa: E402
+from components.harness import ArchflowLM, fit  # noqa: E402
 from components.model import TransformerLM  # noqa: E402
 from components.tokenizer import EOT, train_tokenizer  # noqa: E402
 from tasks import evaluate, prepare, report  # noqa: E402
@@ -143,6 +143,20 @@ def test_generate_until_is_the_greedy_loop_and_stops(lm, tok):
         hook.remove()
     assert text == refs[0].split(stop)[0] and len(text) <= 3
     assert len(calls) == refs[0].index(stop) + len(stop)      # stopped: prefill + one step per further token
+
+
+def test_long_prompts_keep_half_the_context():
+    assert fit(list(range(100)), 256, 48) == (list(range(76, 100)), 24)   # lm-eval's default 256 new tokens
+    assert fit(list(range(10)), 256, 48) == (list(range(10)), 38)         # fewer new tokens, the whole prompt
+    assert fit(list(range(10)), 5, 48) == (list(range(10)), 5)
+
+
+def test_sampled_generation_follows_the_seed(lm, tok):
+    kwargs = {"until": ["\x00"], "max_gen_toks": 12, "do_sample": True, "temperature": 1.0}
+    texts = [ArchflowLM(model=lm.model, tokenizer=tok, seed=seed).generate_until([req("generate_until", "Rain", kwargs)])[0]
+             for seed in (1, 1, 2)]
+    greedy = greedy_text(lm.model, tok, "Rain", 12).split(EOT)[0]
+    assert texts[0] == texts[1] and texts[0] != texts[2] and greedy not in texts
 
 
 @pytest.mark.parametrize("kw", [dict(block="parallel", n_expert=4, top_k=2, n_attn_expert=2),
