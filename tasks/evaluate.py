@@ -125,7 +125,7 @@ def lm_eval_tasks(ev):
     if manager is None or set(ev.tasks) - set(manager.all_tasks):
         manager = TaskManager(include_path=ev.task_paths or None)
     if unknown := [t for t in ev.tasks if t not in manager.all_tasks]:
-        where = "".join(f" --include_path {p}" for p in ev.task_paths)
+        where = f" --include_path {':'.join(ev.task_paths)}" if ev.task_paths else ""
         raise ParamsError(f"evaluate.tasks: {', '.join(repr(t) for t in unknown)} "
                           f"{'is not an lm-eval task' if len(unknown) == 1 else 'are not lm-eval tasks'}: "
                           f"list them with `lm-eval ls tasks{where}`")
