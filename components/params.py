@@ -285,6 +285,11 @@ class EvaluateParams(Strict):
     speed_warmup: int = Field(1, ge=0, le=MAX_RUNS)
     speed_runs: int = Field(5, ge=1, le=MAX_RUNS)   # the median is reported
     threads: int = Field(0, ge=0, le=MAX_THREADS)   # 0: torch's default
+    # lm-evaluation-harness tasks scored with components/harness.py (pip install -e '.[eval]'): names as
+    # `lm-eval ls tasks` lists them; checked at the evaluate stage's start (lm-eval is too slow to import here)
+    tasks: list[Annotated[str, Field(min_length=1)]] = []
+    task_paths: list[Annotated[str, Field(min_length=1)]] = []   # directories of local task YAMLs (include_path)
+    limit: Optional[int] = Field(None, ge=1)       # examples per task (null: all); a quick look, not a score
 
 
 class ReportParams(Strict):

@@ -7,6 +7,9 @@ study trains on (train.accelerator; auto: cuda, else mps, else the CPU), recorde
 Quality: mean next-token loss over non-overlapping validation windows, its perplexity, and bits per
 byte (tokenizer-independent). Speed: batch-1 prefill and KV-cached decode tokens/s, the median of
 `speed_runs` timed runs after `speed_warmup` untimed ones, with the thread count recorded.
+lm-eval tasks (`evaluate.tasks`, needs `pip install -e '.[eval]'`): scored through components/harness.py
+on the model already loaded, as flat numbers `lm_eval.<task>.<metric>` (acc, acc_norm, their stderr, ...);
+the task names are checked when the stage starts, before any compute.
 """
 from __future__ import annotations
 
@@ -105,6 +108,48 @@ def samples(model, tokenizer, val: np.ndarray, prompt_tokens: int, new_tokens: i
     return "\n".join(out)
 
 
+def lm_eval_tasks(ev):
+    """lm-eval's TaskManager knowing every name in evaluate.tasks (None when there are none), or one
+    ParamsError: lm-eval missing, a task path missing, or a task name it does not know. Indexing lm-eval's
+    own ~15k task configs takes seconds, so when evaluate.task_paths hold every task, only they are read."""
+    if not ev.tasks:
+        return None
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ParamsError("evaluate.tasks needs lm-evaluation-harness: pip install -e '.[eval]'") from None
+    for path in ev.task_paths:
+        if not Path(path).is_dir():
+            raise ParamsError(f"evaluate.task_paths: '{path}' is not a directory (of lm-eval task YAMLs)")
+    manager = TaskManager(include_path=ev.task_paths, include_defaults=False) if ev.task_paths else None
+    if manager is None or set(ev.tasks) - set(manager.all_tasks):
+        manager = TaskManager(include_path=ev.task_paths or None)
+    if unknown := [t for t in ev.tasks if t not in manager.all_tasks]:
+        where = f" --include_path {':'.join(ev.task_paths)}" if ev.task_paths else ""
+        raise ParamsError(f"evaluate.tasks: {', '.join(repr(t) for t in unknown)} "
+                          f"{'is not an lm-eval task' if len(unknown) == 1 else 'are not lm-eval tasks'}: "
+                          f"list them with `lm-eval ls tasks{where}`")
+    return manager
+
+
+def lm_eval_scores(model, tokenizer, ev, manager) -> dict:
+    """The numeric results of evaluate.tasks, flat: lm_eval.<task>.<metric> (a filter other than
+    lm-eval's "none" is appended: lm_eval.<task>.<metric>.<filter>); "N/A" and NaN stderrs are left out."""
+    from lm_eval import simple_evaluate
+
+    from components.harness import ArchflowLM
+
+    lm = ArchflowLM(model=model, tokenizer=tokenizer, batch_size=ev.batch_size)
+    results = simple_evaluate(model=lm, tasks=list(ev.tasks), task_manager=manager, limit=ev.limit, log_samples=False)
+    out = {}
+    for task, scores in results["results"].items():
+        for key, value in scores.items():
+            metric, _, kind = key.partition(",")
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                out[f"lm_eval.{task}.{metric}" + (f".{kind}" if kind not in ("", "none") else "")] = value
+    return out
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", help="a model of the study (a directory under models/)")
@@ -114,6 +159,7 @@ def main(argv: list[str]) -> None:
         raise ParamsError(f"unknown model '{args.name}': the study evaluates {', '.join(study.evaluated())}")
     ev = study.evaluate
     device = resolve_device(study.train.accelerator)
+    lm_eval_manager = lm_eval_tasks(ev)
     if ev.threads:
         torch.set_num_threads(ev.threads)
     model_dir = study.model_dir(args.name)
@@ -130,6 +176,8 @@ def main(argv: list[str]) -> None:
                 "size_bytes": (model_dir / "model.safetensors").stat().st_size,
                 "train_tokens": meta["tokens_seen"], "device": device_name(device),
                 "threads": torch.get_num_threads()}
+    if lm_eval_manager is not None:
+        metrics |= lm_eval_scores(model, tokenizer, ev, lm_eval_manager)
     write_atomic(Path("metrics") / f"{args.name}.json", dumps(metrics))
 
     # MLflow mirrors the metrics file exactly (its one text value, the device, as a tag), with the

@@ -3,7 +3,7 @@
     python -m tasks.report                  # what `dvc repro report` runs
 
 reports/summary.csv and summary.md (one row per model: metrics/<name>.json, the training time of
-metrics/train/<name>.json, lineage), reports/comparisons.csv, reports/val_loss_vs_tokens.png,
+metrics/train/<name>.json, lineage; lm-eval scores where evaluate.tasks made them), reports/comparisons.csv, reports/val_loss_vs_tokens.png,
 reports/ppl_vs_decode_speed.png.
 """
 from __future__ import annotations
@@ -111,11 +111,19 @@ def plot_quality_vs_speed(df: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def lm_eval_columns(df: pd.DataFrame) -> list[str]:
+    """The lm-eval scores any model has (evaluate.tasks): lm_eval.<task>.<metric>, stderrs and sample
+    counts left to summary.csv."""
+    return sorted(c for c in df.columns if c.startswith("lm_eval.") and "_stderr" not in c
+                  and not c.endswith(".sample_len"))
+
+
 def markdown(study, df: pd.DataFrame, comp: pd.DataFrame) -> str:
-    table = df[["stage", "method", "parents", "block", "n_kv_head", "n_expert"] + METRICS + ["train_tokens_per_s"]].copy()
+    table = df[["stage", "method", "parents", "block", "n_kv_head", "n_expert"] + METRICS + ["train_tokens_per_s"]
+               + lm_eval_columns(df)].copy()
     speeds = ["prefill_tokens_per_s", "decode_tokens_per_s", "train_tokens_per_s"]
     table[speeds] = table[speeds].round().astype("Int64")     # no training: no train speed (<NA>)
-    table = table.round({"val_loss": 4, "val_ppl": 2, "val_bpb": 4, "train_seconds": 1})
+    table = table.round({"val_loss": 4, "val_ppl": 2, "val_bpb": 4, "train_seconds": 1} | {c: 4 for c in lm_eval_columns(df)})
     parts = [f"# Study `{study.study.name}`", "", "## Models", "", table.to_markdown(floatfmt="g"), ""]
     if len(comp):
         parts += ["## Comparisons", "", "Deltas are model - baseline (negative loss is better); "
