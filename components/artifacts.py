@@ -135,7 +135,7 @@ def input_problems(study, name: str, data_meta: dict, role: str) -> list[str]:
     elif meta.get("data_sha256") != data_meta["sha256"]:
         p.append(f"the {role} '{name}' was trained on other prepared data (another corpus): rebuild it with {fix}")
     # hf tokenizers: an embedding padded past the vocabulary (Pythia: 50304 rows, 50277 tokens) is fine
-    padded = data_meta["tokenizer"] == "hf" and config["vocab_size"] > data_meta["vocab_size"]
+    padded = data_meta.get("tokenizer") == "hf" and config["vocab_size"] > data_meta["vocab_size"]
     if config["vocab_size"] != data_meta["vocab_size"] and not padded:
         p.append(f"the {role} '{name}' has vocab_size {config['vocab_size']} but {PREPARED} has "
                  f"{data_meta['vocab_size']} (another tokenizer): rebuild it with {fix}")

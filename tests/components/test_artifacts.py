@@ -132,6 +132,11 @@ def test_inputs_are_checked_with_the_dvc_repro_that_fixes_them(tmp_path, monkeyp
     with pytest.raises(ParamsError, match=r"^distill.kd.teacher: the teacher 'p' was trained on other prepared data"):
         load_input(study, "p", data, "distill.kd.teacher", "teacher")
     assert load_input(study, "p", {"sha256": "b", "vocab_size": 60}, "x", "parent")[1]["data_sha256"] == "b"
+    # an hf tokenizer's model may pad its embedding past the vocabulary (Pythia: 50304 rows, 50277 tokens)
+    assert input_problems(study, "p", {"sha256": "b", "vocab_size": 56, "tokenizer": "hf"}, "parent") == []
+    assert input_problems(study, "p", {"sha256": "b", "vocab_size": 56, "tokenizer": "bpe"}, "parent") == [
+        "the parent 'p' has vocab_size 60 but data/prepared has 56 (another tokenizer): rebuild it with "
+        "`dvc repro pretrain@p`"]
 
 
 @pytest.mark.parametrize("damage", ["truncate weights", "config not json", "config of another shape"])
