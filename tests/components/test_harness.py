@@ -254,7 +254,7 @@ def test_tasks_without_lm_eval_installed_name_the_extra(project, monkeypatch):
 
 def test_an_unknown_task_is_one_message_before_any_compute(project, monkeypatch):
     (project / "params.yaml").write_text(PARAMS.format(tasks="archflow_tiny_mc, no_such_task", paths=TASKS))
-    monkeypatch.setattr(evaluate, "load_model_dir", lambda *a: pytest.fail("the model was loaded before the check"))
+    monkeypatch.setattr(evaluate, "load_input", lambda *a: pytest.fail("the model was loaded before the check"))
     with pytest.raises(ParamsError) as e:
         evaluate.main(["serial"])
     assert str(e.value) == ("evaluate.tasks: 'no_such_task' is not an lm-eval task: list them with "
