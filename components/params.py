@@ -276,6 +276,15 @@ class ImportParams(Strict):
     hf: Optional[str] = None               # where it was downloaded from (e.g. EleutherAI/pythia-70m), for the lineage
     revision: Optional[str] = None         # and the revision downloaded (a commit hash pins it)
 
+    def missing(self, name: str) -> str | None:
+        """The problem when `path` holds no checkpoint yet, with how to get one (validate and import@ say it)."""
+        if (Path(self.path) / "config.json").is_file():
+            return None
+        fetch = (f"download it with `huggingface-cli download {self.hf}" + (f" --revision {self.revision}" if
+                 self.revision else "") + f" --local-dir {self.path}`" if self.hf else
+                 "give a local Hugging Face model directory (config.json + *.safetensors)")
+        return f"import.{name}.path: {self.path} has no config.json: {fetch}"
+
 
 class EvaluateParams(Strict):
     max_tokens: int = Field(65536, ge=1)   # validation tokens scored (non-overlapping windows; at most all of them)

@@ -134,7 +134,7 @@ class Tokenizer:
 
     def sha256(self) -> str:
         """What identifies the vocabulary: sha256 of the canonical serialisation (bpe, hf: HF's own, so
-        two differently formatted copies of one tokenizer.json agree) and, for hf, the EOT token."""
+        two differently formatted copies of one tokenizer.json agree) and the EOT id."""
         text = self.hf.to_str() if self.hf is not None else json.dumps([self.kind, self.chars])
         return hashlib.sha256((text + f"\neot {self.eot_id}").encode("utf-8")).hexdigest()
 

@@ -84,7 +84,7 @@ def source_of(hf_dir: Path, raw: dict, repo: str | None = None, revision: str | 
     return source
 
 
-def tokenizer_problems(hf_dir: Path, vocab_size: int, data_meta: dict) -> list[str]:
+def vocabulary_problems(hf_dir: Path, vocab_size: int, data_meta: dict) -> list[str]:
     """Why the checkpoint cannot be scored on the study's tokens: its own tokenizer.json differs from
     the study's, or its embedding has fewer rows than the study's vocabulary."""
     p, study_tok = [], data_meta.get("hf_tokenizer")
@@ -134,11 +134,8 @@ def import_entry(name: str) -> None:
         raise ParamsError(f"unknown import '{name}': import has {', '.join(study.imports) or '(none)'}")
     entry, where = study.imports[name], f"import.{name}"
     hf_dir = Path(entry.path)
-    if not hf_dir.is_dir():
-        fetch = (f"; download it with `huggingface-cli download {entry.hf}"
-                 + (f" --revision {entry.revision}" if entry.revision else "") + f" --local-dir {entry.path}`"
-                 if entry.hf else "")
-        raise ParamsError(f"{where}.path: {entry.path} is not a directory{fetch}")
+    if problem := entry.missing(name):
+        raise ParamsError(problem)
     data_meta = prepared_meta()
     tracking.connect(study)                      # an unreachable MLflow backend stops us here, not after the work
     raw, hf = read_hf(hf_dir)
@@ -146,7 +143,7 @@ def import_entry(name: str) -> None:
         cfg = config_from_hf(hf)
     except ParamsError as e:
         raise ParamsError(f"{where}: {e}") from None
-    if problems := tokenizer_problems(hf_dir, cfg.vocab_size, data_meta):
+    if problems := vocabulary_problems(hf_dir, cfg.vocab_size, data_meta):
         raise ParamsError("\n".join(f"{where}: {p}" for p in problems))
 
     start = time.perf_counter()

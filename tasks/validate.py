@@ -74,13 +74,7 @@ def labels(study: Study, name: str, model: dict) -> list[str]:
 def path_problems(study: Study) -> list[str]:
     """The local files params.yaml names that must exist before any stage runs (load_study checks
     only params.yaml itself): import paths and data.hf_tokenizer, each with how to get it."""
-    p = []
-    for name, entry in study.imports.items():
-        if not (Path(entry.path) / "config.json").is_file():
-            fetch = (f"download it with `huggingface-cli download {entry.hf}"
-                     + (f" --revision {entry.revision}" if entry.revision else "") + f" --local-dir {entry.path}`"
-                     if entry.hf else "give a local Hugging Face model directory (config.json + *.safetensors)")
-            p.append(f"import.{name}.path: {entry.path} has no config.json: {fetch}")
+    p = [problem for name, entry in study.imports.items() if (problem := entry.missing(name))]
     if study.data.tokenizer == "hf" and study.data.hf_tokenizer:
         try:
             hf_files(study.data.hf_tokenizer)
