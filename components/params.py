@@ -305,6 +305,15 @@ class ReportParams(Strict):
     comparisons: list[Annotated[list[str], Field(min_length=2, max_length=2)]] = []  # [model, baseline] pairs
 
 
+class Resources(Strict):
+    """What one stage needs from the machine that runs it (python -m flows.pipeline): the flow asks
+    the engine for it (Dask worker resources CPU/GPU/MEMORY, Ray num_cpus/num_gpus/memory) and tags
+    the task run `gpu` when gpus > 0, for a Prefect tag concurrency limit. `dvc repro` ignores it."""
+    cpus: Optional[int] = Field(None, ge=1, le=MAX_THREADS)   # CPU threads reserved; the stage gets OMP_NUM_THREADS
+    gpus: Optional[int] = Field(None, ge=0, le=MAX_NODES)
+    memory_gb: Optional[float] = Field(None, gt=0)
+
+
 with warnings.catch_warnings():   # `register` shadows BaseModel.register (an ABC helper nobody calls here)
     warnings.filterwarnings("ignore", message='Field name "register"')
 
@@ -329,6 +338,13 @@ class Study(Strict):
     evaluate: EvaluateParams = EvaluateParams()
     report: ReportParams = ReportParams()
     tracking: TrackingParams = TrackingParams()
+    # a stage's needs on a cluster, by stage (`pretrain@big`), foreach group (`pretrain`) or `default`
+    resources: dict[str, Resources] = {}
+
+    def resources_of(self, stage: str) -> Optional[Resources]:
+        """The entry of `stage` (e.g. pretrain@big), else of its group (pretrain), else `default`."""
+        r = self.resources
+        return r.get(stage) or r.get(stage.split("@")[0]) or r.get("default")
 
     def models(self) -> dict[str, dict]:
         """Every model of the study: name -> {stage, parents, dir}, in stage then declaration order.

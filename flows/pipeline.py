@@ -17,14 +17,15 @@ once Prefect's client stops retrying; the stages keep running without it, and DV
 """
 
 import argparse
-import collections
 import contextlib
 import csv
 import difflib
 import fcntl
+import functools
 import logging
 import os
 import queue
+import socket
 import subprocess
 import sys
 import time
@@ -41,6 +42,8 @@ from prefect.states import Completed
 from components import tracking
 from components.errors import ParamsError
 from components.params import load_study
+from flows import travel
+from flows.travel import StageFailed
 
 RETRY_DELAY_S = 2
 # Prefect's temporary server took 11-15 s to start on a fresh PREFECT_HOME (database migrations) on
@@ -48,7 +51,6 @@ RETRY_DELAY_S = 2
 # (load 6.7): Prefect's default of 20 s fails there. PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
 # when set, wins over this.
 TEMP_SERVER_STARTUP_S = 120
-LOG_TAIL = 30                      # lines of a failed stage's log quoted in the flow's error
 _holding = False                   # this process holds the project's flow lock (one_flow_per_project)
 
 
@@ -58,6 +60,10 @@ class Plan:
     upstream: dict[str, list[str]] # stage -> the stages of the plan it depends on
     changed: set[str]              # stages whose own deps, params or outs DVC reports changed now
     lock_order: list[str]          # dvc.lock's entries before the run
+    inputs: dict[str, list[str]]   # stage -> its deps that DVC caches (other stages' outputs, `dvc add`ed files)
+    uncached: dict[str, list[str]] # stage -> its outputs that DVC does not cache (metrics, data/corpus.json)
+    sources: set[str]              # every other dep of the plan: files git must hold for a worker to see them
+    every: list[str]               # every stage of dvc.yaml, planned or not
 
 
 @dataclass
@@ -67,28 +73,31 @@ class Outcome:
     note: str = ""
 
 
-class StageFailed(RuntimeError):
-    """A stage's command failed; the message names it and quotes the end of its log."""
-
-
 @flow(name="pipeline", persist_result=False)
 def pipeline(targets: Optional[list[str]] = None, max_parallel: int = 2, retries: int = 0,
-             task_runner: Literal["thread", "dask", "ray"] = "thread", address: Optional[str] = None) -> dict:
+             task_runner: Literal["thread", "dask", "ray"] = "thread", address: Optional[str] = None,
+             git_url: Optional[str] = None) -> dict:
     """Reproduce dvc.yaml's stages (or `targets` and their upstream) as Prefect tasks."""
     with one_flow_per_project():
-        return run_pipeline(targets or [], max_parallel, retries, task_runner, address)
+        return run_pipeline(targets or [], max_parallel, retries, task_runner, address, git_url)
 
 
-def run_pipeline(targets: list[str], max_parallel: int, retries: int, task_runner: str, address: Optional[str]) -> dict:
-    study, plan = preflight(targets)
+def run_pipeline(targets: list[str], max_parallel: int, retries: int, task_runner: str, address: Optional[str],
+                 git_url: Optional[str] = None) -> dict:
+    study, plan, away = preflight(targets, task_runner, address, git_url)
     params = {"targets": " ".join(targets) or "all", "max_parallel": max_parallel, "retries": retries,
               "task_runner": task_runner}
     with tracking.stage_run(study, "pipeline", params=params, tags={"prefect_flow_run_id": flow_run_id()}) as parent_run:
         # every stage's MLflow run nests under this one (none: tracking is off, see tracking.required)
         env = {tracking.PARENT_RUN_ENV: parent_run, "MLFLOW_TRACKING_URI": tracking.tracking_uri()} if parent_run else {}
         with stage_runner(task_runner, address, max_parallel) as runner:
-            outcomes = run_stages(runner, plan, max_parallel, retries, env)
-        if any(o.status in ("ran", "restored") for o in outcomes.values()):
+            if away:
+                check_workers(runner, task_runner, plan, study)
+            outcomes = run_stages(runner, plan, max_parallel, retries, env, away, study, task_runner)
+        ran = [name for name, o in outcomes.items() if o.status in ("ran", "restored")]
+        if away and ran:                       # their cached outputs are in the remote: here too, as after dvc repro
+            away.pull_here(ran)
+        if ran:
             keep_lock_order(plan)
         try:
             publish_artifacts(outcomes, study.experiment, parent_run)
@@ -132,44 +141,29 @@ def one_flow_per_project():
 
 @task(cache_policy=NONE, persist_result=False)
 def run_stage(name: str, root: str, stale: bool, env: dict[str, str]):
-    """One DVC stage in its own process, its output streamed line by line into the task's log."""
-    log = get_run_logger()
+    """One DVC stage in its own process in the project, its output streamed line by line into the task's log."""
     if not stale:
-        log.info("skipped: up to date")
+        get_run_logger().info("skipped: up to date")
         return Completed(name="Skipped", message="skipped: up to date", data="skipped")
-    # --wait-for-lock: parallel `dvc repro` processes queue for the repo lock instead of failing.
-    cmd = [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", name]
-    # Stage commands call `python`: make it the interpreter running this flow (as an activated venv would).
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **env, "PATH": path, "PYTHONUNBUFFERED": "1"})
-    tail, outcome = collections.deque(maxlen=LOG_TAIL), "ran"
-    for line in proc.stdout:                   # text mode: '\r' progress updates also end a line
-        line = line.rstrip()
-        if line:
-            log.info(line)
-            tail.append(line)
-        if line == f"Stage '{name}' didn't change, skipping":    # its upstream reran to identical outputs
-            outcome = "skipped"
-        elif line.startswith(f"Stage '{name}' is cached - skipping run"):
-            outcome = "restored"
-    if proc.wait():
-        raise StageFailed(f"stage '{name}' failed (dvc exit code {proc.returncode}); the end of its log:\n"
-                          + "\n".join(tail))
-    if outcome == "skipped":
-        return Completed(name="Skipped", message="skipped: up to date", data="skipped")
-    if outcome == "restored":
-        return Completed(message="restored from DVC's run cache", data="restored")
-    return "ran"
+    return travel.finished(travel.stream(name, travel.repro_command(name), root, env))
 
 
-def preflight(targets: list[str]):
-    """(study, plan), or a ParamsError naming what is wrong, before any stage runs."""
+def preflight(targets: list[str], task_runner: str = "thread", address: Optional[str] = None,
+              git_url: Optional[str] = None):
+    """(study, plan, away), or a ParamsError naming what is wrong, before any stage runs. `away` is
+    None when stages run here (thread runner), else where cluster workers get the project."""
     check_dvc_project()
     study = load_study()                       # lists every problem of params.yaml with its fix
     plan = plan_stages(targets)
     tracking.connect(study)                    # an unreachable MLflow backend (tracking.required: true)
-    return study, plan
+    names = plan.every + sorted({n.split("@")[0] for n in plan.every}) + ["default"]
+    for key in study.resources:
+        if key not in names:
+            hint = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+            raise ParamsError(f"resources: '{key}' is no stage of dvc.yaml: use a stage (pretrain@serial), a foreach "
+                              f"group (pretrain) or default" + (f"; did you mean '{hint[0]}'?" if hint else ""))
+    away = None if task_runner == "thread" else Away.check(plan, study, task_runner, address, git_url)
+    return study, plan, away
 
 
 def plan_stages(targets: list[str]) -> Plan:
@@ -185,9 +179,23 @@ def plan_stages(targets: list[str]) -> Plan:
             raise ParamsError(f"dvc.yaml can't be read: {e}{f' ({e.__cause__})' if e.__cause__ else ''}") from None
         stages = plan_repro(graph, [s for t in targets or ["dvc.yaml"] for s in collect_target(repo, graph, t)])
         changed = set(repo.status(targets=[s.addressing for s in stages]))
-    order = [s.addressing for s in stages]
-    upstream = {s.addressing: [u.addressing for u in graph.successors(s) if u.addressing in order] for s in stages}
-    return Plan(order, upstream, {name for name in order if name in changed}, lock_entries())
+        order = [s.addressing for s in stages]
+        upstream = {s.addressing: [u.addressing for u in graph.successors(s) if u.addressing in order] for s in stages}
+        rel = functools.partial(relative_to, Path(repo.root_dir))
+        cached = {rel(o) for s in repo.index.stages for o in s.outs if o.use_cache}
+        inputs = {s.addressing: [rel(d) for d in s.deps if rel(d) in cached] for s in stages}
+        uncached = {s.addressing: [rel(o) for o in s.outs if not o.use_cache] for s in stages}
+        outs = {rel(o) for s in repo.index.stages for o in s.outs}
+        sources = {rel(d) for s in stages for d in s.deps if rel(d) not in outs}
+        every = [s.addressing for s in graph]
+    return Plan(order, upstream, {name for name in order if name in changed}, lock_entries(), inputs, uncached,
+                sources, every)
+
+
+def relative_to(root: Path, item) -> str:
+    """A dep's or out's path as dvc.yaml would write it from the project root (absolute when outside)."""
+    path = Path(item.fs_path)
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
 
 
 def collect_target(repo, graph, target: str) -> list:
@@ -214,7 +222,8 @@ def check_dvc_project() -> None:
         raise ParamsError(f"no dvc.yaml in {here}: run from the project root, where the pipeline is declared")
 
 
-def run_stages(runner, plan: Plan, max_parallel: int, retries: int, env: dict) -> dict[str, Outcome]:
+def run_stages(runner, plan: Plan, max_parallel: int, retries: int, env: dict, away=None, study=None,
+               kind: str = "thread") -> dict[str, Outcome]:
     """Submit each stage once its upstream stages are done, at most `max_parallel` at a time.
 
     A stage downstream of a failed one is not run; stages that do not depend on it carry on.
@@ -234,12 +243,18 @@ def run_stages(runner, plan: Plan, max_parallel: int, retries: int, env: dict) -
                 log.warning(f"{name}: not run: {outcomes[name].note}")
             elif all(u in outcomes for u in ups) and len(running) < max_parallel:
                 waiting.remove(name)
-                stage = run_stage.with_options(task_run_name=name, retries=retries, retry_delay_seconds=RETRY_DELAY_S)
+                need = study.resources_of(name) if study else None
+                stage = (travel.run_stage_away if away else run_stage).with_options(
+                    task_run_name=name, retries=retries, retry_delay_seconds=RETRY_DELAY_S,
+                    tags=["gpu"] if need and need.gpus else [])
                 # Stale: changed itself, or an upstream stage ran (its outputs may differ). A stage marked
                 # always_changed (corpus) runs each time, but what it leaves unchanged reruns nothing.
                 stale = name in plan.changed or any(outcomes[u].status in ("ran", "restored") for u in ups)
-                parameters = {"name": name, "root": str(Path.cwd()), "stale": stale, "env": env}
-                futures[name] = running[name] = runner.submit(stage, parameters, wait_for=[futures[u] for u in ups])
+                parameters = {"name": name, "stale": stale,
+                              "env": env | ({"OMP_NUM_THREADS": str(need.cpus)} if need and need.cpus else {}),
+                              **({"job": away.job(plan, name)} if away else {"root": str(Path.cwd())})}
+                with requesting(kind, need):
+                    futures[name] = running[name] = runner.submit(stage, parameters, wait_for=[futures[u] for u in ups])
                 started[name] = time.perf_counter()
                 futures[name].add_done_callback(done.put)
         assert running or not waiting, f"no stage can start among {waiting}"
@@ -247,18 +262,222 @@ def run_stages(runner, plan: Plan, max_parallel: int, retries: int, env: dict) -
             finished = done.get()
             name = next(n for n, f in running.items() if f is finished)
             del running[name]
-            outcomes[name] = outcome_of(finished, time.perf_counter() - started[name])
+            outcomes[name] = outcome_of(finished, time.perf_counter() - started[name], away)
+            if away and outcomes[name].status in ("ran", "restored"):
+                away.bring_back(name, finished.result())
     return {name: outcomes[name] for name in plan.order}
 
 
-def outcome_of(future, seconds: float) -> Outcome:
+def outcome_of(future, seconds: float, away=None) -> Outcome:
     future.wait()
     state = future.state
     if state.is_completed():
         result = future.result()
-        return Outcome(result, seconds, state.message or "")
+        return Outcome(result["outcome"] if away else result, seconds, state.message or "")
     error = future.result(raise_on_failure=False)       # the exception the task raised, or a crash
     return Outcome("failed", seconds, str(error) if isinstance(error, BaseException) else (state.message or ""))
+
+
+# What a worker is sent of the project beyond git: its uncommitted files and uncached outputs
+# (params.yaml edits, metrics, data/corpus.json). Larger files belong in git or DVC.
+MAX_SENT_BYTES = 16 * 2**20
+
+
+@dataclass
+class Away:
+    """Where stage tasks on cluster workers get the project (a git URL at a commit) and put their
+    outputs (a DVC remote); the worker's side is flows/travel.py."""
+    git_url: str
+    commit: str
+    remote_url: str
+
+    @classmethod
+    def check(cls, plan: Plan, study, task_runner: str, address: Optional[str], git_url: Optional[str]) -> "Away":
+        """Everything a worker will need, checked here: one ParamsError naming what is missing and the fix."""
+        runner = f"--task-runner {task_runner}"
+        check_address(task_runner, address)
+        commit = git("rev-parse", "HEAD", fix=f"{runner} runs the project's commit on each worker: commit it first")
+        if not git_url:
+            git_url = git("remote", "get-url", "origin", fix=f"{runner}: workers clone the project from a git URL and "
+                          "this repository has no `origin`: add one (`git remote add origin <url>`) or pass --git-url")
+        if Path(git_url).is_dir():                         # a path: the same for every worker once absolute
+            git_url = str(Path(git_url).resolve())
+        on_remote = git("ls-remote", git_url, fix=f"{runner}: workers clone the project from {git_url}, which git "
+                        "cannot read: check the URL (--git-url) and your access").split()[::2]
+        if commit not in on_remote and not any(git("merge-base", "--is-ancestor", commit, sha, check=False) == ""
+                                               for sha in on_remote):
+            raise ParamsError(f"commit {commit[:12]} is not on {git_url}, where the workers get the project: push it "
+                              "(`git push`), then run again")
+        away = cls(git_url, commit, dvc_remote(runner))
+        if not tracking.tracking_uri().startswith(("http://", "https://")) and study.tracking.required:
+            raise ParamsError(f"{runner}: stages on other machines can't write to the MLflow store "
+                              f"{tracking.tracking_uri()}: start a tracking server (`mlflow server --host 0.0.0.0 "
+                              "--backend-store-uri sqlite:///mlflow.db`) and export MLFLOW_TRACKING_URI=http://<host>:5000, "
+                              "or set `tracking: {required: false}` in params.yaml to run without tracking")
+        away.files()                                       # nothing too large to send
+        tracked = set(git("ls-files", "-z").split("\0")) | set(away.files())
+        unseen = sorted(src for src in plan.sources
+                        if src not in tracked and not any(t.startswith(src.rstrip("/") + "/") for t in tracked))
+        if unseen:
+            raise ParamsError(f"{runner}: stages read {', '.join(unseen)}, which neither git nor DVC holds, so a "
+                              "worker can't get them: commit them (`git add`), or `dvc add` them and `dvc push`")
+        return away
+
+    def files(self) -> dict[str, bytes | None]:
+        """The project's files a worker's clone lacks: what git sees changed or new, and uncached outputs."""
+        status = git("status", "--porcelain", "-z", "--untracked-files=all")
+        paths = [item[3:] for item in status.split("\0") if len(item) > 3]
+        paths += [str(f) for out in uncached_outputs() for f in ([Path(out)] if Path(out).is_file()
+                                                                   else Path(out).rglob("*")) if f.is_file()]
+        sent = {}
+        for rel in paths:
+            if rel == "dvc.lock":
+                continue                                   # sent whole, as the job's lock
+            path = Path(rel)
+            if path.is_file() and path.stat().st_size > MAX_SENT_BYTES:
+                raise ParamsError(f"{rel} ({path.stat().st_size / 2**20:.0f} MiB) is neither committed nor in DVC, and "
+                                  "workers get only small files from the flow: commit it, `dvc add` it, or git-ignore it")
+            sent[rel] = path.read_bytes() if path.is_file() else None
+        return sent
+
+    def job(self, plan: Plan, name: str) -> travel.Job:
+        lock = Path("dvc.lock")
+        return travel.Job(self.git_url, self.commit, self.remote_url, lock.read_text() if lock.exists() else "",
+                          self.files(), plan.inputs[name], plan.uncached[name])
+
+    def bring_back(self, name: str, result: dict) -> None:
+        """Write what a stage returned from its worker into the project: files, then its dvc.lock entry."""
+        written = []
+        for rel, data in result["files"].items():
+            path = Path(rel)
+            if data is None:
+                path.unlink(missing_ok=True)
+            elif path.name == ".gitignore" and path.exists():     # stages add their outputs' lines: merge them
+                lines = path.read_text().splitlines()
+                path.write_text("\n".join(lines + [x for x in data.decode().splitlines() if x not in lines]) + "\n")
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+            written.append(rel)
+        from dvc.repo import Repo
+        from dvc.utils.serialize import modify_yaml
+
+        with Repo(".") as repo, repo.lock:
+            with modify_yaml("dvc.lock") as lock:
+                lock.setdefault("schema", "2.0")
+                lock.setdefault("stages", {})[name] = result["lock"]
+            if repo.config["core"].get("autostage"):        # as `dvc repro` would have
+                git("add", "dvc.lock", *[w for w in written if Path(w).name == ".gitignore"])
+
+    def pull_here(self, stages: list[str]) -> None:
+        r = subprocess.run([sys.executable, "-m", "dvc", "pull", "-q", *stages], capture_output=True, text=True)
+        if r.returncode:
+            raise StageFailed(f"the stages ran, but their outputs could not be pulled here from {self.remote_url} "
+                              f"(`dvc pull {' '.join(stages)}` said: {(r.stderr or r.stdout).strip()[-2000:]}): "
+                              "dvc.lock is written; run `dvc pull` once the remote answers")
+
+
+def git(*args: str, fix: str = "", check: bool = True) -> str:
+    r = subprocess.run(["git", *args], capture_output=True, text=True)
+    if r.returncode and check:
+        raise ParamsError(f"{fix} (`git {' '.join(args)}` said: {r.stderr.strip() or r.returncode})")
+    return r.stdout.strip() if not r.returncode else None
+
+
+def dvc_remote(runner: str) -> str:
+    """The default DVC remote's URL (a local directory: it must exist and be writable)."""
+    from dvc.repo import Repo
+
+    with Repo(".") as repo:
+        name = repo.config["core"].get("remote")
+        url = repo.config["remote"][name]["url"] if name in repo.config["remote"] else None
+    if not url:
+        raise ParamsError(f"{runner}: each stage gets its inputs from a DVC remote and pushes its outputs there, and "
+                          "this project has no default remote: `dvc remote add -d storage <url>` (s3://..., ssh://..., "
+                          "or a directory every worker can reach), then `git commit .dvc/config`")
+    if "://" not in url:
+        path = Path(url)
+        if not path.is_dir():
+            raise ParamsError(f"{runner}: the DVC remote '{name}' is the directory {path}, which does not exist: "
+                              f"create it (`mkdir -p {path}`) or point the remote elsewhere (`dvc remote modify {name} url ...`)")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ParamsError(f"{runner}: the DVC remote '{name}' ({path}) is not writable, and stages push their outputs "
+                              f"there: fix its permissions or point the remote elsewhere (`dvc remote modify {name} url ...`)")
+    return url
+
+
+def uncached_outputs() -> list[str]:
+    from dvc.repo import Repo
+
+    with Repo(".") as repo:
+        return [relative_to(Path(repo.root_dir), o) for s in repo.index.stages for o in s.outs if not o.use_cache]
+
+
+def check_address(kind: str, address: Optional[str]) -> None:
+    """A scheduler/head address must answer on its port (no address: the engine starts a local cluster)."""
+    if not address or address == "auto":
+        return
+    from urllib.parse import urlsplit
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        socket.create_connection((parts.hostname, parts.port), timeout=5).close()
+    except (OSError, TypeError, ValueError) as e:
+        start = ("`dask scheduler` on that host (and `dask worker <address>` on each worker)" if kind == "dask" else
+                 "`ray start --head` on that host (and `ray start --address <head>:6379` on each worker)")
+        raise ParamsError(f"nothing answers at --address {address} ({type(e).__name__}: {e}): start {start}, or leave "
+                          "out --address to run a local cluster") from None
+
+
+def check_workers(runner, kind: str, plan: Plan, study) -> None:
+    """Before any stage: one probe task (a worker without archflow's dependencies fails the flow), and
+    every stage's declared resources held by some worker (else the engine would queue it for ever)."""
+    probe = runner.submit(travel.probe_worker, {}).result()
+    if probe["missing"]:
+        raise ParamsError(f"a worker ({probe['host']}, Python {probe['python']}) lacks {', '.join(probe['missing'])}: "
+                          "install archflow's dependencies on every worker (`pip install torch==2.13.0 && pip install "
+                          "-e .` in a clone of the project) and start the workers from that environment")
+    if kind == "dask":
+        workers = [w.get("resources", {}) for w in runner.client.scheduler_info()["workers"].values()]
+    else:
+        import ray
+        workers = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    for name in plan.order:
+        want = engine_resources(kind, study.resources_of(name))
+        if want and not any(all(w.get(k, 0) >= v for k, v in want.items()) for w in workers):
+            held = "; ".join(", ".join(f"{k}={v:g}" for k, v in sorted(w.items()) if not k.startswith("node:"))
+                             or "none declared" for w in workers)
+            start = ('`dask worker <scheduler> --resources "GPU=1 CPU=8 MEMORY=32e9"`' if kind == "dask" else
+                     "`ray start --address <head> --num-gpus 1 --num-cpus 8 --memory <bytes>`")
+            raise ParamsError(f"stage {name} asks for {', '.join(f'{k}={v:g}' for k, v in want.items())} (resources in "
+                              f"params.yaml) and no worker has that (workers hold: {held}): start one that does, e.g. "
+                              f"{start}, or lower the request")
+
+
+def engine_resources(kind: str, need) -> dict[str, float]:
+    """A stage's resources as its engine names them: Dask's worker resources (declared with `dask worker
+    --resources`), or Ray's (CPU, GPU, memory in bytes)."""
+    if need is None:
+        return {}
+    names = {"dask": ("CPU", "GPU", "MEMORY"), "ray": ("CPU", "GPU", "memory")}[kind]
+    values = (need.cpus, need.gpus, need.memory_gb * 2**30 if need.memory_gb else None)
+    return {k: v for k, v in zip(names, values) if v}
+
+
+@contextlib.contextmanager
+def requesting(kind: str, need):
+    """Submissions inside ask the engine for a stage's resources (threads: the `gpu` tag does it)."""
+    want = engine_resources(kind, need) if kind in ("dask", "ray") else {}
+    if not want:
+        yield
+    elif kind == "dask":
+        import dask
+        with dask.annotate(resources=want):
+            yield
+    else:
+        from prefect_ray.context import remote_options
+        with remote_options(num_cpus=want.get("CPU", 1), num_gpus=want.get("GPU", 0),
+                            **({"memory": int(want["memory"])} if "memory" in want else {})):
+            yield
 
 
 def stage_runner(kind: str, address: Optional[str], max_parallel: int):
@@ -266,6 +485,8 @@ def stage_runner(kind: str, address: Optional[str], max_parallel: int):
     if kind == "thread":
         from prefect.task_runners import ThreadPoolTaskRunner
         return ThreadPoolTaskRunner(max_workers=max_parallel)
+    import cloudpickle                         # travel's tasks go by value: workers need no archflow code
+    cloudpickle.register_pickle_by_value(travel)
     if kind == "dask":
         try:
             from prefect_dask import DaskTaskRunner
@@ -273,7 +494,10 @@ def stage_runner(kind: str, address: Optional[str], max_parallel: int):
             raise ParamsError("--task-runner dask needs prefect-dask: pip install -e '.[dask]'") from None
         if address:
             return DaskTaskRunner(address=address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": max_parallel, "threads_per_worker": 1})
+        # a local cluster: each worker holds its share of this machine, for stages that declare resources
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max_parallel
+        share = {"CPU": max(1, (os.cpu_count() or 1) // max_parallel), "MEMORY": memory}
+        return DaskTaskRunner(cluster_kwargs={"n_workers": max_parallel, "threads_per_worker": 1, "resources": share})
     if kind == "ray":
         try:
             from prefect_ray import RayTaskRunner
@@ -431,6 +655,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="where stage tasks run: threads here (default), or a Dask/Ray cluster")
     p.add_argument("--address", help="the Dask scheduler (tcp://host:8786) or Ray cluster address; "
                                      "default: a local cluster")
+    p.add_argument("--git-url", help="with dask or ray: where workers clone the project (default: the `origin` remote)")
     args = p.parse_args(argv[1:] if serving else argv)
     args.serve = serving
     if args.max_parallel < 1 or args.retries < 0:
@@ -440,10 +665,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    preflight(args.targets)                    # every user error is reported before Prefect starts
     stage_runner(args.task_runner, args.address, args.max_parallel)   # its extra is installed
+    preflight(args.targets, args.task_runner, args.address, args.git_url)   # every user error, before Prefect starts
     params = {"targets": args.targets, "max_parallel": args.max_parallel, "retries": args.retries,
-              "task_runner": args.task_runner, "address": args.address}
+              "task_runner": args.task_runner, "address": args.address, "git_url": args.git_url}
     if args.serve:
         from prefect.settings import PREFECT_API_URL
         if not PREFECT_API_URL.value():
