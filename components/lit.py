@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
@@ -29,6 +31,7 @@ from torch.utils.data import DataLoader
 from components.config import ModelConfig
 from components.data import StepBatches, StepsFrom, eval_offsets, load_tokens, window_batch
 from components.device import device_name
+from components.errors import ParamsError
 from components.model import TransformerLM, moe_layers, moe_losses
 
 # Lightning 2.6's own code calls a torch API that torch 2.13 deprecates, once a stage: nothing for a user to act on.
@@ -240,6 +243,56 @@ def resume_step(ckpt: Path, params_hash: str) -> int:
     return state["global_step"]
 
 
+def launcher() -> tuple[str, int, int] | None:
+    """The launcher that started this process on every node, as Lightning detects it (its own cluster
+    environments, in its order: torchrun first, then srun): (name, nodes, processes in all), else None.
+    torchrun sets TORCHELASTIC_RUN_ID, WORLD_SIZE and GROUP_WORLD_SIZE (its --nnodes); srun sets
+    SLURM_NTASKS and SLURM_NNODES (not in a job named `bash` or `interactive`, which Lightning ignores)."""
+    if TorchElasticEnvironment.detect():
+        return "torchrun", int(os.environ.get("GROUP_WORLD_SIZE", 1)), int(os.environ["WORLD_SIZE"])
+    if SLURMEnvironment.detect():
+        return "srun", int(os.environ.get("SLURM_NNODES", 1)), int(os.environ["SLURM_NTASKS"])
+    return None
+
+
+def _stage_command() -> str:
+    """This stage's command line, e.g. `-m tasks.pretrain parallel`, for the messages below."""
+    import __main__
+    spec = getattr(__main__, "__spec__", None)
+    return " ".join([f"-m {spec.name}" if spec else "<stage>.py", *sys.argv[1:]])
+
+
+def check_launcher(train: TrainParams, world_size: int | None = None) -> None:
+    """Raise one ParamsError, before any training, if train.num_nodes > 1 but no launcher started the
+    stage on each node (Lightning alone would wait forever for the other nodes), or if a launcher's
+    world is not the params' (every process would train a model of its own, or hang): train.num_nodes
+    nodes of train.devices processes each. `world_size`: the processes the Trainer asks for, once
+    built (devices "auto" or -1 resolved); before, an integer train.devices is checked. Lightning itself
+    checks only DDP's world, and only at fit, after the MLflow run has opened."""
+    found, cmd = launcher(), _stage_command()
+    devices = train.devices if isinstance(train.devices, int) and train.devices > 0 else None
+    if found is None:
+        if train.num_nodes > 1:
+            n, per = train.num_nodes, devices or "<devices per node>"
+            raise ParamsError(
+                f"train.num_nodes={n} needs a launcher that starts this stage on each of the {n} nodes, and none "
+                f"did: neither torchrun's (TORCHELASTIC_RUN_ID) nor srun's (SLURM_NTASKS) environment variables "
+                f"are set. On each node run `torchrun --nnodes {n} --node_rank <0..{n - 1}> --nproc_per_node {per} "
+                f"--master_addr <node 0's address> --master_port 29500 {cmd}`, or in a SLURM job with "
+                f"--nodes={n} --ntasks-per-node={per}: `srun python {cmd}` (docs/multinode.md); "
+                f"or set train.num_nodes: 1 to train on this machine")
+        return
+    name, nodes, world = found
+    per = world // max(nodes, 1)
+    if nodes != train.num_nodes or world != (world_size or (train.num_nodes * devices if devices else world)):
+        resolved = f" = {world_size} process(es) in all" if world_size else ""
+        raise ParamsError(
+            f"{name} started {world} process(es) on {nodes} node(s) ({per} a node), but params.yaml asks for "
+            f"train.num_nodes: {train.num_nodes} x train.devices: {train.devices}{resolved}: set "
+            f"train.num_nodes: {nodes} and train.devices: {per}, or launch as many nodes and processes "
+            f"a node as params.yaml asks for")
+
+
 def make_trainer(train: TrainParams, ckpt_dir: Path, callbacks: list, logger) -> L.Trainer:
     """The Trainer every training stage uses: `train` settings, a resumable checkpoint every
     ckpt_every steps in ckpt_dir (outside DVC outs), no Lightning validation loop (the curve callback does it)."""
@@ -254,6 +307,7 @@ def make_trainer(train: TrainParams, ckpt_dir: Path, callbacks: list, logger) ->
         limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
         enable_progress_bar=False,              # it counts epochs of an endless one; TrainingCurve prints steps
         log_every_n_steps=min(50, train.ckpt_every))
+    check_launcher(train, trainer.num_nodes * trainer.num_devices)   # devices "auto" resolved; no processes yet
     return trainer
 
 
@@ -268,6 +322,7 @@ def fit(lit: LitLM, data: LMDataModule, curve: TrainingCurve, train: TrainParams
     """Train `lit` train.max_steps steps (0: none) with the curve, resuming from ckpt_dir/last.ckpt if
     an interrupted run with the same inputs (params_hash) left it; `logger`: Lightning's, or False.
     Returns whether this process is global rank 0."""
+    check_launcher(train)
     if not train.max_steps:
         return global_rank0()
     ckpt = ckpt_dir / "last.ckpt"

@@ -6,7 +6,8 @@ Writes models/<variant>/ (model.safetensors, config.json, meta.json, curve.csv: 
 whenever the inputs are), then its training time to metrics/train/<variant>.json. Resumable:
 an interrupted run leaves checkpoints/<variant>/last.ckpt (outside DVC outs) and the next run
 continues from it to the same weights. Safe to relaunch: DDP re-executes this command on
-every rank, and only global rank 0 writes outputs or talks to MLflow.
+every rank, and only global rank 0 writes outputs or talks to MLflow. On several nodes
+(train.num_nodes > 1) torchrun or srun starts it on each: docs/multinode.md.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from components.artifacts import PREPARED, dumps, prepared_meta, save_model_dir,
 from components.data import load_tokens
 from components.errors import ParamsError, cli
 from components.files import write_atomic
-from components.lit import LitLM, LMDataModule, TrainingCurve, fit, global_rank0
+from components.lit import LitLM, LMDataModule, TrainingCurve, check_launcher, fit, global_rank0
 from components.params import load_study
 
 
@@ -35,6 +36,7 @@ def main(argv: list[str]) -> None:
     data_meta = prepared_meta()
     cfg = study.variant_config(args.name, vocab_size=data_meta["vocab_size"])
     train, seed = study.train, study.study.seed
+    check_launcher(train)          # num_nodes > 1: torchrun or srun started this on every node
     params_hash = short_hash({"model": cfg.to_dict(), "train": train.model_dump(), "seed": seed,
                               "data": data_meta["sha256"]})
 
