@@ -1,0 +1,96 @@
+"""Stages that travel: the smoke study through the flow on real local Dask and Ray clusters whose
+workers each work in an empty directory of their own, with no view of the project: they clone it
+from a bare git repository (the "git server"), pull inputs from a directory DVC remote, push their
+outputs there and track into a real `mlflow server` on loopback. The flow ends with the weights
+and metrics `dvc repro` gives, and a fresh clone that `dvc pull`s reproduces as a no-op.
+
+    .venv/bin/python -m pytest tests/flows/test_cluster.py -q        # a few minutes on 2 cores; CI runs it
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ruamel.yaml import YAML
+
+from tests.flows.clusters import dask_cluster, ray_cluster
+from tests.flows.test_e2e import api  # noqa: F401  (a real `prefect server`)
+from tests.test_mlflow_server import server  # noqa: F401  (a real `mlflow server`)
+from tests.test_pipeline import QUALITY, ROOT, make_repo, sh, sha
+
+# two pretrains and their evaluates, one per engine, sharing validate/corpus/prepare
+DASK_TARGETS, RAY_TARGETS = ["evaluate@serial"], ["evaluate@parallel"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, server):  # noqa: F811
+    """The smoke study in a git + DVC repo whose `origin` is a bare repository and whose default DVC
+    remote is a directory; MLflow tracks into the server."""
+    base = tmp_path_factory.mktemp("cluster")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    mp.setenv("MLFLOW_TRACKING_URI", server)
+    repo = make_repo(base / "project", (ROOT / "tests/smoke/params.yaml").read_text())
+    (base / "remote").mkdir()
+    sh(base, "git", "init", "-q", "--bare", "origin.git")
+    sh(repo, "dvc", "remote", "add", "-d", "storage", str(base / "remote"))
+    sh(repo, "git", "add", ".dvc/config")
+    sh(repo, "git", "commit", "-qm", "a DVC remote")
+    sh(repo, "git", "remote", "add", "origin", str(base / "origin.git"))
+    sh(repo, "git", "push", "-q", "origin", "HEAD:main")
+    yield repo
+    mp.undo()
+
+
+def run_flow(repo: Path, api: str, runner: str, address: str, targets: list[str]) -> str:  # noqa: F811
+    env = {**os.environ, "PREFECT_API_URL": api}
+    r = subprocess.run([sys.executable, "-m", "flows.pipeline", *targets, "--task-runner", runner,
+                        "--address", address, "--max-parallel", "2"], cwd=repo, env=env, capture_output=True,
+                       text=True, timeout=1200)
+    assert r.returncode == 0, f"{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return r.stdout + r.stderr
+
+
+def lock(repo: Path) -> dict:
+    return YAML(typ="safe").load((repo / "dvc.lock").read_text())["stages"]
+
+
+@pytest.mark.slow
+def test_the_smoke_study_on_dask_and_ray_workers_that_cannot_see_the_project(project, api, tmp_path):  # noqa: F811
+    with dask_cluster(tmp_path / "dask", workers=2) as address:
+        out = run_flow(project, api, "dask", address, DASK_TARGETS)
+    assert "working copy" in out and str(project) not in out.split("working copy")[1].split("\n")[0]
+    with ray_cluster(tmp_path / "ray") as address:
+        out = run_flow(project, api, "ray", address, RAY_TARGETS)
+    assert "working copy" in out
+
+    # what the workers built is here, as after `dvc repro`: outputs, uncached metrics, dvc.lock
+    stages = lock(project)
+    for name in ("serial", "parallel"):
+        assert {"model.safetensors", "config.json", "meta.json"} <= {p.name for p in (project / "models" / name).iterdir()}
+        assert json.loads((project / "metrics" / f"{name}.json").read_text())["val_loss"] > 0
+        assert f"pretrain@{name}" in stages and f"evaluate@{name}" in stages
+    assert set(json.loads(sh(project, "dvc", "status", "--json", *DASK_TARGETS, *RAY_TARGETS).stdout)) <= {"corpus"}
+
+    # `dvc repro` here rebuilds the same weights and quality metrics
+    weights = {n: sha(project / f"models/{n}/model.safetensors") for n in ("serial", "parallel")}
+    metrics = {n: json.loads((project / f"metrics/{n}.json").read_text()) for n in ("serial", "parallel")}
+    sh(project, "dvc", "repro", "--force", "--single-item", "pretrain@serial", "pretrain@parallel",
+       "evaluate@serial", "evaluate@parallel")
+    assert {n: sha(project / f"models/{n}/model.safetensors") for n in ("serial", "parallel")} == weights
+    for n in ("serial", "parallel"):
+        again = json.loads((project / f"metrics/{n}.json").read_text())
+        assert {k: again[k] for k in QUALITY} == {k: metrics[n][k] for k in QUALITY}
+
+    # a fresh clone pulls everything from the remote and reproduces as a no-op
+    sh(project, "git", "add", "-A")
+    sh(project, "git", "commit", "-qm", "built on the clusters")
+    sh(project, "git", "push", "-q", "origin", "HEAD:main")
+    clone = tmp_path / "clone"
+    sh(tmp_path, "git", "clone", "-q", str(project.parent / "origin.git"), str(clone))
+    sh(clone, "dvc", "pull", *DASK_TARGETS, *RAY_TARGETS)
+    again = sh(clone, "dvc", "repro", *DASK_TARGETS, *RAY_TARGETS).stdout
+    assert [line for line in again.splitlines() if line.startswith("Running stage")] == ["Running stage 'corpus':"]
+    assert sha(clone / "models/serial/model.safetensors") == weights["serial"]
