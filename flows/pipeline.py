@@ -485,15 +485,15 @@ def stage_runner(kind: str, address: Optional[str], max_parallel: int):
     if kind == "thread":
         from prefect.task_runners import ThreadPoolTaskRunner
         return ThreadPoolTaskRunner(max_workers=max_parallel)
-    import cloudpickle                         # travel's tasks go by value: workers need no archflow code
-    cloudpickle.register_pickle_by_value(travel)
     if kind == "dask":
         try:
             from prefect_dask import DaskTaskRunner
         except ImportError:
             raise ParamsError("--task-runner dask needs prefect-dask: pip install -e '.[dask]'") from None
+        import cloudpickle                     # flows/travel.py goes by value: workers need no archflow code
+        cloudpickle.register_pickle_by_value(travel)
         if address:
-            return DaskTaskRunner(address=address)
+            return DaskTaskRunner(address=address, client_kwargs={"timeout": 10})
         # a local cluster: each worker holds its share of this machine, for stages that declare resources
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max_parallel
         share = {"CPU": max(1, (os.cpu_count() or 1) // max_parallel), "MEMORY": memory}
@@ -503,7 +503,10 @@ def stage_runner(kind: str, address: Optional[str], max_parallel: int):
             from prefect_ray import RayTaskRunner
         except ImportError:
             raise ParamsError("--task-runner ray needs prefect-ray: pip install -e '.[ray]'") from None
-        return RayTaskRunner(address=address) if address else RayTaskRunner()
+        import ray.cloudpickle                 # Ray's own copy of cloudpickle: the same, for Ray
+        ray.cloudpickle.register_pickle_by_value(travel)
+        # log_to_driver: the stages' output reaches the flow as task-run logs; Ray's copy would double it
+        return RayTaskRunner(address=address, init_kwargs={"log_to_driver": False})
     raise ParamsError(f"unknown task runner '{kind}': use thread, dask or ray")
 
 
@@ -677,6 +680,13 @@ def main(argv: list[str]) -> int:
         check_prefect_api()
         pipeline.serve(name=args.name, cron=args.cron, parameters=params)   # until SIGTERM / Ctrl-C
         return 0
+    if args.task_runner != "thread":
+        from prefect.settings import PREFECT_API_URL
+        if not PREFECT_API_URL.value():
+            raise ParamsError(f"--task-runner {args.task_runner} needs a Prefect server the workers can reach (with "
+                              "Prefect's temporary one, each worker would start its own and the stages' logs would be "
+                              "lost): `prefect server start --host 0.0.0.0`, then export "
+                              "PREFECT_API_URL=http://<this-host>:4200/api")
     with one_flow_per_project():               # before Prefect starts: a refused flow costs no server
         check_prefect_api()
         logging.getLogger("prefect.flow_runs").addFilter(drop_server_gone_traceback)

@@ -131,6 +131,9 @@ def run_stage_away(name: str, job: Job, stale: bool, env: dict[str, str]):
                                   "where": f"{os.uname().nodename}:{work}", "setup_s": setup_s})
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        # Ray ends a flow's worker processes once the flow disconnects: send the logs still queued now
+        from prefect.logging.handlers import APILogWorker
+        APILogWorker.drain_all(timeout=5)
 
 
 def checkout(name: str, job: Job, work: Path, base: Path) -> None:
