@@ -3,13 +3,15 @@
     python -m flows.pipeline                                  # like `dvc repro`, independent stages 2 at a time
     python -m flows.pipeline evaluate@serial --max-parallel 3 # a stage (or a foreach group: `pretrain`) and its upstream
     python -m flows.pipeline --retries 1                      # rerun a failed stage once before giving up
-    python -m flows.pipeline --task-runner dask --address tcp://host:8786   # stages on a Dask cluster
+    python -m flows.pipeline --task-runner dask --address tcp://host:8786   # stages on a Dask (or Ray) cluster
     python -m flows.pipeline serve --cron "0 3 * * *"         # a deployment the Prefect UI can trigger; SIGTERM stops it
 
 dvc.yaml stays the only DAG and DVC alone decides what reruns: each task runs
 `dvc repro --single-item <stage>` in its own process once its upstream stages are done, so
 dvc.lock and every output end up as `dvc repro` leaves them, and a second run executes nothing.
-Stages DVC reports up to date (with nothing stale upstream) finish at once as "Skipped".
+On a Dask or Ray cluster each task does the same in a working copy of its own on its worker, with
+no shared disk: git at the flow's commit, inputs and outputs through the DVC remote (flows/travel.py,
+class Away here). Stages DVC reports up to date (with nothing stale upstream) finish at once as "Skipped".
 Prefect adds concurrency, retries, live logs, schedules and the UI; its result caching is off.
 Without PREFECT_API_URL the flow runs against a temporary local server (ephemeral mode), given
 TEMP_SERVER_STARTUP_S to start. A server that stops answering mid-flow ends the flow with one message
@@ -265,6 +267,9 @@ def run_stages(runner, plan: Plan, max_parallel: int, retries: int, env: dict, a
             outcomes[name] = outcome_of(finished, time.perf_counter() - started[name], away)
             if away and outcomes[name].status in ("ran", "restored"):
                 away.bring_back(name, finished.result())
+            if away:                           # the stage's own log is in its task run, on the worker's side
+                log.info(f"{name}: {outcomes[name].status} ({outcomes[name].seconds:.1f} s"
+                         + (f", {outcomes[name].note.splitlines()[0]})" if outcomes[name].note else ")"))
     return {name: outcomes[name] for name in plan.order}
 
 
@@ -335,8 +340,9 @@ class Away:
                 continue                                   # sent whole, as the job's lock
             path = Path(rel)
             if path.is_file() and path.stat().st_size > MAX_SENT_BYTES:
-                raise ParamsError(f"{rel} ({path.stat().st_size / 2**20:.0f} MiB) is neither committed nor in DVC, and "
-                                  "workers get only small files from the flow: commit it, `dvc add` it, or git-ignore it")
+                raise ParamsError(f"{rel} ({path.stat().st_size / 2**20:.1f} MiB) is neither committed nor in DVC, and "
+                                  f"workers get only files up to {MAX_SENT_BYTES // 2**20} MiB from the flow: commit it, "
+                                  "`dvc add` it, or git-ignore it")
             sent[rel] = path.read_bytes() if path.is_file() else None
         return sent
 

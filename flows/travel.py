@@ -93,19 +93,20 @@ def probe_worker() -> dict:
     return {"host": socket.gethostname(), "python": sys.version.split()[0], "missing": missing_packages()}
 
 
-def finished(outcome: str, data=None):
+def finished(outcome: str, data=None, where: str = ""):
     """The task's end state: Completed, named "Skipped" when DVC found nothing to do."""
+    at = f" in {where}" if where else ""
     if outcome == "skipped":
         return Completed(name="Skipped", message="skipped: up to date", data=data or "skipped")
     if outcome == "restored":
-        return Completed(message="restored from DVC's run cache", data=data or "restored")
-    return Completed(data=data or "ran")
+        return Completed(message=f"restored from DVC's run cache{at}", data=data or "restored")
+    return Completed(message=f"ran{at}" if at else None, data=data or "ran")
 
 
 @task(cache_policy=NONE, persist_result=False)
 def run_stage_away(name: str, job: Job, stale: bool, env: dict[str, str]):
     """The stage in a fresh working copy on this worker. Its result: {"outcome", "lock" (its dvc.lock
-    entry), "files" (to write into the project), "where", "setup_s"}."""
+    entry), "files" (to write into the project), "setup_s"}; the state's message says where it ran."""
     if not stale:
         get_run_logger().info("skipped: up to date")
         return finished("skipped", {"outcome": "skipped"})
@@ -127,8 +128,9 @@ def run_stage_away(name: str, job: Job, stale: bool, env: dict[str, str]):
         outcome = stream(name, repro_command(name), work, env)
         if outcome != "skipped":               # a skipped stage's outputs are those already in the remote
             git_or_dvc(name, ["dvc", "push", "-q", name], work, "push its outputs to the DVC remote")
+        where = f"{os.uname().nodename}:{work}"
         return finished(outcome, {"outcome": outcome, "lock": lock_entry(work, name), "files": changed_files(work, job),
-                                  "where": f"{os.uname().nodename}:{work}", "setup_s": setup_s})
+                                  "setup_s": setup_s}, where)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         # Ray ends a flow's worker processes once the flow disconnects: send the logs still queued now

@@ -50,9 +50,10 @@ def reachable(address: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def _env() -> dict[str, str]:
+def _env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}   # tasks bring theirs
-    return {**env, **QUIET}
+    # where stages make their working copies and share a DVC cache (flows/travel.py): this cluster's own
+    return {**env, **QUIET, "ARCHFLOW_WORK_DIR": str(tmp_path / "archflow-work")}
 
 
 def _start(cmd: list, cwd: Path, log: Path, env: dict) -> subprocess.Popen:
@@ -100,7 +101,7 @@ def dask_cluster(tmp_path: Path, workers: int = 2, resources: Optional[Sequence[
 
     resources = list(resources or [None] * workers)
     assert len(resources) == workers, "one resources entry per worker"
-    port, env = free_port(), _env()
+    port, env = free_port(), _env(tmp_path)
     address = f"tcp://127.0.0.1:{port}"
     logs_dir = tmp_path / "dask-logs"
     logs_dir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +147,7 @@ def ray_cluster(tmp_path: Path, nodes: int = 2, cpus: int = 1, gpus: Optional[Se
     gpus = list(gpus or [0] * nodes)
     resources = list(resources or [None] * nodes)
     assert len(gpus) == nodes and len(resources) == nodes, "one entry per node"
-    port, env = free_port(), _env()
+    port, env = free_port(), _env(tmp_path)
     address = f"127.0.0.1:{port}"
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     logs_dir = tmp_path / "ray-logs"

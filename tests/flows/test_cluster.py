@@ -8,6 +8,7 @@ and metrics `dvc repro` gives, and a fresh clone that `dvc pull`s reproduces as 
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from tests.flows.clusters import dask_cluster, ray_cluster
-from tests.flows.test_e2e import api  # noqa: F401  (a real `prefect server`)
+from tests.flows.test_e2e import api, task_runs  # noqa: F401  (api: a real `prefect server`)
 from tests.test_mlflow_server import server  # noqa: F401  (a real `mlflow server`)
 from tests.test_pipeline import QUALITY, ROOT, make_repo, sh, sha
 
@@ -32,7 +33,9 @@ def project(tmp_path_factory, server):  # noqa: F811
     mp = pytest.MonkeyPatch()
     mp.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     mp.setenv("MLFLOW_TRACKING_URI", server)
-    repo = make_repo(base / "project", (ROOT / "tests/smoke/params.yaml").read_text())
+    # each training stage asks for a CPU: Dask's and Ray's resource requests are on the path
+    repo = make_repo(base / "project", (ROOT / "tests/smoke/params.yaml").read_text()
+                     + "resources:\n  pretrain: {cpus: 1}\n")
     (base / "remote").mkdir()
     sh(base, "git", "init", "-q", "--bare", "origin.git")
     sh(repo, "dvc", "remote", "add", "-d", "storage", str(base / "remote"))
@@ -44,8 +47,8 @@ def project(tmp_path_factory, server):  # noqa: F811
     mp.undo()
 
 
-def run_flow(repo: Path, api: str, runner: str, address: str, targets: list[str]) -> str:  # noqa: F811
-    env = {**os.environ, "PREFECT_API_URL": api}
+def run_flow(repo: Path, api: str, mlflow: str, runner: str, address: str, targets: list[str]) -> str:  # noqa: F811
+    env = {**os.environ, "PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": mlflow}
     r = subprocess.run([sys.executable, "-m", "flows.pipeline", *targets, "--task-runner", runner,
                         "--address", address, "--max-parallel", "2"], cwd=repo, env=env, capture_output=True,
                        text=True, timeout=1200)
@@ -58,13 +61,17 @@ def lock(repo: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_the_smoke_study_on_dask_and_ray_workers_that_cannot_see_the_project(project, api, tmp_path):  # noqa: F811
-    with dask_cluster(tmp_path / "dask", workers=2) as address:
-        out = run_flow(project, api, "dask", address, DASK_TARGETS)
-    assert "working copy" in out and str(project) not in out.split("working copy")[1].split("\n")[0]
+def test_the_smoke_study_on_dask_and_ray_workers_that_cannot_see_the_project(project, api, server, tmp_path,  # noqa: F811
+                                                                               monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)          # the stages `dvc repro` runs here track there too
+    with dask_cluster(tmp_path / "dask", workers=2, resources=[{"CPU": 1}] * 2) as address:
+        out = run_flow(project, api, server, "dask", address, DASK_TARGETS)
     with ray_cluster(tmp_path / "ray") as address:
-        out = run_flow(project, api, "ray", address, RAY_TARGETS)
-    assert "working copy" in out
+        out += run_flow(project, api, server, "ray", address, RAY_TARGETS)
+    # every stage ran in a working copy of its own, none in the project
+    done = [line for line in out.splitlines() if re.search(r"@?\w+: (ran|restored) \(", line)]
+    assert len(done) >= 6 and all("archflow-work/" in line and str(project) not in line for line in done), out[-3000:]
+    assert {t["name"] for runs in task_runs(api) for t in runs} >= {"pretrain@serial", "pretrain@parallel"}
 
     # what the workers built is here, as after `dvc repro`: outputs, uncached metrics, dvc.lock
     stages = lock(project)
@@ -89,8 +96,8 @@ def test_the_smoke_study_on_dask_and_ray_workers_that_cannot_see_the_project(pro
     sh(project, "git", "commit", "-qm", "built on the clusters")
     sh(project, "git", "push", "-q", "origin", "HEAD:main")
     clone = tmp_path / "clone"
-    sh(tmp_path, "git", "clone", "-q", str(project.parent / "origin.git"), str(clone))
-    sh(clone, "dvc", "pull", *DASK_TARGETS, *RAY_TARGETS)
+    sh(tmp_path, "git", "clone", "-q", "-b", "main", str(project.parent / "origin.git"), str(clone))
+    sh(clone, "dvc", "pull", "--with-deps", *DASK_TARGETS, *RAY_TARGETS)
     again = sh(clone, "dvc", "repro", *DASK_TARGETS, *RAY_TARGETS).stdout
     assert [line for line in again.splitlines() if line.startswith("Running stage")] == ["Running stage 'corpus':"]
     assert sha(clone / "models/serial/model.safetensors") == weights["serial"]
