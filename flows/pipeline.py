@@ -184,11 +184,13 @@ def plan_stages(targets: list[str]) -> Plan:
         order = [s.addressing for s in stages]
         upstream = {s.addressing: [u.addressing for u in graph.successors(s) if u.addressing in order] for s in stages}
         rel = functools.partial(relative_to, Path(repo.root_dir))
-        cached = {rel(o) for s in repo.index.stages for o in s.outs if o.use_cache}
-        inputs = {s.addressing: [rel(d) for d in s.deps if rel(d) in cached] for s in stages}
+        cached = [rel(o) for s in repo.index.stages for o in s.outs if o.use_cache]
+        # a dep is an output, inside one, or a directory of outputs (upcycle's branches/<parent>)
+        inputs = {s.addressing: sorted({o for d in s.deps for o in cached if within(rel(d), o) or within(o, rel(d))})
+                  for s in stages}
         uncached = {s.addressing: [rel(o) for o in s.outs if not o.use_cache] for s in stages}
-        outs = {rel(o) for s in repo.index.stages for o in s.outs}
-        sources = {rel(d) for s in stages for d in s.deps if rel(d) not in outs}
+        outs = [rel(o) for s in repo.index.stages for o in s.outs]
+        sources = {rel(d) for s in stages for d in s.deps if not any(within(rel(d), o) or within(o, rel(d)) for o in outs)}
         every = [s.addressing for s in graph]
     return Plan(order, upstream, {name for name in order if name in changed}, lock_entries(), inputs, uncached,
                 sources, every)
@@ -198,6 +200,10 @@ def relative_to(root: Path, item) -> str:
     """A dep's or out's path as dvc.yaml would write it from the project root (absolute when outside)."""
     path = Path(item.fs_path)
     return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+
+def within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
 def collect_target(repo, graph, target: str) -> list:
@@ -387,7 +393,7 @@ def git(*args: str, fix: str = "", check: bool = True) -> str:
     r = subprocess.run(["git", *args], capture_output=True, text=True)
     if r.returncode and check:
         raise ParamsError(f"{fix} (`git {' '.join(args)}` said: {r.stderr.strip() or r.returncode})")
-    return r.stdout.strip() if not r.returncode else None
+    return r.stdout.strip("\n") if not r.returncode else None     # not strip(): `status` lines start with a space
 
 
 def dvc_remote(runner: str) -> str:

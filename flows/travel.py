@@ -29,6 +29,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.states import Completed
 
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 LOG_TAIL = 30                      # lines of a failed stage's log quoted in the flow's error
 # What the stage commands import (`python -m tasks.<stage>`, `python -m dvc`): a worker without one of
 # them fails before cloning anything.
@@ -52,14 +53,16 @@ class Job:
     uncached: list[str] = field(default_factory=list)   # this stage's outputs DVC does not cache: they come back
 
 
-def stream(name: str, cmd: list[str], cwd: str | Path, env: dict[str, str]) -> str:
+def stream(name: str, cmd: list[str], cwd: str | Path, env: dict[str, str], base: dict | None = None) -> str:
     """Run a stage's `dvc repro` with its output, line by line, in the task's log: "ran", "skipped"
-    (DVC found it unchanged) or "restored" (from DVC's run cache); StageFailed otherwise."""
+    (DVC found it unchanged) or "restored" (from DVC's run cache); StageFailed otherwise. Its
+    environment: `base` (default: this process's), then `env`."""
     log = get_run_logger()
+    base = os.environ if base is None else base
     # Stage commands call `python`: make it the interpreter running this task (as an activated venv would).
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    path = f"{Path(sys.executable).parent}{os.pathsep}{base.get('PATH', '')}"
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **env, "PATH": path, "PYTHONUNBUFFERED": "1"})
+                            env={**base, **env, "PATH": path, "PYTHONUNBUFFERED": "1"})
     tail, outcome = collections.deque(maxlen=LOG_TAIL), "ran"
     for line in proc.stdout:                   # text mode: '\r' progress updates also end a line
         line = line.rstrip()
@@ -125,7 +128,10 @@ def run_stage_away(name: str, job: Job, stale: bool, env: dict[str, str]):
             pull(name, job, work)
         setup_s = time.perf_counter() - start
         log.info(f"working copy {work} on {os.uname().nodename} ready in {setup_s:.1f} s")
-        outcome = stream(name, repro_command(name), work, env)
+        # Dask's nanny and Ray set one thread for their own workers' sake: a stage gets its `resources`
+        # cpus (OMP_NUM_THREADS in env), else torch's default, as it would with `dvc repro`
+        base = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
+        outcome = stream(name, repro_command(name), work, env, base)
         if outcome != "skipped":               # a skipped stage's outputs are those already in the remote
             git_or_dvc(name, ["dvc", "push", "-q", name], work, "push its outputs to the DVC remote")
         where = f"{os.uname().nodename}:{work}"
