@@ -3,6 +3,7 @@ and on a real local Dask cluster whose workers work in empty directories of thei
 stage brings back, an input missing from the remote, resources no worker has, a worker that lacks
 archflow's dependencies. The smoke study on Dask and Ray: tests/flows/test_cluster.py."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from components.errors import ParamsError
 from flows import travel
-from flows.pipeline import check_address, pipeline, preflight
+from flows.pipeline import check_address, pipeline, plan_stages, preflight
 from tests.flows.clusters import dask_cluster, free_port
 from tests.flows.conftest import stage
 
@@ -138,6 +139,7 @@ def test_stages_on_dask_workers_leave_the_project_as_dvc_repro_would(shared, tmp
         for f in Path(dvc(root, "remote", "list").split()[1]).rglob("*"):
             if f.is_file():
                 f.unlink()
+        shutil.rmtree(tmp_path / "dask/archflow-work/dvc-cache")        # the workers' cache had it too
         with pytest.raises(Exception, match=r"its inputs out/root.txt are not in the DVC remote .*`dvc push out/root.txt`"):
             pipeline(["late"], task_runner="dask", address=address)
 
@@ -149,3 +151,12 @@ def test_stages_on_dask_workers_leave_the_project_as_dvc_repro_would(shared, tmp
         monkeypatch.setattr(travel, "REQUIRES", (*travel.REQUIRES, "no_such_package_here"))
         with pytest.raises(ParamsError, match=r"a worker \(.*\) lacks no_such_package_here: install archflow's"):
             pipeline(["late"], task_runner="dask", address=address)
+
+
+def test_a_dep_on_a_directory_of_outputs_is_pulled_not_refused(project):
+    """upcycle@ reads branches/<parent>, the directory of its branches' outputs."""
+    project("  a:\n    cmd: python stage.py a out/d/a.txt 0 ok\n    deps:\n      - stage.py\n    outs:\n      - out/d/a.txt\n"
+            "  b:\n    cmd: python stage.py b out/b.txt 0 ok\n    deps:\n      - out/d\n    outs:\n      - out/b.txt\n")
+    plan = plan_stages([])
+    assert plan.inputs == {"a": [], "b": ["out/d/a.txt"]}
+    assert plan.sources == {"stage.py"}
