@@ -160,3 +160,16 @@ def test_a_dep_on_a_directory_of_outputs_is_pulled_not_refused(project):
     plan = plan_stages([])
     assert plan.inputs == {"a": [], "b": ["out/d/a.txt"]}
     assert plan.sources == {"stage.py"}
+
+
+def test_a_stage_that_needs_a_gpu_is_tagged_for_a_prefect_concurrency_limit(project):
+    """The thread runner's way to queue GPU stages: `prefect concurrency-limit create gpu 1`."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    root = project(stage("gpustage") + stage("cpustage"))
+    (root / "params.yaml").write_text((root / "params.yaml").read_text() + "resources:\n  gpustage: {gpus: 1}\n")
+    assert pipeline() == {"gpustage": "ran", "cpustage": "ran"}
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["gpustage", "cpustage"])))
+    assert {r.name: r.tags for r in runs} == {"gpustage": ["gpu"], "cpustage": []}
