@@ -337,18 +337,14 @@ def tiny(args, api: str, mlflow: str, tmp: Path) -> None:
         print(f"| {kind} | {med([r['wall'] for r in rs]):.1f} | {med([r['before_stages'] for r in rs]):.1f} | "
               f"{med([r['stages_span'] for r in rs]):.1f} | {med([r['after_stages'] for r in rs]):.1f} | "
               f"{med([r['probe'] for r in rs]):.1f} | {med([r['pull_here'] for r in rs]):.1f} |")
-    print("\nper stage, median over stages and rounds (seconds):\n")
-    print("| runner | " + " | ".join(COLUMNS) + " |")
-    print("|---|" + "---:|" * len(COLUMNS))
-    for kind, rs in results.items():
-        cells = [med([s.get(c, 0.0) for r in rs for s in r["stages"].values()]) for c in COLUMNS]
-        print(f"| {kind} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
-    print("\nper stage, max over stages and rounds (the first stage on a cold worker, mostly):\n")
-    print("| runner | " + " | ".join(COLUMNS) + " |")
-    print("|---|" + "---:|" * len(COLUMNS))
-    for kind, rs in results.items():
-        cells = [max([s.get(c, 0.0) for r in rs for s in r["stages"].values()]) for c in COLUMNS]
-        print(f"| {kind} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    for title, stat in (("median over stages and rounds (seconds)", med),
+                        ("max over stages and rounds (the first stage on a cold worker, mostly)", max)):
+        print(f"\nper stage, {title}:\n")
+        print("| runner | " + " | ".join(COLUMNS) + " |")
+        print("|---|" + "---:|" * len(COLUMNS))
+        for kind, rs in results.items():
+            cells = [stat([s.get(c, 0.0) for r in rs for s in r["stages"].values()]) for c in COLUMNS]
+            print(f"| {kind} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
     walls = [d["wall"] - t["wall"] for t, d in zip(results["thread"], results["dask"])]
     per_stage = med(walls) / args.stages
     print(f"\ndask - thread flow wall: median {med(walls):.1f} s, {per_stage:.2f} s a stage "
