@@ -33,10 +33,17 @@ SLURM_VARS = ("SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_PROCID", "SLURM_NO
 
 @pytest.fixture(autouse=True)
 def _no_launcher(monkeypatch):
-    """Whatever launched pytest (a CI job under SLURM, say): these tests set the variables themselves."""
+    """Whatever launched pytest (a CI job under SLURM, say): these tests set the variables themselves.
+    The environment is restored whole afterwards: Lightning's cluster environments write MASTER_ADDR and
+    MASTER_PORT into os.environ themselves (SLURM's: node7), which a later DDP test's ranks would inherit
+    and hang on."""
+    saved = dict(os.environ)
     for var in (*TORCHRUN_VARS, *SLURM_VARS, "NODE_RANK"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(rank_zero_only, "rank", 0)      # restored after: a Trainer below may not touch it
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def nodes_params(root: Path, num_nodes: int, devices: int, **kw) -> None:
