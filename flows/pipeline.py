@@ -325,8 +325,8 @@ class Away:
                               f"{tracking.tracking_uri()}: start a tracking server (`mlflow server --host 0.0.0.0 "
                               "--backend-store-uri sqlite:///mlflow.db`) and export MLFLOW_TRACKING_URI=http://<host>:5000, "
                               "or set `tracking: {required: false}` in params.yaml to run without tracking")
-        away.files()                                       # nothing too large to send
-        tracked = set(git("ls-files", "-z").split("\0")) | set(away.files())
+        sent = away.files()                                # nothing too large to send
+        tracked = set(git("ls-files", "-z").split("\0")) | set(sent)
         unseen = sorted(src for src in plan.sources
                         if src not in tracked and not any(t.startswith(src.rstrip("/") + "/") for t in tracked))
         if unseen:
