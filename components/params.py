@@ -295,7 +295,9 @@ class ImportParams(Strict):
 
 
 class EvaluateParams(Strict):
-    max_tokens: int = Field(65536, ge=1)   # validation tokens scored (non-overlapping windows; at most all of them)
+    # null: every validation window is scored. A number scores only the windows within the first max_tokens
+    # tokens of each split (in file order, so some files weigh more than others): a quick look, not a score
+    max_tokens: Optional[int] = Field(None, ge=1)
     batch_size: int = Field(8, ge=1, le=MAX_BATCH)
     prompt_tokens: int = Field(64, ge=1)   # prefill length for the speed measurement (+ decode_tokens <= block_size)
     decode_tokens: int = Field(32, ge=1)
