@@ -8,8 +8,8 @@ training or distillation from the source (max_steps 0: none, the before-recovery
 Writes models/<name>/ (model.safetensors, config.json, meta.json; for all but int8, even with
 max_steps 0, curve.csv: a step-0 row for the compressed model, then the recovery's rows), then
 metrics/train/<name>.json (the transform's and the recovery's time). meta.json records the
-method's settings and the validation loss of the source, of the compressed model, and after
-recovery.
+method's settings, the validation loss of the source, of the compressed model, and after
+recovery, and the FLOPs (components/flops.py; a distilled recovery pays the source's forwards).
 Calibration batches (importance scores, the searches) come from the training split, drawn with
 seed + 1. Resumable and DDP-safe like pretrain: only global rank 0 writes outputs or talks to MLflow.
 """
@@ -31,6 +31,7 @@ from components.data import StepBatches, load_tokens
 from components.distill import LitDistill
 from components.errors import ParamsError, cli
 from components.files import write_atomic
+from components.flops import flops_meta, inherited_flops
 from components.lit import LitLM, LMDataModule, TrainingCurve, fit, global_rank0
 from components.params import AttentionDrop, FfnFusion, Identity, Int8, Prune, Recovery, load_study
 from components.quant import int8_path
@@ -115,10 +116,12 @@ def main(argv: list[str]) -> None:
 
         # 3. Outputs first (DVC's), then MLflow mirrors them; the checkpoint goes last.
         tokens = train.max_steps * train.batch_size * block_size
+        teacher = source if getattr(entry, "recover", None) == "distill" else None    # its forwards count
         meta = {"stage": "compress", "method": entry.method, "parents": [entry.source],
                 "data_sha256": data_meta["sha256"], "params_hash": params_hash,
                 "tokens_seen": src_meta["tokens_seen"] + tokens, "steps": train.max_steps,
-                "params": model.num_params(), "source_params": source.num_params(), **settings}
+                "params": model.num_params(), "source_params": source.num_params(), **settings,
+                **flops_meta(model, tokens, inherited_flops([src_meta]), teacher)}
         out = study.model_dir(args.name)
         save_model_dir(out, model, meta, {"curve.csv": curve.csv()} if curve.rows else {})
         write_atomic(study.train_metrics(args.name), dumps(curve.timing() | {"compress_seconds": compress_seconds}))

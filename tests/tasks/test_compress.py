@@ -1,5 +1,5 @@
 """compress@<name> on a tiny corpus with a tiny source saved by save_model_dir: each method's outputs,
-lineage and settings, pinned first recovery losses, the identity control on the same batches,
+lineage, settings and FLOPs, pinned first recovery losses, the identity control on the same batches,
 evaluation through tasks/evaluate.py, and each bad input stopped before compute.
 
     .venv/bin/python -m pytest tests/tasks/test_compress.py -q
@@ -15,6 +15,7 @@ from components.artifacts import load_model_dir, save_model_dir
 from components.config import ModelConfig
 from components.model import TransformerLM
 from components.errors import ParamsError
+from components.flops import forward_flops_per_token, training_flops_per_token
 from components.params import load_study
 from tasks import compress, evaluate, prepare
 from tests.tasks.tiny_corpus import write_corpus
@@ -64,8 +65,11 @@ def save_source(root, name="serial", block="serial"):
     data_sha = json.loads((root / "data/prepared/meta.json").read_text())["sha256"]
     save_model_dir(root / "models" / name, model,
                    {"stage": "pretrain", "parents": [], "data_sha256": data_sha, "params_hash": "s" * 16,
-                    "tokens_seen": 1000, "steps": 1, "params": model.num_params()})
+                    "tokens_seen": 1000, "steps": 1, "params": model.num_params(), "total_train_flops": SOURCE_FLOPS})
     return model
+
+
+SOURCE_FLOPS = 10**9         # the source's lineage, as its meta.json says
 
 
 @pytest.fixture
@@ -91,6 +95,7 @@ def test_int8_is_small_loads_alone_and_evaluates(project):
     compress.main(["q8-lin"])
     m = meta(project, "q8")
     assert (m["stage"], m["method"], m["parents"], m["steps"], m["tokens_seen"]) == ("compress", "int8", ["serial"], 0, 1000)
+    assert (m["train_flops"], m["total_train_flops"]) == (0, SOURCE_FLOPS)
     assert m["int8_path"] in ("int8_mm", "dequant") and m["embeddings"] is True
     # Measured on torch 2.13 CPU: |delta val_loss| 1.3e-3 (q8), 1.5e-3 (q8-lin); 15 levels instead of 127 give
     # 1.2e-2. (This source's logits are near uniform, so the loss moves little: the int8 error is pinned
@@ -118,6 +123,9 @@ def test_prune_recovers_by_training_with_pinned_losses(project):
     assert m["params"] < m["source_params"] and m["fraction"] == 0.5 and m["criterion"] == "taylor"
     assert m["steps"] == 3 and m["tokens_seen"] == 1000 + 3 * 8 * 32 and m["recover"] == "train"
     model, _ = load_model_dir(project / "models/pruned")
+    assert m["flops_per_token"] == training_flops_per_token(model)
+    assert m["train_flops"] == 3 * 8 * 32 * m["flops_per_token"]
+    assert m["total_train_flops"] == SOURCE_FLOPS + m["train_flops"]
     curve = pd.read_csv(project / "models/pruned/curve.csv")
     assert list(curve["step"]) == [0, 1, 2, 3] and curve["val_loss"].iloc[0] == pytest.approx(m["val_loss_compressed"])
     # Pinned on torch 2.13 CPU: a change means the scores, the pruning, the data order or the optimizer changed.
@@ -133,6 +141,8 @@ def test_prune_recovers_by_distillation(project):
     assert m["recover"] == "distill" and m["criterion"] == "wanda" and m["steps"] == 2
     curve = pd.read_csv(project / "models/pruned-kd/curve.csv")
     assert curve["train_loss"].iloc[1:].tolist() == pytest.approx([5.65994, 5.59209], abs=1e-3)
+    src, _ = load_model_dir(project / "models/serial")                 # each step also runs the source forward
+    assert m["train_flops"] == 2 * 8 * 32 * (m["flops_per_token"] + forward_flops_per_token(src))
     evaluate.main(["pruned-kd"])
 
 
@@ -143,6 +153,7 @@ def test_identity_is_the_recovery_alone(project):
     src, _ = load_model_dir(project / "models/serial")
     assert (m["method"], m["recover"], m["steps"], m["params"]) == ("identity", "distill", 2, src.num_params())
     assert m["val_loss_compressed"] == m["val_loss_source"]
+    assert m["train_flops"] == 2 * 8 * 32 * (training_flops_per_token(src) + forward_flops_per_token(src))
     curve = pd.read_csv(project / "models/control-kd/curve.csv")
     assert list(curve["step"]) == [0, 1, 2]
     # Pinned on torch 2.13 CPU (train_loss: the LM loss). alpha 1.0 is KD alone, and its KL to the source is 0 at
@@ -165,7 +176,7 @@ def test_prune_by_nothing_is_the_source(project):
 def test_attention_drop_explicit_and_searched(project):
     compress.main(["dropped"])
     m = meta(project, "dropped")
-    assert m["layers"] == [1, 2] and m["searched"] == [] and m["steps"] == 0
+    assert m["layers"] == [1, 2] and m["searched"] == [] and m["steps"] == 0 and m["train_flops"] == 0
     model, _ = load_model_dir(project / "models/dropped")
     assert model.cfg.n_layer == 3 and model.cfg.layer_n_head == [4, 0, 0]
     assert m["val_loss_compressed"] == pd.read_csv(project / "models/dropped/curve.csv")["val_loss"].iloc[0]
@@ -187,6 +198,7 @@ def test_ffn_fusion_of_dropped_layers_explicit_and_searched(project):
     m = meta(project, "fused-auto")
     assert m["runs"] == [[1, 2]] and m["depth_removed"] == 1 and len(m["searched"]) == 1
     assert m["calib_loss_increase"] == pytest.approx(m["searched"][0]["loss_increase"], abs=1e-5)
+    assert m["total_train_flops"] == meta(project, "dropped")["total_train_flops"] == SOURCE_FLOPS
 
 
 def test_block_parallel_keeps_attention_and_evaluates(project):
@@ -196,6 +208,7 @@ def test_block_parallel_keeps_attention_and_evaluates(project):
     model, _ = load_model_dir(project / "models/blocks")
     src, _ = load_model_dir(project / "models/serial")
     assert model.cfg.parallel_runs == [[1, 2]] and model.num_params() == m["source_params"] == src.num_params()
+    assert m["flops_per_token"] == training_flops_per_token(src)  # the same blocks, side by side
     evaluate.main(["blocks"])
 
 
