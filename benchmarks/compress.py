@@ -1,6 +1,6 @@
 """Compression against its fp32 source: size, batch-1 prefill/decode tokens/s and validation loss of
-int8 (both compute paths, eager and torch.compile), pruned (30%, 50%) and FFN-fused models, the
-last two before and after a short recovery by distillation from the source.
+int8 (both compute paths, eager and torch.compile), pruned (30%, 50%), attention-dropped and FFN-fused
+models, the last three before and after a short recovery by distillation from the source.
 
     python -m benchmarks.compress                  # source models/serial, data data/prepared (default study)
     python -m benchmarks.compress --quick          # a random 2-layer model on random tokens: checks it runs
@@ -23,7 +23,8 @@ import torch
 
 from components import quant
 from components.artifacts import load_model_dir, save_model_dir
-from components.compress import fuse_ffns, importance, keep_by_score, prune, quantize, search_runs
+from components.compress import (drop_attention, fuse_ffns, importance, keep_by_score, prune, quantize, search_drops,
+                                  search_runs)
 from components.config import ModelConfig
 from components.data import StepBatches, eval_offsets, load_tokens, window_batch
 from components.distill import kd_loss
@@ -148,16 +149,20 @@ def main():
         pruned = prune(src, *keep_by_score(importance(src, "taylor", calib), fraction))
         rows[f"prune-{fraction:.0%}"] = {"loss_before": val_loss(pruned, val, args.val_windows)}
         models[f"prune-{fraction:.0%}"] = recover(pruned, src, batches, args.recover_steps, args.lr)
-    runs, _ = search_runs(src, calib, args.max_loss_increase)
-    fused = fuse_ffns(src, runs)
+    layers, _ = search_drops(src, calib, args.max_loss_increase)     # attention removal, then fusion of the
+    dropped = drop_attention(src, layers)                               # FFN-only runs it leaves (the paper's order)
+    runs, _ = search_runs(dropped, calib, args.max_loss_increase)
+    fused = fuse_ffns(dropped, runs)
+    rows["attention_drop"] = {"loss_before": val_loss(dropped, val, args.val_windows), "layers": layers}
     rows["ffn_fusion"] = {"loss_before": val_loss(fused, val, args.val_windows), "runs": runs,
                           "depth_removed": src.cfg.n_layer - fused.cfg.n_layer}
+    models["attention_drop"] = recover(dropped, src, batches, args.recover_steps, args.lr)
     models["ffn_fusion"] = recover(fused, src, batches, args.recover_steps, args.lr)
 
     contenders = [Contender("fp32", src), Contender("int8 int8_mm", models["int8"], "int8_mm"),
                   Contender("int8 dequant", models["int8"], "dequant"),
                   Contender("int8-linears dequant", models["int8-linears"], "dequant")]
-    contenders += [Contender(n, models[n]) for n in models if n.startswith(("prune", "ffn"))]
+    contenders += [Contender(n, models[n]) for n in models if n.startswith(("prune", "attention", "ffn"))]
     if not args.no_compile:
         contenders += [Contender("fp32 compiled", src, compiled=True),
                        Contender("int8 int8_mm compiled", models["int8"], "int8_mm", compiled=True),
@@ -173,8 +178,9 @@ def report(args, src, models, rows, seconds, base_loss, val):
           f"{fp32_size:,} bytes, val loss {base_loss:.4f}; threads={torch.get_num_threads()}, "
           f"rounds={args.rounds}, prompt {args.prompt_tokens}, decode {args.decode_tokens}, "
           f"recovery {args.recover_steps} KD steps")
+    print(f"attention_drop layers {rows['attention_drop']['layers']}")
     if "ffn_fusion" in rows:
-        print(f"ffn_fusion runs {rows['ffn_fusion']['runs']}: sequential depth -{rows['ffn_fusion']['depth_removed']} "
+        print(f"ffn_fusion (of attention_drop) runs {rows['ffn_fusion']['runs']}: sequential depth -{rows['ffn_fusion']['depth_removed']} "
               f"of {src.cfg.n_layer} layers")
     print("| model | params | size x fp32 | prefill tok/s | prefill x fp32 | decode tok/s | decode x fp32 "
           "| Δloss before recovery | Δloss after |")

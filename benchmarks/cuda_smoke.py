@@ -91,9 +91,10 @@ report["pruned_params"] = [dense.num_params(), pruned.num_params()]
 print("pruned widths", pruned.cfg.layer_n_head, pruned.cfg.layer_n_kv_head, pruned.cfg.layer_d_ff, flush=True)
 fit("prune-recover", LitDistill(pruned, copy.deepcopy(dense).to(DEV), TrainParams()), 20)
 
-# FFN fusion search on the GPU, then int8 inference on the GPU
-runs, searched = compress.search_runs(dense.to(DEV), calib, 0.5)
-fused = compress.fuse_ffns(dense.to(DEV), runs)
+# attention removal and FFN fusion searches on the GPU, then int8 inference on the GPU
+dropped = compress.drop_attention(dense.to(DEV), compress.search_drops(dense.to(DEV), calib, 0.5)[0])
+runs, searched = compress.search_runs(dropped, calib, 0.5)
+fused = compress.fuse_ffns(dropped, runs)
 report["fusion_runs"] = [list(r) for r in runs]
 q = compress.quantize(dense, True).to(DEV)
 with torch.no_grad():

@@ -1,11 +1,14 @@
-"""Compression transforms (docs/methods.md: ffn-fusion, pruning, int8): int8 weights, structured pruning of attention
-KV groups and FFN channels, and FFN Fusion. Pure functions of a model (and calibration batches);
-each returns a new TransformerLM whose config describes it, so `save_model_dir` / `load_model_dir`
-need nothing else. The compress@ stage (tasks/compress.py) runs them and trains afterwards; which
-models each method takes is checked in components/params.py (compress_shape_problems).
+"""Compression transforms (docs/methods.md: attention-drop, ffn-fusion, pruning, int8): int8 weights,
+structured pruning of attention KV groups and FFN channels, attention removal and FFN Fusion. Pure
+functions of a model (and calibration batches); each returns a new TransformerLM whose config
+describes it, so `save_model_dir` / `load_model_dir` need nothing else. The compress@ stage
+(tasks/compress.py) runs them and trains afterwards; which models each method takes is checked in
+components/params.py (compress_shape_problems, fusion_run_problems).
 
     small = prune(model, *keep_by_score(importance(model, "taylor", batches), fraction=0.3))
-    fused = fuse_ffns(model, [(1, 2)])          # layers 1..2: attention dropped, one wide FFN
+    ffn_only = drop_attention(model, [1, 2])     # layers 1, 2: FFN-only, still one after the other
+    fused = fuse_ffns(ffn_only, [(1, 2)])        # then one wide FFN layer: x + f1(x) + f2(x)
+    side_by_side = parallel_blocks(model, [(1, 2)])   # whole layers 1, 2 read the same input
     q8 = quantize(model, embeddings=True)
 
 Pruning units, per layer i: a KV group g (its n_head/n_kv_head query heads, its key and value
@@ -24,7 +27,7 @@ import torch.nn as nn
 
 from components.config import ModelConfig
 from components.lit import lm_loss
-from components.model import FUSED_NAMES, TransformerLM, fused_split
+from components.model import FUSED_NAMES, TransformerLM, ffn_in_dim, fused_split
 from components.quant import quantize_int8_
 
 CRITERIA = ("magnitude", "wanda", "taylor")
@@ -191,16 +194,75 @@ def keep_top(scores: list[torch.Tensor], fraction: float) -> list[list[int]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# attention removal
+
+
+def drop_attention(model: TransformerLM, layers: list[int]) -> TransformerLM:
+    """Attention removal (docs/methods.md#attention-drop): each layer of `layers` loses its attention
+    sublayer (projections and output bias) and becomes an FFN-only layer, x + FFN(norm(x)), with its own
+    FFN and the norm that fed it; the stack stays sequential. Dropping none gives back the same model."""
+    cfg, sd = model.cfg, model.state_dict()
+    assert all(0 <= i < cfg.n_layer and cfg.layer_widths(i)[0] for i in layers), \
+        "no such layer, or one without attention (attention_layer_problems)"
+    out = {k: v for k, v in sd.items() if not k.startswith("blocks.")}
+    widths = []
+    for i in range(cfg.n_layer):
+        if i in layers:
+            out |= ffn_only_state(cfg, sd, i)
+            widths.append((0, 0, cfg.layer_widths(i)[2]))
+        else:
+            out |= {k: v for k, v in sd.items() if k.startswith(f"blocks.{i}.")}
+            widths.append(cfg.layer_widths(i))
+    return rebuild(model, out, widths)
+
+
+def ffn_only_state(cfg: ModelConfig, sd: dict, i: int) -> dict:
+    """Layer i's FFN and the norm in front of it, under an FFN-only layer's names (ln, mlp.fc, mlp.proj)."""
+    names, d_ff, new = layer_linears(cfg, i), cfg.layer_widths(i)[2], f"blocks.{i}."
+    rows = slice(names["fc_offset"], names["fc_offset"] + ffn_in_dim(cfg, d_ff))   # a fused w_in: its FFN rows
+    out = {}
+    for leaf in ("weight", "bias"):
+        for module, part, index in (("ln", names["norm"], slice(None)), ("mlp.fc", names["fc"], rows),
+                                    ("mlp.proj", names["proj"], slice(None))):
+            if f"{part}.{leaf}" in sd:
+                out[f"{new}{module}.{leaf}"] = sd[f"{part}.{leaf}"][index]
+    return out
+
+
+def search_drops(model: TransformerLM, batches: list[Batch], max_loss_increase: float) -> tuple[list, list[dict]]:
+    """Greedy attention removal on calibration batches: repeatedly drop the attention whose removal (with
+    those already dropped) raises the loss least, while the loss stays within max_loss_increase of the
+    source's. Returns (layers, every candidate measured: {layers, loss_increase})."""
+    base, chosen, measured = mean_loss(model, batches), [], []
+    while True:
+        best = None
+        for i in range(model.cfg.n_layer):
+            if i in chosen or not model.cfg.layer_widths(i)[0]:
+                continue
+            layers = sorted(chosen + [i])
+            increase = mean_loss(drop_attention(model, layers), batches) - base
+            measured.append({"layers": layers, "loss_increase": round(increase, 6)})
+            if increase <= max_loss_increase and (best is None or increase < best[1]):
+                best = (i, increase)
+        if best is None:
+            return chosen, measured
+        chosen = sorted(chosen + [best[0]])
+
+
+# ---------------------------------------------------------------------------------------------
 # FFN Fusion
 
 
 def fuse_ffns(model: TransformerLM, runs: list[tuple[int, int]]) -> TransformerLM:
-    """FFN Fusion (docs/methods.md#ffn-fusion): each run [a, b] of layers becomes one FFN-only layer computing
-    x + sum_j FFN_j(norm_j(x)), j = a..b: their attention is dropped, and one wide FFN holds the
-    concatenated FFNs, each norm's gain (and LayerNorm bias) folded into its rows, under one norm
-    with unit gain. Exact with respect to that parallel formulation."""
+    """FFN Fusion (docs/methods.md#ffn-fusion): each run [a, b] of consecutive FFN-only layers (what
+    drop_attention leaves) becomes one FFN-only layer computing x + sum_j FFN_j(norm_j(x)), j = a..b:
+    one wide FFN holds the concatenated FFNs, each norm's gain (and LayerNorm bias) folded into its
+    rows, under one norm with unit gain. Exact with respect to that parallel formulation; the
+    approximation is dropping the sequential dependency."""
     cfg, sd = model.cfg, model.state_dict()
     assert not cfg.norm_bias, "a layernorm shift without FFN biases cannot be folded (compress_shape_problems)"
+    assert not any(cfg.layer_widths(j)[0] for a, b in runs for j in range(a, b + 1)), \
+        "a run with attention (fusion_run_problems): drop_attention first, or parallel_blocks"
     starts = {a: b for a, b in runs}
     out = {k: v for k, v in sd.items() if not k.startswith("blocks.")}
     widths, i = [], 0
@@ -244,25 +306,40 @@ def fused_ffn_state(cfg: ModelConfig, sd: dict, layers: range, prefix: str) -> d
     return out
 
 
+def parallel_blocks(model: TransformerLM, runs: list[tuple[int, int]]) -> TransformerLM:
+    """FFN Fusion's block parallelism (docs/methods.md#ffn-fusion): each run [a, b] of whole layers,
+    attention kept, computes x + sum_j (block_j(x) - x), j = a..b: every layer of the run reads the
+    run's input. The weights are the source's; only the config's parallel_runs changes."""
+    new = TransformerLM(replace(model.cfg, parallel_runs=[list(r) for r in runs])).to(next(model.parameters()).device)
+    new.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+    return new.eval()
+
+
+FUSIONS = {"ffn": fuse_ffns, "block-parallel": parallel_blocks}     # FfnFusion.mode -> its transform
+
+
 @torch.no_grad()
 def mean_loss(model: TransformerLM, batches: list[Batch]) -> float:
     return sum(lm_loss(model(x), y).item() for x, y in batches) / len(batches)
 
 
-def search_runs(model: TransformerLM, batches: list[Batch], max_loss_increase: float) -> tuple[list, list[dict]]:
+def search_runs(model: TransformerLM, batches: list[Batch], max_loss_increase: float,
+                mode: str = "ffn") -> tuple[list, list[dict]]:
     """Greedy FFN Fusion search on calibration batches: repeatedly add the run that removes the most
     layers (then: the smallest loss increase) while the loss stays within max_loss_increase of the
-    source's. Returns (runs, every candidate measured: {runs, loss_increase})."""
+    source's. Mode ffn tries runs of FFN-only layers only; block-parallel, any run. Returns (runs, every
+    candidate measured: {runs, loss_increase})."""
     base, chosen, measured = mean_loss(model, batches), [], []
+    fusable = [mode != "ffn" or not model.cfg.layer_widths(i)[0] for i in range(model.cfg.n_layer)]
     while True:
         used = {j for a, b in chosen for j in range(a, b + 1)}
         best = None
         for a in range(model.cfg.n_layer):
             for b in range(a + 1, model.cfg.n_layer):
-                if used & set(range(a, b + 1)):
+                if used & set(range(a, b + 1)) or not all(fusable[a:b + 1]):
                     continue
                 runs = sorted(chosen + [(a, b)])
-                increase = mean_loss(fuse_ffns(model, runs), batches) - base
+                increase = mean_loss(FUSIONS[mode](model, runs), batches) - base
                 measured.append({"runs": [list(r) for r in runs], "loss_increase": round(increase, 6)})
                 if increase <= max_loss_increase and (best is None or (a - b, increase) < (best[0] - best[1], best[2])):
                     best = (a, b, increase)

@@ -80,10 +80,13 @@ class ModelConfig:
     d_state: int = 16             # hybrid: SSM state size per head
     # Written by compress@ (not set in params.yaml): per-layer widths of pruned or fused models
     # (empty = every layer n_head/n_kv_head/d_ff wide; a layer with 0 heads is an FFN-only layer),
-    # and int8 weights ("" = float; quant_embeddings: the embedding and LM head are int8 too).
+    # block-parallel runs [first, last] of layers that all read the run's input, x + sum_j (block_j(x) - x)
+    # (FFN Fusion's block parallelism, docs/methods.md#ffn-fusion), and int8 weights ("" = float;
+    # quant_embeddings: the embedding and LM head are int8 too).
     layer_n_head: list[int] = field(default_factory=list)
     layer_n_kv_head: list[int] = field(default_factory=list)
     layer_d_ff: list[int] = field(default_factory=list)
+    parallel_runs: list[list[int]] = field(default_factory=list)
     quant: str = ""
     quant_embeddings: bool = False
 
@@ -214,6 +217,10 @@ class ModelConfig:
             p.append(f"quant={self.quant!r} is unknown: use '' (float) or 'int8'")
         if self.quant_embeddings and self.quant != "int8":
             p.append("quant_embeddings is only read with quant: int8")
+        if self.parallel_runs and (self.block == "par" or self.n_loop != 1 or self.dwa):
+            p.append(f"parallel_runs need a stack of layers run once (not block par, n_loop or dwa), got "
+                     f"block={self.block}, n_loop={self.n_loop}, dwa={self.dwa}")
+        p += run_problems(self.n_layer, self.parallel_runs, "parallel_runs")
         if not any(lists):
             return p
         if any(len(widths) != self.n_layer for widths in lists):
@@ -252,6 +259,22 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config keys {unknown}: known keys are {sorted(known)}")
         return cls(**d)
+
+
+def run_problems(n_layer: int | None, runs: list[list[int]], name: str) -> list[str]:
+    """Each run [first, last] names two or more consecutive existing layers; runs are disjoint
+    (n_layer None: the depth is not known yet). `name`: the field or option that holds them."""
+    p, used = [], set()
+    last = n_layer - 1 if n_layer is not None else None
+    for run in runs:
+        if len(run) != 2 or not 0 <= run[0] < run[1] or (last is not None and run[1] > last):
+            p.append(f"{name}: {run} is not a run of the layers: a run is [first, last] with 0 <= first < last"
+                     + (f" <= {last} (n_layer={n_layer})" if last is not None else "") + ", e.g. [0, 1]")
+        elif used & set(range(run[0], run[1] + 1)):
+            p.append(f"{name}: {run} overlaps another run: give disjoint runs, e.g. [0, 1] and [2, 3]")
+        else:
+            used |= set(range(run[0], run[1] + 1))
+    return p
 
 
 def par_layout(n_layer: int) -> str:

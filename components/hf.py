@@ -181,7 +181,9 @@ def archflow_problems(cfg: ModelConfig) -> list[str]:
     if cfg.block in ("par", "one-wide-ffn", "hybrid"):
         p.append(f"block={cfg.block!r} has no Hugging Face equivalent")
     for name, why in (("dwa", "DenseFormer's depth-weighted averaging"), ("n_expert", "an MoE FFN"),
-                      ("n_attn_expert", "a mixture of attention"), ("layer_d_ff", "per-layer widths (pruned)")):
+                      ("n_attn_expert", "a mixture of attention"),
+                      ("layer_d_ff", "per-layer widths (pruned, attention dropped or FFNs fused)"),
+                      ("parallel_runs", "block-parallel runs of layers (FFN Fusion)")):
         if getattr(cfg, name):
             p.append(f"{name}={getattr(cfg, name)!r}: {why} has no Hugging Face equivalent")
     if cfg.n_loop != 1:

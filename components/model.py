@@ -3,7 +3,8 @@
 Blocks: serial (GPT-2/Llama), parallel (PaLM, one fused input matmul), parallel-unfused (GPT-J),
 parallel-2norm (GPT-NeoX), par (a layout of attention and FFN sublayers), one-wide-ffn (one FFN
 shared by every layer) and hybrid (attention heads and SSM heads side by side). Stacks: plain,
-looped (`n_loop`) and DenseFormer's depth-weighted averaging (`dwa`). LayerNorm or RMSNorm; GELU
+looped (`n_loop`), DenseFormer's depth-weighted averaging (`dwa`) and block-parallel runs
+(`parallel_runs`: the layers of a run all read its input, FFN Fusion). LayerNorm or RMSNorm; GELU
 or SwiGLU FFN; learned or rotary positions; MHA/GQA/MQA; a preallocated cache (keys/values, SSM
 state) for generation. The model returns logits; the loss lives in the training module.
 
@@ -690,6 +691,7 @@ class TransformerLM(nn.Module):
         self.shared_mlp = MLP(cfg) if cfg.block == "one-wide-ffn" else None
         self.blocks = nn.ModuleList(make_blocks(cfg, self.shared_mlp))
         n_apps = cfg.n_loop * len(self.blocks)
+        self.groups = application_groups(cfg, n_apps)
         self.dwa = DepthWeightedAverage(n_apps, cfg.dwa_dilation, cfg.dwa_period) if cfg.dwa else None
         self.norm_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -718,8 +720,10 @@ class TransformerLM(nn.Module):
         rope = (self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]) if self.cfg.pos == "rope" else None
         x = self.drop(x)
         xs = [x]                                            # DWA: X_0, X_1, ... (block outputs)
-        for a, block in enumerate(self.applications()):
-            x = block(x, rope, cache.slots[a] if cache is not None else None, pos)
+        apps = self.applications()
+        for group in self.groups:                           # a block-parallel run: each block reads the same x
+            ys = [apps[a](x, rope, cache.slots[a] if cache is not None else None, pos) for a in group]
+            x = ys[0] if len(ys) == 1 else x + sum(y - x for y in ys)   # x + sum_j (block_j(x) - x)
             if self.dwa is not None:
                 xs.append(x)
                 x = self.dwa(xs)
@@ -776,6 +780,17 @@ class TransformerLM(nn.Module):
         """Weights one token uses on its forward pass: an MoE layer counts top_k of its n_expert
         experts (router and shared expert included); soft MoA uses every expert. Dense: num_params."""
         return self.num_params() - sum(m.inactive_params() for m in self.modules() if hasattr(m, "inactive_params"))
+
+
+def application_groups(cfg: ModelConfig, n_apps: int) -> list[list[int]]:
+    """The block applications in the order they run, grouped: a block-parallel run [first, last]
+    (cfg.parallel_runs) is one group, every other application a group of its own."""
+    last_of = {first: last for first, last in cfg.parallel_runs}
+    groups, a = [], 0
+    while a < n_apps:
+        groups.append(list(range(a, last_of.get(a, a) + 1)))
+        a = groups[-1][-1] + 1
+    return groups
 
 
 def init_weights(module: nn.Module):

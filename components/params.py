@@ -17,7 +17,7 @@ from typing import Annotated, ClassVar, Literal, Optional, Union, get_args, get_
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from components.config import PER_LAYER_BLOCKS, ModelConfig, merge_preset, preset_problems
+from components.config import PER_LAYER_BLOCKS, ModelConfig, merge_preset, preset_problems, run_problems
 from components.errors import ParamsError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_-]{0,62}[A-Za-z0-9])?$")   # also a valid DVC artifact name
@@ -89,14 +89,14 @@ class DataParams(Strict):
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5)  # tail of each document held out for validation
 
 
-# Every ModelConfig field but vocab_size (which the tokenizer decides) and quant* (compress@ writes
-# them: an int8 model is not trained), each optional.
+# Every ModelConfig field but vocab_size (which the tokenizer decides), quant* and parallel_runs (compress@
+# writes them: an int8 model is not trained; block-parallel runs are ffn_fusion's), each optional.
 _MODEL_TYPES = get_type_hints(ModelConfig)
 ModelOverrides = create_model(
     "ModelOverrides", __base__=Strict,
     **{f.name: (Optional[WIDTHS] if f.name.startswith("layer_") else Optional[_MODEL_TYPES[f.name]],
                 Field(None, **MODEL_BOUNDS.get(f.name, {})))
-       for f in fields(ModelConfig) if f.name not in ("vocab_size", "quant", "quant_embeddings")},
+       for f in fields(ModelConfig) if f.name not in ("vocab_size", "quant", "quant_embeddings", "parallel_runs")},
 )
 # A variant: optionally `preset` (a name of config.PRESETS), and overrides of any model field.
 VariantParams = create_model("VariantParams", __base__=ModelOverrides, preset=(Optional[str], None))
@@ -221,9 +221,10 @@ class DistillParams(StageTrainParams):
     hidden_weight: float = Field(0.0, ge=0)  # + hidden_weight * (1 - cos) of the final normed hidden states
 
 
-# compress@<name>: a smaller or cheaper copy of `source` (docs/methods.md: ffn-fusion, pruning, int8), one class per
-# method as for upcycle. `verb` names what the method does to a model in messages; `needs_layers`:
-# it works layer by layer, so the source must be a stack of attention + FFN layers.
+# compress@<name>: a smaller or cheaper copy of `source` (docs/methods.md: attention-drop, ffn-fusion, pruning,
+# int8), or the same model (identity, the control), then recovery; one class per method as for upcycle.
+# `verb` names what the method does to a model in messages; `needs_layers`: it works layer by layer, so the
+# source must be a stack of attention + FFN layers.
 
 class Int8(Strict):
     """int8: every Linear's weights (with `embeddings`, the embedding and LM head's too) rounded to int8."""
@@ -240,10 +241,9 @@ class Int8(Strict):
 
 
 class Recovery(StageTrainParams):
-    """What prune and ffn_fusion share: a float source scored on calibration batches, then max_steps steps
-    of recovery (0: none)."""
+    """What every method but int8 shares: a float source, then max_steps steps of recovery (0: none, the
+    transformed model as it is: the before-recovery number)."""
     source: str                            # any model of the study
-    calib_batches: int = Field(4, ge=1, le=MAX_BATCH)   # training batches scored (prune: wanda, taylor; ffn_fusion: its search)
     recover: Literal["train", "distill"] = "distill"   # continued training, or KD from the source
     alpha: float = Field(0.5, ge=0, le=1)  # recover distill: loss = (1 - alpha) * CE + alpha * T^2 * KL
     temperature: float = Field(2.0, gt=0)
@@ -252,7 +252,20 @@ class Recovery(StageTrainParams):
         return compress_shape_problems(cfg, self.method) if cfg is not None else []
 
 
-class Prune(Recovery):
+class Identity(Recovery):
+    """identity: the source unchanged, then the recovery: the control for a method's recovery steps. Give it
+    the recover, max_steps, lr, min_lr, warmup_steps (alpha, temperature) of the entry it controls for."""
+    verb: ClassVar[str] = "train"
+    needs_layers: ClassVar[bool] = False
+    method: Literal["identity"]
+
+
+class Calibrated(Recovery):
+    """A method that scores the source on calibration batches (prune's importance, the searches)."""
+    calib_batches: int = Field(4, ge=1, le=MAX_BATCH)   # training batches scored (prune: wanda, taylor; the searches)
+
+
+class Prune(Calibrated):
     """prune: the least important KV groups and FFN channels of every layer removed."""
     verb: ClassVar[str] = "prune"
     needs_layers: ClassVar[bool] = True
@@ -262,19 +275,33 @@ class Prune(Recovery):
     criterion: Literal["magnitude", "wanda", "taylor"] = "taylor"   # |W| | |W|*||X|| | |W*dL/dW|, summed per unit
 
 
-class FfnFusion(Recovery):
-    """ffn_fusion: each run of consecutive layers becomes one layer whose FFN is theirs side by side."""
+class AttentionDrop(Calibrated):
+    """attention_drop: the attention sublayer of each of `layers` removed; they become FFN-only layers, in order."""
+    verb: ClassVar[str] = "drop the attention of"
+    needs_layers: ClassVar[bool] = True
+    method: Literal["attention_drop"]
+    layers: list[Annotated[int, Field(ge=0, le=MAX_LAYERS)]] = []   # layers to make FFN-only; [] = search
+    max_loss_increase: float = Field(0.1, ge=0)   # the search: calibration loss increase allowed (nats)
+
+    def source_problems(self, cfg: ModelConfig | None) -> list[str]:
+        return super().source_problems(cfg) or attention_layer_problems(cfg, self.layers)
+
+
+class FfnFusion(Calibrated):
+    """ffn_fusion: each run of consecutive FFN-only layers becomes one layer whose FFN is theirs side by side
+    (mode ffn), or each run of whole layers reads one input, outputs summed (mode block-parallel)."""
     verb: ClassVar[str] = "fuse"
     needs_layers: ClassVar[bool] = True
     method: Literal["ffn_fusion"]
+    mode: Literal["ffn", "block-parallel"] = "ffn"
     runs: list[list[Annotated[int, Field(ge=0, le=MAX_LAYERS)]]] = []   # [[first, last], ...] layers to fuse; [] = search
     max_loss_increase: float = Field(0.1, ge=0)   # the search: calibration loss increase allowed (nats)
 
     def source_problems(self, cfg: ModelConfig | None) -> list[str]:
-        return super().source_problems(cfg) + fusion_run_problems(cfg.n_layer if cfg is not None else None, self.runs)
+        return super().source_problems(cfg) or fusion_run_problems(cfg, self.runs, self.mode)
 
 
-CompressEntry = Annotated[Union[Int8, Prune, FfnFusion], Field(discriminator="method")]
+CompressEntry = Annotated[Union[Int8, Prune, FfnFusion, AttentionDrop, Identity], Field(discriminator="method")]
 
 
 class ImportParams(Strict):
@@ -932,6 +959,9 @@ def teacher_init_problems(teacher: ModelConfig | None, own: dict) -> list[str]:
     if teacher.dwa:
         p.append("init: the teacher's DenseFormer depth weights are sized by its depth and cannot be halved; "
                  "use init: scratch")
+    if getattr(teacher, "parallel_runs", []):
+        p.append("init: the teacher's block-parallel runs (parallel_runs) name its layers, which every other layer "
+                 "would not keep; use init: scratch, or distill from the model it was made from")
     if getattr(teacher, "quant", ""):
         p.append(f"init: the teacher's weights are {teacher.quant}: a student copied from them could not train; "
                  f"use init: scratch, or distill from the float model it was made from")
@@ -953,6 +983,9 @@ def compress_problems(study: Study) -> list[str]:
         where = f"compress.{name}"
         if isinstance(c, Recovery) and {"alpha", "temperature"} & c.model_fields_set and c.recover != "distill":
             p.append(f"{where}: alpha and temperature are only read with recover: distill")
+        if isinstance(c, Identity) and c.max_steps == 0:
+            p.append(f"{where}.max_steps: identity with max_steps 0 is a copy of its source '{c.source}': give it the "
+                     f"max_steps (and recover, lr, ...) of the entry whose recovery it controls for")
         source = study.compress.get(c.source)
         if isinstance(source, Int8):
             p.append(f"{where}.source: '{c.source}' is an int8 model: {c.verb} its float source "
@@ -974,6 +1007,9 @@ def compress_shape_problems(cfg: ModelConfig, method: str) -> list[str]:
     if method == "ffn_fusion" and cfg.norm_bias:
         return ["cannot fuse the FFNs of a norm_bias model (a Falcon import) exactly: each layernorm's shift "
                 "would become an FFN bias, which bias: false leaves out; prune it or quantise it instead"]
+    if method == "ffn_fusion" and cfg.parallel_runs:
+        return [f"cannot fuse a model whose layers already run in block-parallel runs {cfg.parallel_runs}: its layer "
+                f"numbers would shift; fuse every run in one ffn_fusion entry of its source"]
     why = ("its layers are not a stack of attention + FFN layers" if cfg.block not in PER_LAYER_BLOCKS else
            "its blocks run more than once (n_loop)" if cfg.n_loop != 1 else
            "its depth-weighted averages (dwa) are sized by the layers" if cfg.dwa else
@@ -984,20 +1020,36 @@ def compress_shape_problems(cfg: ModelConfig, method: str) -> list[str]:
             f"without n_loop, dwa or experts"] if why else []
 
 
-def fusion_run_problems(n_layer: int | None, runs: list[list[int]]) -> list[str]:
-    """Each run [first, last] names two or more consecutive existing layers; runs are disjoint
-    (n_layer None: the source's depth is not known yet)."""
-    p, used = [], set()
-    for run in runs:
-        last = n_layer - 1 if n_layer is not None else None
-        if len(run) != 2 or not 0 <= run[0] < run[1] or (last is not None and run[1] > last):
-            p.append(f"runs: {run} is not a run of the source's layers: a run is [first, last] with "
-                     f"0 <= first < last" + (f" <= {last} (n_layer={n_layer})" if last is not None else "")
-                     + ", e.g. [0, 1]")
-        elif used & set(range(run[0], run[1] + 1)):
-            p.append(f"runs: {run} overlaps another run: give disjoint runs, e.g. [0, 1] and [2, 3]")
-        else:
-            used |= set(range(run[0], run[1] + 1))
+def attention_layer_problems(cfg: ModelConfig | None, layers: list[int]) -> list[str]:
+    """attention_drop's `layers`: distinct layers of the source that have attention (cfg None: not known yet)."""
+    p = []
+    if len(set(layers)) < len(layers):
+        p.append(f"layers: {layers} names a layer twice: name each once")
+    if cfg is None:
+        return p
+    if missing := [i for i in layers if i >= cfg.n_layer]:
+        p.append(f"layers: {missing} are not layers of the source (n_layer={cfg.n_layer}): use 0 .. {cfg.n_layer - 1}")
+    elif none := [i for i in layers if not cfg.layer_widths(i)[0]]:
+        p.append(f"layers: {none} have no attention already: name layers that still have it")
+    if not layers and not any(cfg.layer_widths(i)[0] for i in range(cfg.n_layer)):
+        p.append("layers: [] searches for attention to drop, but the source has none left: use another source")
+    return p
+
+
+def fusion_run_problems(cfg: ModelConfig | None, runs: list[list[int]], mode: str) -> list[str]:
+    """Each run [first, last] names two or more consecutive existing layers; runs are disjoint; mode ffn
+    fuses FFN-only layers only (cfg None: the source is not known yet)."""
+    p = run_problems(cfg.n_layer if cfg is not None else None, runs, "runs")
+    if p or cfg is None or mode != "ffn":
+        return p
+    ffn_only = [not cfg.layer_widths(i)[0] for i in range(cfg.n_layer)]
+    if attention := [j for a, b in runs for j in range(a, b + 1) if not ffn_only[j]]:
+        p.append(f"runs: layers {attention} still have attention; mode ffn fuses FFN-only layers: make them FFN-only "
+                 f"first (source: an attention_drop entry of these layers), or set mode: block-parallel to run whole "
+                 f"layers side by side")
+    elif not runs and not any(ffn_only[i] and ffn_only[i + 1] for i in range(cfg.n_layer - 1)):
+        p.append("runs: [] searches runs of FFN-only layers, but the source has no two consecutive ones: fuse an "
+                 "attention_drop entry's model (source: it), or set mode: block-parallel")
     return p
 
 

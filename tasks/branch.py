@@ -23,6 +23,7 @@ from components.artifacts import PREPARED, dumps, load_input, prepared_meta, sav
 from components.data import load_tokens
 from components.errors import cli
 from components.files import write_atomic
+from components.flops import flops_meta, inherited_flops
 from components.lit import LitLM, LMDataModule, TrainingCurve, fit, global_rank0
 from components.params import load_study
 
@@ -65,7 +66,7 @@ def main(argv: list[str]) -> None:
         meta = {"stage": "branch", "entry": m["entry"], "seed": seed, "parents": [parent], "domain": entry.domain,
                 "data_sha256": data_meta["sha256"], "params_hash": params_hash,
                 "tokens_seen": parent_meta["tokens_seen"] + tokens, "steps": train.max_steps,
-                "params": lit.model.num_params()}
+                "params": lit.model.num_params(), **flops_meta(lit.model, tokens, inherited_flops([parent_meta]))}
         out = study.model_dir(args.name)
         save_model_dir(out, lit.model.cpu(), meta, {"curve.csv": curve.csv()})
         write_atomic(study.train_metrics(args.name), dumps(curve.timing()))

@@ -1,20 +1,22 @@
 """compress@<name>: a smaller or cheaper copy of any model of the study: int8 weights, structured
-pruning, or FFN Fusion (components/compress.py), then, for prune and ffn_fusion, `max_steps` steps of
-recovery: continued training or distillation from the source.
+pruning, attention removal or FFN Fusion (components/compress.py), or the model itself (identity: the
+control for the recovery); then, for every method but int8, `max_steps` steps of recovery: continued
+training or distillation from the source (max_steps 0: none, the before-recovery model).
 
     python -m tasks.compress serial-int8       # what `dvc repro compress@serial-int8` runs
 
-Writes models/<name>/ (model.safetensors, config.json, meta.json; for prune and ffn_fusion, even
-with max_steps 0, curve.csv: a step-0 row for the compressed model, then the recovery's rows), then
+Writes models/<name>/ (model.safetensors, config.json, meta.json; for all but int8, even with
+max_steps 0, curve.csv: a step-0 row for the compressed model, then the recovery's rows), then
 metrics/train/<name>.json (the transform's and the recovery's time). meta.json records the
-method's settings and the validation loss of the source, of the compressed model, and after
-recovery. Calibration batches (importance scores, fusion search) come from the
-training split, drawn with seed + 1. Resumable and DDP-safe like pretrain: only global rank 0 writes
-outputs or talks to MLflow.
+method's settings, the validation loss of the source, of the compressed model, and after
+recovery, and the FLOPs (components/flops.py; a distilled recovery pays the source's forwards).
+Calibration batches (importance scores, the searches) come from the training split, drawn with
+seed + 1. Resumable and DDP-safe like pretrain: only global rank 0 writes outputs or talks to MLflow.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 import time
 from pathlib import Path
@@ -23,13 +25,15 @@ import lightning.pytorch as L
 
 from components import tracking
 from components.artifacts import PREPARED, dumps, load_input, prepared_meta, save_model_dir, short_hash
-from components.compress import fuse_ffns, importance, keep_by_score, mean_loss, prune, quantize, search_runs
+from components.compress import (FUSIONS, drop_attention, importance, keep_by_score, mean_loss, prune, quantize,
+                                  search_drops, search_runs)
 from components.data import StepBatches, load_tokens
 from components.distill import LitDistill
 from components.errors import ParamsError, cli
 from components.files import write_atomic
+from components.flops import flops_meta, inherited_flops
 from components.lit import LitLM, LMDataModule, TrainingCurve, fit, global_rank0
-from components.params import FfnFusion, Int8, Prune, Recovery, load_study
+from components.params import AttentionDrop, FfnFusion, Identity, Int8, Prune, Recovery, load_study
 from components.quant import int8_path
 
 
@@ -44,14 +48,23 @@ def compress(entry, source, batches: StepBatches) -> tuple:
             return model, {"fraction": entry.fraction, "criterion": entry.criterion,
                            "layer_n_head": model.cfg.layer_n_head, "layer_n_kv_head": model.cfg.layer_n_kv_head,
                            "layer_d_ff": model.cfg.layer_d_ff}
+        case AttentionDrop():
+            calib = [batches[s] for s in range(entry.calib_batches)]
+            layers, searched = (sorted(entry.layers), []) if entry.layers else \
+                search_drops(source, calib, entry.max_loss_increase)
+            model = drop_attention(source, layers)
+            return model, {"layers": layers, "searched": searched,
+                           "calib_loss_increase": round(mean_loss(model, calib) - mean_loss(source, calib), 6)}
         case FfnFusion():
             calib = [batches[s] for s in range(entry.calib_batches)]
             runs, searched = ([tuple(r) for r in entry.runs], []) if entry.runs else \
-                search_runs(source, calib, entry.max_loss_increase)
-            model = fuse_ffns(source, runs)
-            return model, {"runs": [list(r) for r in runs], "searched": searched,
-                           "layers_removed": source.cfg.n_layer - model.cfg.n_layer,
+                search_runs(source, calib, entry.max_loss_increase, entry.mode)
+            model = FUSIONS[entry.mode](source, runs)
+            return model, {"mode": entry.mode, "runs": [list(r) for r in runs], "searched": searched,
+                           "depth_removed": sum(b - a for a, b in runs),   # sequential steps (mode ffn: layers)
                            "calib_loss_increase": round(mean_loss(model, calib) - mean_loss(source, calib), 6)}
+        case Identity():                         # a copy: recovery must not train the source, its teacher
+            return copy.deepcopy(source), {}
 
 
 def main(argv: list[str]) -> None:
@@ -103,10 +116,12 @@ def main(argv: list[str]) -> None:
 
         # 3. Outputs first (DVC's), then MLflow mirrors them; the checkpoint goes last.
         tokens = train.max_steps * train.batch_size * block_size
+        teacher = source if getattr(entry, "recover", None) == "distill" else None    # its forwards count
         meta = {"stage": "compress", "entry": name, "seed": seed, "method": entry.method, "parents": [source_name],
                 "data_sha256": data_meta["sha256"], "params_hash": params_hash,
                 "tokens_seen": src_meta["tokens_seen"] + tokens, "steps": train.max_steps,
-                "params": model.num_params(), "source_params": source.num_params(), **settings}
+                "params": model.num_params(), "source_params": source.num_params(), **settings,
+                **flops_meta(model, tokens, inherited_flops([src_meta]), teacher)}
         out = study.model_dir(args.name)
         save_model_dir(out, model, meta, {"curve.csv": curve.csv()} if curve.rows else {})
         write_atomic(study.train_metrics(args.name), dumps(curve.timing() | {"compress_seconds": compress_seconds}))

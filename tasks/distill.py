@@ -24,6 +24,7 @@ from components.data import load_tokens
 from components.distill import LitDistill, init_from_teacher, method_name
 from components.errors import ParamsError, cli
 from components.files import write_atomic
+from components.flops import flops_meta, inherited_flops
 from components.lit import LMDataModule, TrainingCurve, fit, global_rank0
 from components.model import TransformerLM
 from components.params import load_study, teacher_init_problems
@@ -80,7 +81,8 @@ def main(argv: list[str]) -> None:
                 "init": entry.init, "alpha": entry.alpha, "temperature": entry.temperature, "reverse": entry.reverse,
                 "hidden_weight": entry.hidden_weight, "data_sha256": data_meta["sha256"], "params_hash": params_hash,
                 "tokens_seen": inherited + tokens, "teacher_tokens_seen": teacher_meta["tokens_seen"],
-                "steps": train.max_steps, "params": student.num_params(), "teacher_params": teacher.num_params()}
+                "steps": train.max_steps, "params": student.num_params(), "teacher_params": teacher.num_params(),
+                **flops_meta(student, tokens, inherited_flops([teacher_meta]), teacher=teacher)}   # + teacher forwards
         out = study.model_dir(args.name)
         save_model_dir(out, lit.model.cpu(), meta, {"curve.csv": curve.csv()})
         write_atomic(study.train_metrics(args.name), dumps(curve.timing()))

@@ -30,6 +30,7 @@ from components import tracking
 from components.artifacts import dumps, prepared_meta, read_json, save_model_dir, short_hash, tied_head
 from components.errors import ParamsError, cli
 from components.files import write_atomic
+from components.flops import flops_meta
 from components.hf import FAMILIES, config_from_hf, state_from_hf, weights_problem
 from components.model import TransformerLM
 from components.params import load_study
@@ -168,11 +169,11 @@ def import_entry(name: str) -> None:
 
 
 def lineage(source: dict, cfg, model: TransformerLM) -> dict:
-    """meta.json: the lineage keys the stages read from an input; tokens_seen counts tokens trained in
-    archflow (the checkpoint's own pretraining is not in its config). No data_sha256: it was not
-    trained on the study's prepared data (input_problems checks its tokenizer instead)."""
+    """meta.json: the lineage keys the stages read from an input; tokens_seen and total_train_flops count
+    training in archflow: 0 (the checkpoint's own pretraining is not in its config; unknown). No data_sha256:
+    it was not trained on the study's prepared data (input_problems checks its tokenizer instead)."""
     return {"stage": "import", "method": "hf", "parents": [], "source": source, "params": model.num_params(),
-            "tokens_seen": 0, "steps": 0,
+            "tokens_seen": 0, "steps": 0, **flops_meta(model, 0, inherited=0),
             "params_hash": short_hash({"stage": "import", "source": source, "model": cfg.to_dict()})}
 
 

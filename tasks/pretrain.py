@@ -22,6 +22,7 @@ from components.artifacts import PREPARED, dumps, prepared_meta, save_model_dir,
 from components.data import load_tokens
 from components.errors import cli
 from components.files import write_atomic
+from components.flops import flops_meta
 from components.lit import LitLM, LMDataModule, TrainingCurve, check_launcher, fit, global_rank0
 from components.params import load_study
 
@@ -61,7 +62,7 @@ def main(argv: list[str]) -> None:
         tokens = train.max_steps * train.batch_size * cfg.block_size
         meta = {"stage": "pretrain", "variant": variant, "seed": seed, "parents": [], "data_sha256": data_meta["sha256"],
                 "params_hash": params_hash, "tokens_seen": tokens, "steps": train.max_steps,
-                "params": lit.model.num_params()}
+                "params": lit.model.num_params(), **flops_meta(lit.model, tokens, inherited=0)}
         out = study.model_dir(args.name)
         save_model_dir(out, lit.model.cpu(), meta, {"curve.csv": curve.csv()})
         write_atomic(study.train_metrics(args.name), dumps(curve.timing()))

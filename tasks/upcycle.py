@@ -27,6 +27,7 @@ from components.artifacts import (PREPARED, dumps, input_problems, load_model_di
 from components.data import load_tokens
 from components.errors import ParamsError, cli
 from components.files import write_atomic
+from components.flops import flops_meta, inherited_flops
 from components.lit import LitLM, LMDataModule, TrainingCurve, fit, global_rank0
 from components.model import TransformerLM
 from components.params import Bam, Btx, Continue, Sparse, StageTrainParams, load_study, upcycle_parent_problems
@@ -126,7 +127,8 @@ def transform(entry, sources: dict, experts: list[str], seed: int) -> Transforme
 
 
 def upcycle_meta(entry, parents, experts, sources, data_meta, params_hash, train, cfg, model) -> dict:
-    """meta.json: lineage, the tokens beyond the parent (its branches' and this stage's), sizes."""
+    """meta.json: lineage, the tokens beyond the parent (its branches' and this stage's), sizes, FLOPs
+    (the lineage's: the parent's, what each branch added, this stage's)."""
     tokens = train.max_steps * train.batch_size * cfg.block_size
     parent_tokens = sources[entry.parent][1]["tokens_seen"]
     branch_tokens = sum(m["tokens_seen"] - parent_tokens for n, (_, m) in sources.items() if n != entry.parent)
@@ -134,7 +136,8 @@ def upcycle_meta(entry, parents, experts, sources, data_meta, params_hash, train
             "data_sha256": data_meta["sha256"], "params_hash": params_hash,
             "tokens_seen": parent_tokens + branch_tokens + tokens, "extra_tokens": branch_tokens + tokens,
             "steps": train.max_steps, "params": model.num_params(), "active_params": model.num_active_params(),
-            "settings": entry.model_dump(exclude={"method", "parent", *StageTrainParams.model_fields})}
+            "settings": entry.model_dump(exclude={"method", "parent", *StageTrainParams.model_fields}),
+            **flops_meta(model, tokens, inherited_flops([m for _, m in sources.values()]))}   # the parent first
 
 
 if __name__ == "__main__":

@@ -249,10 +249,11 @@ def test_every_mappable_model_exports_to_transformers_with_the_same_logits(repo,
         with torch.no_grad():
             assert (model.eval()(window) - hf(window).logits).abs().max().item() <= 1e-4, name
     # the smoke study's parallel blocks use rmsnorm and swiglu, which GPT-NeoX and Falcon have not
-    assert exported == ["serial", "llama", "pythia", "falcon", "serial-kd", "llama-kd", "serial-int8", "llama-int8"]
+    assert exported == ["serial", "llama", "pythia", "falcon", "serial-kd", "llama-kd", "serial-int8",
+                        "serial-kd-control", "llama-int8"]
     assert refused == ["parallel", "parallel-gqa", "parallel-2norm", "par", "one-wide-ffn", "denseformer", "looped",
                        "hybrid", "parallel-continue", "parallel-sparse", "parallel-btx", "parallel-bam", "llama-sparse",
-                       "serial-prune", "serial-fused"]
+                       "serial-prune", "serial-noattn", "serial-fused", "serial-blocks"]
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "llama")
     text = "def f(x):\n    return x ** 2  # sympy"
     assert tokenizer(text)["input_ids"] == Tokenizer.load(prepared / "tokenizer.json").encode(text)

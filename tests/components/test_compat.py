@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from components.artifacts import load_model_dir
-from components.compress import fuse_ffns, importance, keep_by_score, prune, quantize
+from components.compress import drop_attention, fuse_ffns, importance, keep_by_score, prune, quantize
 from components.config import PRESETS, ModelConfig
 from components.model import TransformerLM
 from components.upcycle import upcycle_state_dict, upcycled_config
@@ -96,9 +96,12 @@ DERIVED = {
         top_k=1, router="softmax-topk"),
     "prune-parallel": lambda: pruned(dense(0, block="parallel", bias=True)),
     "prune-serial-swiglu-gqa": lambda: pruned(dense(0, ffn="swiglu", n_kv_head=2)),
-    "fuse-ffns-parallel": lambda: fuse_ffns(dense(0, block="parallel", bias=True, norm="layernorm"), [(1, 2)]),
-    "fuse-ffns-serial": lambda: fuse_ffns(dense(0, ffn="swiglu", norm="rmsnorm"), [(0, 1)]),
-    "prune-then-fuse-parallel": lambda: fuse_ffns(pruned(dense(0, block="parallel")), [(0, 1)]),
+    # FFN Fusion fuses FFN-only layers: attention dropped first (the same weights as the recorded one-step fusion)
+    "fuse-ffns-parallel": lambda: fuse_ffns(drop_attention(dense(0, block="parallel", bias=True, norm="layernorm"),
+                                                           [1, 2]), [(1, 2)]),
+    "fuse-ffns-serial": lambda: fuse_ffns(drop_attention(dense(0, ffn="swiglu", norm="rmsnorm"), [0, 1]), [(0, 1)]),
+    "prune-then-fuse-parallel": lambda: fuse_ffns(drop_attention(pruned(dense(0, block="parallel")), [0, 1]),
+                                                  [(0, 1)]),
     "int8-parallel": lambda: quantize(dense(0, block="parallel"), embeddings=False),
 }
 

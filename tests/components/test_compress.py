@@ -1,10 +1,12 @@
 """Pins components/compress.py and components/quant.py against references: int8 round trip within
-s/2 per channel, a 0% prune is the source, pruned parameter counts follow the width formula, a
-fused run equals its parallel formulation, compressed models save, load and decode. Tiny CPU configs.
+s/2 per channel, a 0% prune and an attention drop of no layer are the source, pruned and dropped
+parameter counts follow the width formula, a dropped attention equals a zeroed one, a fused run
+equals its parallel formulation (and the block-parallel run of the same FFN-only layers), block-
+parallel runs sum their blocks on one input, compressed models save, load and decode. Tiny CPU configs.
 
     .venv/bin/python -m pytest tests/components/test_compress.py -q
 """
-import itertools
+import copy
 
 import pytest
 import torch
@@ -12,12 +14,15 @@ from safetensors.torch import load_file
 
 from components import quant
 from components.artifacts import load_model_dir, save_model_dir
-from components.compress import fuse_ffns, importance, keep_by_score, layer_linears, prune, quantize, search_runs
+from components.compress import (drop_attention, fuse_ffns, importance, keep_by_score, layer_linears, parallel_blocks,
+                                  prune, quantize, search_drops, search_runs)
 from components.config import PRESETS, ModelConfig
+from components.errors import ParamsError
+from components.hf import hf_family
 from components.lit import lm_loss
 from components.model import TransformerLM
+from components.params import attention_layer_problems, fusion_run_problems, teacher_init_problems
 from components.params import compress_shape_problems as shape_problems
-from components.params import fusion_run_problems
 
 torch.set_num_threads(1)
 
@@ -191,11 +196,68 @@ def test_pruning_a_group_removes_its_heads_exactly():
 
 
 # ---------------------------------------------------------------------------------------------
+# attention removal
+
+
+def zeroed_attention(src: TransformerLM, layers) -> TransformerLM:
+    """The source with the attention output (weights and bias) of `layers` zeroed: attention adds nothing."""
+    ref = copy.deepcopy(src)
+    with torch.no_grad():
+        for i in layers:
+            b = ref.blocks[i]
+            proj = b.attn_proj if src.cfg.block == "parallel" else b.attn.proj
+            proj.weight.zero_()
+            if proj.bias is not None:
+                proj.bias.zero_()
+    return ref
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_dropping_no_attention_gives_back_the_source(shape):
+    src = model(**shape)
+    same = drop_attention(src, [])
+    assert same.state_dict().keys() == src.state_dict().keys()
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in same.state_dict().items())
+    assert torch.equal(same(tokens()), src(tokens()))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_dropped_attention_equals_a_zeroed_one_and_keeps_the_stack_sequential(tmp_path, shape):
+    src = model(**{**shape, "n_layer": 4})
+    dropped = drop_attention(src, [1, 2])
+    cfg = dropped.cfg
+    assert cfg.n_layer == 4 and cfg.layer_n_head == [4, 0, 0, 4] and cfg.layer_d_ff == [src.cfg.d_ff] * 4
+    assert dropped.num_params() == expected_params(cfg) < src.num_params()
+    x = tokens()
+    assert max_diff(dropped(x), zeroed_attention(src, [1, 2])(x)) < 1e-5
+    assert max_diff(dropped(x), src(x)) > 1e-3
+    save_model_dir(tmp_path / "d", dropped, {})
+    loaded, _ = load_model_dir(tmp_path / "d")
+    assert torch.equal(loaded(x), dropped(x))
+    assert [s is None for s in loaded.new_cache(2, 8).slots] == [False, True, True, False]
+    assert torch.equal(loaded.generate(x[:, :4], 4, temperature=0),
+                       loaded.generate(x[:, :4], 4, temperature=0, use_cache=False))
+
+
+def test_attention_search_respects_the_loss_bound():
+    src = model(n_layer=3, ffn="swiglu", norm="rmsnorm", pos="rope")
+    calib = batches()
+    assert search_drops(src, calib, -1.0)[0] == []              # nothing fits below the source's loss
+    layers, measured = search_drops(src, calib, 100.0)
+    assert layers == [0, 1, 2] and len(measured) == 3 + 2 + 1   # one more each round, the cheapest first
+    first = min(measured[:3], key=lambda m: m["loss_increase"])["layers"]     # round 1's cheapest stays dropped
+    assert all(first[0] in m["layers"] and len(m["layers"]) == 2 for m in measured[3:5])
+    base = sum(lm_loss(src(x), y).item() for x, y in calib) / 2
+    one = sum(lm_loss(drop_attention(src, [1])(x), y).item() for x, y in calib) / 2
+    assert [m["loss_increase"] for m in measured if m["layers"] == [1]] == [pytest.approx(one - base, abs=1e-5)]
+
+
+# ---------------------------------------------------------------------------------------------
 # FFN Fusion
 
 
 def parallel_ffns(src: TransformerLM, layers, x: torch.Tensor) -> torch.Tensor:
-    """x + sum_j FFN_j(norm_j(x)) with the source's own modules (attention of the run dropped)."""
+    """x + sum_j FFN_j(norm_j(x)) with the source's own modules (attention of the run left out)."""
     out = x
     for j in layers:
         b = src.blocks[j]
@@ -210,9 +272,10 @@ def parallel_ffns(src: TransformerLM, layers, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_fused_run_equals_its_parallel_formulation(shape):
     src = model(**{**shape, "n_layer": 4})
-    fused = fuse_ffns(src, [(1, 3)])
+    fused = fuse_ffns(drop_attention(src, [1, 2, 3]), [(1, 3)])
     assert fused.cfg.n_layer == 2 and fused.cfg.layer_n_head == [4, 0]
     assert fused.cfg.layer_d_ff == [src.cfg.d_ff, 3 * src.cfg.d_ff]
+    assert fused.num_params() == expected_params(fused.cfg)
     x = torch.randn(2, 7, src.cfg.n_embd, generator=torch.Generator().manual_seed(3))
     ref = parallel_ffns(src, [1, 2, 3], x)
     assert max_diff(ref, x) > 1e-2
@@ -223,9 +286,32 @@ def test_fused_run_equals_its_parallel_formulation(shape):
     assert max_diff(fused.blocks[1](fused.blocks[0](x, rope)), parallel_ffns(src, [1, 2, 3], h)) < 1e-5
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_fusion_and_block_parallel_of_ffn_only_layers_compute_the_same(shape):
+    """One wide FFN = the FFN-only layers side by side (block-parallel): the fused weights are exact."""
+    dropped = drop_attention(model(**{**shape, "n_layer": 4}), [0, 1, 2])
+    fused, side_by_side = fuse_ffns(dropped, [(0, 2)]), parallel_blocks(dropped, [(0, 2)])
+    assert side_by_side.cfg.parallel_runs == [[0, 2]] and side_by_side.num_params() == dropped.num_params()
+    x = tokens()
+    assert max_diff(fused(x), side_by_side(x)) < 1e-4 and max_diff(fused(x), dropped(x)) > 1e-3
+
+
+def test_fusion_refuses_layers_with_attention():
+    src = model(n_layer=4)
+    with pytest.raises(AssertionError, match="drop_attention first"):
+        fuse_ffns(src, [(1, 2)])
+    problem, = fusion_run_problems(src.cfg, [[1, 2]], "ffn")
+    assert problem.startswith("runs: layers [1, 2] still have attention") and "mode: block-parallel" in problem
+    assert fusion_run_problems(src.cfg, [[1, 2]], "block-parallel") == []
+    dropped = drop_attention(src, [2, 3]).cfg
+    assert "layers [1] still have attention" in fusion_run_problems(dropped, [[1, 3]], "ffn")[0]
+    assert fusion_run_problems(dropped, [[2, 3]], "ffn") == [] and fusion_run_problems(dropped, [], "ffn") == []
+    assert "no two consecutive" in fusion_run_problems(src.cfg, [], "ffn")[0]
+
+
 def test_fused_model_loads_alone_and_decodes(tmp_path):
     src = model(n_layer=4, ffn="swiglu", norm="rmsnorm", pos="rope")
-    fused = fuse_ffns(src, [(0, 1), (2, 3)])
+    fused = fuse_ffns(drop_attention(src, [0, 1, 2, 3]), [(0, 1), (2, 3)])
     assert fused.cfg.layer_n_head == [0, 0] and fused.num_params() < src.num_params() + 1
     save_model_dir(tmp_path / "f", fused, {})
     loaded, _ = load_model_dir(tmp_path / "f")
@@ -236,7 +322,7 @@ def test_fused_model_loads_alone_and_decodes(tmp_path):
 
 
 def test_fusion_search_respects_the_loss_bound():
-    src = model(n_layer=3, ffn="swiglu", norm="rmsnorm", pos="rope")
+    src = drop_attention(model(n_layer=3, ffn="swiglu", norm="rmsnorm", pos="rope"), [0, 1, 2])
     calib = batches()
     assert search_runs(src, calib, -1.0)[0] == []               # nothing fits below the source's loss
     runs, measured = search_runs(src, calib, 100.0)
@@ -244,6 +330,44 @@ def test_fusion_search_respects_the_loss_bound():
     base = sum(lm_loss(src(x), y).item() for x, y in calib) / 2
     fused = sum(lm_loss(fuse_ffns(src, runs)(x), y).item() for x, y in calib) / 2
     assert [m["loss_increase"] for m in measured if m["runs"] == [[0, 2]]] == [pytest.approx(fused - base, abs=1e-5)]
+    partly = drop_attention(model(n_layer=3, ffn="swiglu", norm="rmsnorm", pos="rope"), [1, 2])
+    assert search_runs(partly, calib, 100.0)[0] == [(1, 2)]     # mode ffn: runs of FFN-only layers only
+    assert search_runs(partly, calib, 100.0, "block-parallel")[0] == [(0, 2)]
+
+
+# ---------------------------------------------------------------------------------------------
+# block parallelism (attention kept)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_block_parallel_run_sums_its_blocks_on_one_input(tmp_path, shape):
+    src = model(**{**shape, "n_layer": 4})
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in parallel_blocks(src, []).state_dict().items())
+    par = parallel_blocks(src, [(1, 3)])
+    assert par.cfg.parallel_runs == [[1, 3]] and par.cfg.n_layer == 4 and par.num_params() == src.num_params()
+    x = tokens()
+    with torch.no_grad():
+        h = src.drop(src.wte(x) + (src.wpe(torch.arange(12)) if src.wpe is not None else 0))
+        rope = (src.rope_cos[:12], src.rope_sin[:12]) if src.cfg.pos == "rope" else None
+        h = src.blocks[0](h, rope)
+        h = h + sum(src.blocks[j](h, rope) - h for j in (1, 2, 3))   # x + sum_j (block_j(x) - x)
+        ref = src.lm_head(src.norm_f(h))
+    assert max_diff(par(x), ref) < 1e-5 and max_diff(par(x), src(x)) > 1e-3
+    save_model_dir(tmp_path / "p", par, {})
+    loaded, _ = load_model_dir(tmp_path / "p")
+    assert loaded.cfg.parallel_runs == [[1, 3]] and torch.equal(loaded(x), par(x))
+    assert len(loaded.new_cache(2, 8).slots) == 4                # every block keeps its own keys and values
+    assert torch.equal(loaded.generate(x[:, :4], 6, temperature=0),
+                       loaded.generate(x[:, :4], 6, temperature=0, use_cache=False))
+
+
+def test_block_parallel_models_are_not_exported_nor_halved():
+    par = parallel_blocks(model(n_layer=4, ffn="swiglu", norm="rmsnorm", pos="rope"), [(1, 2)])
+    with pytest.raises(ParamsError, match="parallel_runs=.*block-parallel runs of layers"):
+        hf_family(par.cfg)
+    assert "block-parallel runs" in " ".join(teacher_init_problems(par.cfg, {}))
+    assert "already run in block-parallel runs" in shape_problems(par.cfg, "ffn_fusion")[0]
+    assert shape_problems(par.cfg, "prune") == shape_problems(par.cfg, "attention_drop") == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,20 +389,34 @@ def test_methods_refuse_models_they_cannot_handle(overrides, method, words):
 
 def test_int8_models_are_not_compressed_again():
     q8 = quantize(model(), embeddings=False)
-    for method in ("int8", "prune", "ffn_fusion"):
+    for method in ("int8", "prune", "ffn_fusion", "attention_drop", "identity"):
         assert "an int8 model" in shape_problems(q8.cfg, method)[0]
 
 
 def test_runs_must_exist_and_be_disjoint():
-    assert fusion_run_problems(3, [[0, 1], [2, 2]])[0].startswith("runs: [2, 2] is not a run")
-    assert "n_layer=3" in fusion_run_problems(3, [[1, 3]])[0]
-    assert fusion_run_problems(3, [[0, 1], [1, 2]])[0].startswith("runs: [1, 2] overlaps")
-    assert fusion_run_problems(3, [[0, 2]]) == [] and fusion_run_problems(None, [[4, 9]]) == []
+    cfg = ModelConfig(**TINY)
+    assert fusion_run_problems(cfg, [[0, 1], [2, 2]], "block-parallel")[0].startswith("runs: [2, 2] is not a run")
+    assert "n_layer=3" in fusion_run_problems(cfg, [[1, 3]], "ffn")[0]
+    assert fusion_run_problems(cfg, [[0, 1], [1, 2]], "block-parallel")[0].startswith("runs: [1, 2] overlaps")
+    assert fusion_run_problems(cfg, [[0, 2]], "block-parallel") == []
+    assert fusion_run_problems(None, [[4, 9]], "ffn") == []
+    with pytest.raises(ValueError, match="parallel_runs: \\[1, 3\\] is not a run"):
+        ModelConfig(**TINY, parallel_runs=[[1, 3]])
+
+
+def test_attention_layers_must_exist_and_have_attention():
+    cfg = ModelConfig(**TINY)
+    assert attention_layer_problems(cfg, [0, 2]) == [] and attention_layer_problems(None, [7]) == []
+    assert attention_layer_problems(cfg, [1, 1])[0].startswith("layers: [1, 1] names a layer twice")
+    assert "not layers of the source (n_layer=3)" in attention_layer_problems(cfg, [3])[0]
+    dropped = drop_attention(model(), [0, 1, 2]).cfg
+    assert "have no attention already" in attention_layer_problems(dropped, [1])[0]
+    assert "has none left" in attention_layer_problems(dropped, [])[0]
 
 
 def test_layer_linears_name_real_modules():
     for shape in SHAPES:
-        src = fuse_ffns(model(**{**shape, "n_layer": 4}), [(2, 3)])
+        src = fuse_ffns(drop_attention(model(**{**shape, "n_layer": 4}), [2, 3]), [(2, 3)])
         names = dict(src.named_modules())
         for i in range(src.cfg.n_layer):
             parts = layer_linears(src.cfg, i)

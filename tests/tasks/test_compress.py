@@ -1,6 +1,6 @@
 """compress@<name> on a tiny corpus with a tiny source saved by save_model_dir: each method's outputs,
-lineage and settings, pinned first recovery losses, evaluation through tasks/evaluate.py, and each
-bad input stopped before compute.
+lineage, settings and FLOPs, pinned first recovery losses, the identity control on the same batches,
+evaluation through tasks/evaluate.py, and each bad input stopped before compute.
 
     .venv/bin/python -m pytest tests/tasks/test_compress.py -q
 """
@@ -15,6 +15,7 @@ from components.artifacts import load_model_dir, save_model_dir
 from components.config import ModelConfig
 from components.model import TransformerLM
 from components.errors import ParamsError
+from components.flops import forward_flops_per_token, training_flops_per_token
 from components.params import load_study
 from tasks import compress, evaluate, prepare
 from tests.tasks.tiny_corpus import write_corpus
@@ -39,8 +40,12 @@ ENTRIES = """\
   pruned: {source: serial, method: prune, fraction: 0.5, criterion: taylor, recover: train, max_steps: 3}
   pruned-kd: {source: serial, method: prune, fraction: 0.25, criterion: wanda, max_steps: 2, alpha: 1.0}
   pruned-0: {source: serial, method: prune, fraction: 0.0, criterion: magnitude, max_steps: 0}
-  fused: {source: serial, method: ffn_fusion, runs: [[1, 2]], max_steps: 2}
-  fused-auto: {source: serial, method: ffn_fusion, max_loss_increase: 100.0, max_steps: 0}
+  control-kd: {source: serial, method: identity, max_steps: 2, alpha: 1.0}
+  dropped: {source: serial, method: attention_drop, layers: [1, 2], max_steps: 0}
+  dropped-auto: {source: serial, method: attention_drop, max_loss_increase: 100.0, max_steps: 1, recover: train}
+  fused: {source: dropped, method: ffn_fusion, runs: [[1, 2]], max_steps: 2}
+  fused-auto: {source: dropped, method: ffn_fusion, max_loss_increase: 100.0, max_steps: 0}
+  blocks: {source: serial, method: ffn_fusion, mode: block-parallel, runs: [[1, 2]], max_steps: 0}
 """
 
 
@@ -60,8 +65,11 @@ def save_source(root, name="serial", block="serial"):
     data_sha = json.loads((root / "data/prepared/meta.json").read_text())["sha256"]
     save_model_dir(root / "models" / name, model,
                    {"stage": "pretrain", "parents": [], "data_sha256": data_sha, "params_hash": "s" * 16,
-                    "tokens_seen": 1000, "steps": 1, "params": model.num_params()})
+                    "tokens_seen": 1000, "steps": 1, "params": model.num_params(), "total_train_flops": SOURCE_FLOPS})
     return model
+
+
+SOURCE_FLOPS = 10**9         # the source's lineage, as its meta.json says
 
 
 @pytest.fixture
@@ -87,6 +95,7 @@ def test_int8_is_small_loads_alone_and_evaluates(project):
     compress.main(["q8-lin"])
     m = meta(project, "q8")
     assert (m["stage"], m["method"], m["parents"], m["steps"], m["tokens_seen"]) == ("compress", "int8", ["serial"], 0, 1000)
+    assert (m["train_flops"], m["total_train_flops"]) == (0, SOURCE_FLOPS)
     assert m["int8_path"] in ("int8_mm", "dequant") and m["embeddings"] is True
     # Measured on torch 2.13 CPU: |delta val_loss| 1.3e-3 (q8), 1.5e-3 (q8-lin); 15 levels instead of 127 give
     # 1.2e-2. (This source's logits are near uniform, so the loss moves little: the int8 error is pinned
@@ -113,11 +122,14 @@ def test_prune_recovers_by_training_with_pinned_losses(project):
     m = meta(project, "pruned")
     assert m["params"] < m["source_params"] and m["fraction"] == 0.5 and m["criterion"] == "taylor"
     assert m["steps"] == 3 and m["tokens_seen"] == 1000 + 3 * 8 * 32 and m["recover"] == "train"
+    model, _ = load_model_dir(project / "models/pruned")
+    assert m["flops_per_token"] == training_flops_per_token(model)
+    assert m["train_flops"] == 3 * 8 * 32 * m["flops_per_token"]
+    assert m["total_train_flops"] == SOURCE_FLOPS + m["train_flops"]
     curve = pd.read_csv(project / "models/pruned/curve.csv")
     assert list(curve["step"]) == [0, 1, 2, 3] and curve["val_loss"].iloc[0] == pytest.approx(m["val_loss_compressed"])
     # Pinned on torch 2.13 CPU: a change means the scores, the pruning, the data order or the optimizer changed.
     assert curve["train_loss"].iloc[1:].tolist() == pytest.approx([5.55460, 5.28350, 4.96829], abs=1e-3)
-    model, _ = load_model_dir(project / "models/pruned")
     assert model.num_params() == m["params"] and model.cfg.layer_d_ff == m["layer_d_ff"]
     evaluate.main(["pruned"])
     assert json.loads((project / "metrics/pruned.json").read_text())["params"] == m["params"]
@@ -129,7 +141,28 @@ def test_prune_recovers_by_distillation(project):
     assert m["recover"] == "distill" and m["criterion"] == "wanda" and m["steps"] == 2
     curve = pd.read_csv(project / "models/pruned-kd/curve.csv")
     assert curve["train_loss"].iloc[1:].tolist() == pytest.approx([5.65994, 5.59209], abs=1e-3)
+    src, _ = load_model_dir(project / "models/serial")                 # each step also runs the source forward
+    assert m["train_flops"] == 2 * 8 * 32 * (m["flops_per_token"] + forward_flops_per_token(src))
     evaluate.main(["pruned-kd"])
+
+
+def test_identity_is_the_recovery_alone(project):
+    """The control for pruned-kd: the source, then the same 2 KD steps (batches drawn from the same seed)."""
+    compress.main(["control-kd"])
+    m = meta(project, "control-kd")
+    src, _ = load_model_dir(project / "models/serial")
+    assert (m["method"], m["recover"], m["steps"], m["params"]) == ("identity", "distill", 2, src.num_params())
+    assert m["val_loss_compressed"] == m["val_loss_source"]
+    assert m["train_flops"] == 2 * 8 * 32 * (training_flops_per_token(src) + forward_flops_per_token(src))
+    curve = pd.read_csv(project / "models/control-kd/curve.csv")
+    assert list(curve["step"]) == [0, 1, 2]
+    # Pinned on torch 2.13 CPU (train_loss: the LM loss). alpha 1.0 is KD alone, and its KL to the source is 0 at
+    # step 1 (a zero gradient: only weight decay moves the weights), so the LM loss barely moves.
+    assert curve["train_loss"].iloc[1:].tolist() == pytest.approx([5.67522, 5.67265], abs=1e-3)
+    trained, _ = load_model_dir(project / "models/control-kd")
+    assert not torch.equal(trained.wte.weight, src.wte.weight)          # it trained; the source on disk did not
+    assert torch.equal(load_model_dir(project / "models/serial")[0].wte.weight, src.wte.weight)
+
 
 
 def test_prune_by_nothing_is_the_source(project):
@@ -140,19 +173,43 @@ def test_prune_by_nothing_is_the_source(project):
     assert torch.equal(same(x), src(x)) and meta(project, "pruned-0")["params"] == src.num_params()
 
 
-def test_ffn_fusion_explicit_and_searched(project):
+def test_attention_drop_explicit_and_searched(project):
+    compress.main(["dropped"])
+    m = meta(project, "dropped")
+    assert m["layers"] == [1, 2] and m["searched"] == [] and m["steps"] == 0 and m["train_flops"] == 0
+    model, _ = load_model_dir(project / "models/dropped")
+    assert model.cfg.n_layer == 3 and model.cfg.layer_n_head == [4, 0, 0]
+    assert m["val_loss_compressed"] == pd.read_csv(project / "models/dropped/curve.csv")["val_loss"].iloc[0]
+    compress.main(["dropped-auto"])                               # within 100 nats: every attention goes, one a round
+    m = meta(project, "dropped-auto")
+    assert m["layers"] == [0, 1, 2] and len(m["searched"]) == 3 + 2 + 1 and m["recover"] == "train"
+    evaluate.main(["dropped-auto"])
+
+
+def test_ffn_fusion_of_dropped_layers_explicit_and_searched(project):
+    compress.main(["dropped"])
     compress.main(["fused"])
     m = meta(project, "fused")
-    assert m["runs"] == [[1, 2]] and m["layers_removed"] == 1 and m["searched"] == []
+    assert m["mode"] == "ffn" and m["runs"] == [[1, 2]] and m["depth_removed"] == 1 and m["searched"] == []
     model, _ = load_model_dir(project / "models/fused")
     assert model.cfg.n_layer == 2 and model.cfg.layer_n_head == [4, 0] and model.cfg.layer_d_ff == [96, 192]
     evaluate.main(["fused"])
-    compress.main(["fused-auto"])
+    compress.main(["fused-auto"])                                 # mode ffn: only the FFN-only layers 1, 2
     m = meta(project, "fused-auto")
-    assert m["runs"] == [[0, 2]] and m["layers_removed"] == 2 and len(m["searched"]) == 3
-    assert m["calib_loss_increase"] == pytest.approx(
-        next(s["loss_increase"] for s in m["searched"] if s["runs"] == [[0, 2]]), abs=1e-5)
-    evaluate.main(["fused-auto"])
+    assert m["runs"] == [[1, 2]] and m["depth_removed"] == 1 and len(m["searched"]) == 1
+    assert m["calib_loss_increase"] == pytest.approx(m["searched"][0]["loss_increase"], abs=1e-5)
+    assert m["total_train_flops"] == meta(project, "dropped")["total_train_flops"] == SOURCE_FLOPS
+
+
+def test_block_parallel_keeps_attention_and_evaluates(project):
+    compress.main(["blocks"])
+    m = meta(project, "blocks")
+    assert m["mode"] == "block-parallel" and m["runs"] == [[1, 2]] and m["depth_removed"] == 1
+    model, _ = load_model_dir(project / "models/blocks")
+    src, _ = load_model_dir(project / "models/serial")
+    assert model.cfg.parallel_runs == [[1, 2]] and model.num_params() == m["source_params"] == src.num_params()
+    assert m["flops_per_token"] == training_flops_per_token(src)  # the same blocks, side by side
+    evaluate.main(["blocks"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +219,14 @@ def test_ffn_fusion_explicit_and_searched(project):
 @pytest.mark.parametrize("entry,words", [
     ("{source: serial, method: prune, fraction: 1.0}", "compress.bad.fraction: 1.0 is outside [0, 1)"),
     ("{source: serial, method: prune}", "compress.bad.fraction: required but missing"),
-    ("{source: serial, method: ffn_fusion, runs: [[2, 3]]}", "runs: [2, 3] is not a run of the source's layers"),
+    ("{source: serial, method: ffn_fusion, runs: [[2, 3]]}", "runs: [2, 3] is not a run of the layers"),
+    ("{source: serial, method: ffn_fusion, runs: [[1, 2]]}", "runs: layers [1, 2] still have attention"),
+    ("{source: serial, method: ffn_fusion}", "the source has no two consecutive ones"),
+    ("{source: serial, method: attention_drop, layers: [3]}", "layers: [3] are not layers of the source (n_layer=3)"),
+    ("{source: serial, method: attention_drop, mode: ffn}", "compress.bad.mode: only read by method ffn_fusion"),
+    ("{source: serial, method: identity, max_steps: 0}", "identity with max_steps 0 is a copy of its source"),
+    ("{source: serial, method: identity, calib_batches: 2}", "calib_batches: only read by method prune or"),
+    ("{source: q8, method: identity}", "'q8' is an int8 model: train its float source 'serial'"),
     ("{source: serial, method: ffn_fusion, runs: [[0, 1], [1, 2]]}", "runs: [1, 2] overlaps"),
     ("{source: par, method: prune, fraction: 0.3}", "cannot prune a par model"),
     ("{source: par, method: ffn_fusion}", "cannot fuse a par model"),
@@ -182,11 +246,15 @@ def test_bad_entries_fail_validation(tmp_path, monkeypatch, entry, words):
 
 def test_bad_sources_on_disk_fail_before_compute(project):
     write_params(project, ENTRIES + "  deep: {source: fused, method: ffn_fusion, runs: [[0, 2]]}\n"
-                 "  again: {source: fused, method: prune, fraction: 0.3}\n")
+                 "  again: {source: fused, method: prune, fraction: 0.3}\n"
+                 "  mixed: {source: dropped, method: ffn_fusion, runs: [[0, 1]]}\n")
     with pytest.raises(ParamsError, match=r"models/fused is missing\): run `dvc repro compress@fused` first"):
         compress.main(["again"])
+    compress.main(["dropped"])
+    with pytest.raises(ParamsError, match=r"compress.mixed: runs: layers \[0\] still have attention"):
+        compress.main(["mixed"])                                # layer 0 of the dropped model kept its attention
     compress.main(["fused"])                                    # 2 layers now: [0, 2] no longer exists
-    with pytest.raises(ParamsError, match=r"runs: \[0, 2\] is not a run of the source's layers.*n_layer=2"):
+    with pytest.raises(ParamsError, match=r"runs: \[0, 2\] is not a run of the layers.*n_layer=2"):
         compress.main(["deep"])
     with pytest.raises(ParamsError, match="unknown compress model 'nope'"):
         compress.main(["nope"])

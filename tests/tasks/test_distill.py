@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from components.artifacts import load_model_dir, save_model_dir
 from components.config import ModelConfig
 from components.distill import LitDistill
+from components.flops import forward_flops_per_token, training_flops_per_token
 from components.model import TransformerLM
 from components.errors import ParamsError
 from tasks import distill, prepare
@@ -86,6 +87,9 @@ def test_distilled_student_explains_itself(project):
     assert (m["stage"], m["method"], m["parents"], m["init"]) == ("distill", "kd", ["serial"], "scratch")
     assert m["tokens_seen"] == 4 * 8 * 32 and m["steps"] == 4 and m["teacher_tokens_seen"] == 1000
     assert (m["alpha"], m["temperature"], m["reverse"], m["hidden_weight"]) == (0.5, 2.0, False, 0.0)
+    # every step also runs the teacher forward; the teacher's meta.json has no total: the lineage's is unknown
+    assert m["train_flops"] == 4 * 8 * 32 * (training_flops_per_token(student) + forward_flops_per_token(teacher))
+    assert m["total_train_flops"] is None
     losses = pd.read_csv(out / "curve.csv")["train_loss"].tolist()
     # Pinned on torch 2.13 CPU: the student's LM loss (the curve's train_loss) of the first steps.
     assert losses == pytest.approx([5.57457, 5.53744, 5.48414, 5.35719], abs=1e-3)

@@ -21,6 +21,7 @@ from components.artifacts import load_model_dir, save_model_dir, short_hash  # n
 from components.compress import quantize  # noqa: E402
 from components.config import ModelConfig  # noqa: E402
 from components.errors import ParamsError  # noqa: E402
+from components.flops import training_flops_per_token  # noqa: E402
 from components.hf import state_from_hf  # noqa: E402
 from components.model import TransformerLM  # noqa: E402
 from components.tokenizer import train_tokenizer  # noqa: E402
@@ -59,7 +60,8 @@ def test_import_then_export_round_trip(tmp_path):
               "name_or_path": "EleutherAI/pythia-tiny-random", "revision": "0123abcd" * 5}
     assert meta == {"stage": "import", "method": "hf", "parents": [], "source": source, "params": hf.num_parameters(),
                     "tokens_seen": 0, "steps": 0, "params_hash": short_hash({"stage": "import", "source": source,
-                                                                 "model": model.cfg.to_dict()})}
+                                                                 "model": model.cfg.to_dict()}),
+                    "flops_per_token": training_flops_per_token(model), "train_flops": 0, "total_train_flops": 0}
     idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (model(idx) - hf(idx).logits).abs().max().item() <= 1e-4

@@ -77,6 +77,7 @@ def test_outputs_explain_themselves(project):
     config, meta = json.loads((out / "config.json").read_text()), json.loads((out / "meta.json").read_text())
     assert (config["block"], config["n_kv_head"], config["vocab_size"]) == ("parallel", 2, 257)
     assert meta["stage"] == "pretrain" and meta["parents"] == [] and meta["tokens_seen"] == 4 * 8 * 32
+    assert meta["total_train_flops"] == meta["train_flops"] == 4 * 8 * 32 * meta["flops_per_token"] > 0
     data_meta = json.loads((project / "data/prepared/meta.json").read_text())
     assert meta["data_sha256"] == data_meta["sha256"]
     assert list(curve(project, "gqa")["step"]) == [1, 2, 3, 4]

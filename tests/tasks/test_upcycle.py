@@ -110,6 +110,17 @@ def test_equal_extra_tokens(project):
     assert cont["tokens_seen"] == btx["tokens_seen"] == parent["tokens_seen"] + 8 * 8 * 32
 
 
+def test_lineage_flops_count_the_parent_once(project):
+    """btx's lineage: the parent's pretraining once, each branch's own steps, then the mix phase."""
+    btx, cont, parent = (meta_of(project, f"models/{n}") for n in ("btx", "cont", "parallel"))
+    branches = [meta_of(project, f"branches/parallel/{n}") for n in ("par-a", "par-b")]
+    assert [b["total_train_flops"] - b["train_flops"] for b in branches] == [parent["total_train_flops"]] * 2
+    assert btx["total_train_flops"] == parent["total_train_flops"] + sum(b["train_flops"] for b in branches) + \
+        btx["train_flops"]
+    assert btx["train_flops"] == 2 * 8 * 32 * btx["flops_per_token"]
+    assert cont["total_train_flops"] == parent["total_train_flops"] + 8 * 8 * 32 * parent["flops_per_token"]
+
+
 def test_first_mix_losses_are_pinned(project):
     """Step 0 is the transformed model: sparse and the continued parent start at the parent's loss
     (identical experts, renormalised top-k); BAM starts from the branches' average."""
