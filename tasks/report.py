@@ -125,9 +125,9 @@ def claim_row(study, df: pd.DataFrame, claim: Claim) -> dict:
 def value(df: pd.DataFrame, name: str, metric: str) -> float:
     """Model `name`'s `metric` from metrics/<name>.json (an lm-eval score only exists where evaluate made it)."""
     if metric not in df.columns or pd.isna(df.loc[name, metric]):
-        have = sorted(c for c in df.columns if c.startswith(metric.split(".")[0] + "."))
-        raise ParamsError(f"metrics/{name}.json has no {metric}: rerun `dvc repro` after setting evaluate (its "
-                          f"metrics of this kind: {', '.join(have) or 'none'}), or fix the claim's metric")
+        have = sorted(c for c in df.columns if c.startswith(metric.split(".")[0] + ".") and pd.notna(df.loc[name, c]))
+        raise ParamsError(f"metrics/{name}.json has no {metric} (it has {', '.join(have) or 'none of its kind'}): "
+                          f"fix the metric in report.claims, or add its task to evaluate.tasks and run `dvc repro`")
     return float(df.loc[name, metric])
 
 
@@ -185,9 +185,10 @@ def teacher_gap(study, df: pd.DataFrame, claim: Claim) -> dict:
 def teacher_warnings(claims: pd.DataFrame) -> list[str]:
     """A student's claim whose teacher is not clearly better than the baseline: KD cannot help then."""
     return [f"- `{r.model}`: its teacher `{r.teacher}` is not clearly better than the baseline `{r.baseline}` "
-            f"on {r.metric} (teacher - baseline {r.teacher_mean_delta:+.4g}, 95% CI "
-            f"{interval_text(r.teacher_ci_low, r.teacher_ci_high)}: {r.teacher_verdict}), so distillation has "
-            f"nothing better to pass on: train a stronger teacher before reading this claim"
+            f"on {r.metric} (teacher - baseline: " + (f"{r.teacher_mean_delta:+.4g}, 95% CI "
+            f"{interval_text(r.teacher_ci_low, r.teacher_ci_high)}, " if pd.notna(r.teacher_mean_delta) else "")
+            + f"{r.teacher_verdict}), so distillation may have nothing better to pass on: train a stronger teacher "
+            f"before reading this claim"
             for r in claims.itertuples() if pd.notna(r.teacher) and r.teacher_verdict != "better"]
 
 

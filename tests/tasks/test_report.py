@@ -8,6 +8,7 @@ rejected in params.yaml with their fix.
 import json
 import math
 import re
+import shutil
 import zlib
 
 import numpy as np
@@ -172,7 +173,7 @@ def test_an_import_pairs_with_every_seed(project):
 
 def test_a_distilled_model_shows_its_teacher_gap_and_warns(project):
     """kd's teacher serial is not clearly better than the baseline student (an inconclusive teacher gap):
-    summary.md says KD cannot help then."""
+    summary.md warns that KD may have nothing to pass on."""
     row = claims_csv(project).set_index("question").loc["Does KD help?"]
     assert (row.teacher, row.teacher_verdict) == ("serial", "inconclusive")
     assert row.teacher_mean_delta == pytest.approx(-claims_csv(project).set_index("question").loc[
@@ -248,3 +249,26 @@ def test_lm_eval_claims_need_seeds_and_a_direction(tmp_path):
                                           "pretrain:\n  variants:\n    serial: {}\n    parallel: {block: parallel}\n"
                                           "report:\n  claims:\n" + claim(metric="lm_eval.arc.acc", higher_is_better=True))
     assert load_study(tmp_path / "params.yaml").report.claims[0].higher_is_better is True
+
+
+def test_lm_eval_claims_take_their_direction_and_need_the_score(project, tmp_path, monkeypatch):
+    """An accuracy claim (higher is better) on made-up scores: parallel's +0.05 is `better`, over seeds
+    only (no windows); a model without the score stops the report with the fix."""
+    copy = tmp_path / "copy"
+    for directory in ("models", "metrics"):
+        shutil.copytree(project / directory, copy / directory)
+    params = (project / "params.yaml").read_text().replace(
+        "  claims:\n", "  claims:\n    - {question: acc, model: parallel, baseline: serial, metric: lm_eval.arc.acc,"
+                       " higher_is_better: true, margin: 0.01}\n") + "evaluate: {tasks: [arc]}\n"
+    (copy / "params.yaml").write_text(params)
+    monkeypatch.chdir(copy)
+    with pytest.raises(ParamsError, match=r"metrics/parallel.json has no lm_eval.arc.acc \(it has none of its kind\): "
+                                          r"fix the metric in report.claims, or add its task to evaluate.tasks"):
+        report.main([])
+    for f in (copy / "metrics").glob("*.json"):
+        acc = 0.5 + 0.05 * f.stem.startswith("parallel") + 0.001 * len(f.stem)
+        f.write_text(json.dumps(json.loads(f.read_text()) | {"lm_eval.arc.acc": acc}))
+    report.main([])
+    row = claims_csv(copy).iloc[0]
+    assert (row.question, row.ci_method, row.verdict) == ("acc", "t over 3 seeds", "better")
+    assert pd.isna(row.window_ci_low) and row.mean_delta == pytest.approx(0.05 + 0.002)   # names 2 letters longer
