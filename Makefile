@@ -24,11 +24,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-repro: install
+repro: install          # validate first: it lists the models of replicate seeds that dvc.yaml reads
+	$(PY) -m tasks.validate
 	dvc repro
 
 test: install
 	$(PY) -m pytest -q --durations=8 $(PYTEST_ARGS)
 
-clean:
-	rm -rf data/prepared data/params.ok models metrics reports checkpoints mlflow.db mlruns
+clean:                  # models/dvc.yaml and models/replicas.yaml are tracked by git: they stay
+	rm -rf data/prepared data/params.ok metrics reports checkpoints mlflow.db mlruns branches
+	find models -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +

@@ -122,7 +122,7 @@ def input_problems(study, name: str, data_meta: dict, role: str) -> list[str]:
     not built, or made from other prepared data (another corpus, or another tokenizer: its token
     ids would mean other text). Empty if it can."""
     path, stage = study.model_dir(name), study.models()[name]["stage"]
-    fix = f"`dvc repro {stage}@{name}`"
+    fix = f"`dvc repro {study.stage_of(name)}`"
     if not (path / "model.safetensors").exists():
         return [f"the {role} '{name}' is not built ({path} is missing): run {fix} first"]
     config, meta = read_json(path / "config.json"), read_json(path / "meta.json")

@@ -54,11 +54,19 @@ MODEL_BOUNDS = {                       # ModelConfig's own checks (>= 1, divisib
 WIDTHS = list[Annotated[int, Field(le=MAX_D_FF)]]   # layer_n_head, layer_n_kv_head, layer_d_ff: per-layer widths
 
 
+SEED = Annotated[int, Field(ge=0, le=2**32 - 1,   # lightning's seed_everything takes 0 to 2**32 - 1
+                            description="the seed of lightning's seed_everything, which takes 0 to 2**32 - 1: "
+                                        "pick one in that range, e.g. 1337")]
+
+
 class StudyParams(Strict):
     name: str = "archflow"                 # names the MLflow experiment and the report
-    seed: int = Field(1337, ge=0, le=2**32 - 1,   # model init and batch order derive from it
-                      description="the seed of lightning's seed_everything, which takes 0 to 2**32 - 1: "
-                                  "pick one in that range, e.g. 1337")
+    seed: SEED = 1337                      # every model's own seed (models/<name>): its init and batch order
+    # Replicate seeds: every model is also trained with each of these seeds, as models/<name>-s<seed>, one
+    # DVC stage each (paired: arms with the same seed see the same batches), a later model from the
+    # model of the same seed it is made from (one whose parent lacks that seed skips it).
+    replicas: list[SEED] = []
+    replicas_of: dict[str, list[SEED]] = {}   # per model: its own replicas instead, e.g. {par: [2], serial-kd: []}
 
 
 # The default corpus: a pinned release of a pure-Python package (a dependency of torch, pinned in
@@ -287,7 +295,9 @@ class ImportParams(Strict):
 
 
 class EvaluateParams(Strict):
-    max_tokens: int = Field(65536, ge=1)   # validation tokens scored (non-overlapping windows; at most all of them)
+    # null: every validation window is scored. A number scores only the windows within the first max_tokens
+    # tokens of each split (in file order, so some files weigh more than others): a quick look, not a score
+    max_tokens: Optional[int] = Field(None, ge=1)
     batch_size: int = Field(8, ge=1, le=MAX_BATCH)
     prompt_tokens: int = Field(64, ge=1)   # prefill length for the speed measurement (+ decode_tokens <= block_size)
     decode_tokens: int = Field(32, ge=1)
@@ -357,29 +367,116 @@ class Study(Strict):
     resources: dict[str, Resources] = {}
 
     def resources_of(self, stage: str) -> Optional[Resources]:
-        """The entry of `stage` (e.g. pretrain@big), else of its group (pretrain), else `default`."""
-        r = self.resources
-        return r.get(stage) or r.get(stage.split("@")[0]) or r.get("default")
+        """The entry of `stage` (e.g. pretrain@big), else of its group (pretrain; pretrain-replica, else
+        pretrain, for a replicate seed's), else `default`."""
+        r, group = self.resources, stage.split("@")[0]
+        return r.get(stage) or r.get(group) or r.get(group.removesuffix("-replica")) or r.get("default")
+
+    def entries(self) -> dict[str, dict]:
+        """Every model entry of params.yaml: name -> {stage, parents}, in stage then declaration order.
+        An upcycle's parents are its parent, then the branches its experts come from."""
+        out = {name: {"stage": "pretrain", "parents": []} for name in self.pretrain.variants}
+        out |= {name: {"stage": "import", "parents": []} for name in self.imports}
+        out |= {name: {"stage": "branch", "parents": [b.parent]} for name, b in self.branch.items()}
+        out |= {name: {"stage": "upcycle", "parents": list(dict.fromkeys([u.parent, *u.experts(self.branches_of(u.parent))]))}
+                for name, u in self.upcycle.items()}
+        out |= {name: {"stage": "distill", "parents": [d.teacher]} for name, d in self.distill.items()}
+        out |= {name: {"stage": "compress", "parents": [c.source]} for name, c in self.compress.items()}
+        return out
+
+    def seeds_of(self, entry: str, _seen: frozenset = frozenset()) -> list[int | None]:
+        """The seeds entry `entry` is trained with, study.seed first, then its replicas: its own
+        study.replicas_of, else study.replicas, less those the model it is made from lacks (a model of
+        seed s is made from its parent's model of seed s); [None] for an import, one checkpoint."""
+        if entry in self.imports:
+            return [None]
+        extra = self.study.replicas_of.get(entry)
+        if extra is None:
+            made_from = self.entries().get(entry, {"parents": []})["parents"][:1]
+            if not made_from or made_from[0] in self.imports:
+                extra = self.study.replicas
+            elif made_from[0] in _seen:                      # a lineage loop: reference_problems reports it
+                extra = []
+            else:
+                has = self.seeds_of(made_from[0], _seen | {entry})
+                extra = [s for s in self.study.replicas if s in has]
+        return [self.study.seed, *extra]
+
+    def instance(self, entry: str, seed: int | None) -> str:
+        """The model name of `entry` trained with `seed`: the entry's own name for study.seed (and an
+        import), <entry>-s<seed> for a replicate seed."""
+        return entry if seed is None or seed == self.study.seed else f"{entry}-s{seed}"
+
+    def instances(self, entry: str) -> dict[int | None, str]:
+        """seed -> model name, for each seed of `entry` (study.seed first)."""
+        return {seed: self.instance(entry, seed) for seed in self.seeds_of(entry)}
+
+    def parent_instance(self, parent: str, seed: int | None) -> str | None:
+        """The model of entry `parent` that a model of seed `seed` is made from: the parent's model of the
+        same seed, or its only model (an import, or a parent trained with one seed); None when it has
+        several but not that seed (replica_problems reports it)."""
+        seeds = self.seeds_of(parent)
+        if seed in seeds or len(seeds) == 1:
+            return self.instance(parent, seed if seed in seeds else seeds[0])
+        return None
 
     def models(self) -> dict[str, dict]:
-        """Every model of the study: name -> {stage, parents, dir}, in stage then declaration order.
-        Branches live under branches/<parent>/ (upcycle@ of that parent waits for all of them)."""
-        out = {name: {"stage": "pretrain", "parents": [], "dir": f"models/{name}"} for name in self.pretrain.variants}
-        out |= {name: {"stage": "import", "parents": [], "dir": f"models/{name}"} for name in self.imports}
-        for name, b in self.branch.items():
-            out[name] = {"stage": "branch", "parents": [b.parent], "dir": f"branches/{b.parent}/{name}"}
-        for name, u in self.upcycle.items():             # the parent, then the branches its experts come from
-            parents = list(dict.fromkeys([u.parent, *u.experts(self.branches_of(u.parent))]))
-            out[name] = {"stage": "upcycle", "parents": parents, "dir": f"models/{name}"}
-        for name, d in self.distill.items():
-            out[name] = {"stage": "distill", "parents": [d.teacher], "dir": f"models/{name}"}
-        for name, c in self.compress.items():
-            out[name] = {"stage": "compress", "parents": [c.source], "dir": f"models/{name}"}
+        """Every model of the study, one per entry and seed: name -> {stage, entry, seed, parents, dir,
+        group}, in stage then declaration order. `group` is its dvc.yaml stage group: the stage's name
+        (pretrain) for study.seed's models, <stage>-replica for a replicate seed's. Branches live under
+        branches/<parent>/ (upcycle@ of that parent waits for all of them)."""
+        entries, out = self.entries(), {}
+        for entry, e in entries.items():
+            for seed in self.seeds_of(entry):
+                name = self.instance(entry, seed)
+                parents = [self.parent_instance(p, seed) for p in e["parents"] if p in entries]
+                parents = [p for p in parents if p is not None]
+                replica = seed is not None and seed != self.study.seed
+                out[name] = {"stage": e["stage"], "entry": entry, "seed": seed, "parents": parents,
+                             "dir": f"branches/{parents[0]}/{name}" if e["stage"] == "branch" and parents
+                             else f"models/{name}",
+                             "group": e["stage"] + "-replica" * replica}
         return out
+
+    def find_model(self, name: str, stage: str | None = None) -> dict:
+        """models()[name], or one ParamsError naming the models the study (or `stage`) makes."""
+        models = self.models()
+        if name in models and stage in (None, models[name]["stage"]):
+            return models[name]
+        known = [n for n, m in models.items() if stage in (None, m["stage"])]
+        stale = (" (if dvc repro ran this, models/replicas.yaml is older than params.yaml: run `python -m "
+                 "tasks.validate`, then dvc repro)") if re.search(r"-s\d+$", name) else ""
+        raise ParamsError(f"unknown {stage or ''} model '{name}'{stale}: the study's {stage or ''} models are ".replace("  ", " ")
+                          + (", ".join(known) or "(none)"))
+
+    def branch_models(self, parent: str, seed: int | None) -> list[str]:
+        """The branch models of seed `seed` made from model `parent`, in declaration order (they live under
+        branches/<parent>/, with those of other seeds when the parent is an import)."""
+        return [n for n, m in self.models().items()
+                if m["stage"] == "branch" and m["parents"][:1] == [parent] and m["seed"] == seed]
 
     def evaluated(self) -> list[str]:
         """The models with metrics/<name>.json: all but branches (intermediate steps of btx/bam)."""
         return [name for name, m in self.models().items() if m["stage"] != "branch"]
+
+    def stage_of(self, name: str) -> str:
+        """The DVC stage that makes model `name`, e.g. pretrain@serial or pretrain-replica@serial-s2."""
+        return f"{self.models()[name]['group']}@{name}"
+
+    def replica_plan(self) -> dict:
+        """What dvc.yaml's *-replica stage groups iterate over (validate writes it to models/replicas.yaml):
+        per stage, each replicate seed's model -> {entry, seed, and the model it is made from}, and the
+        models evaluate-replica scores. dvc.yaml cannot cross params.yaml's entries with their seeds
+        itself: a `matrix` gives no access to an entry's parent."""
+        field = {"branch": "parent", "upcycle": "parent", "distill": "teacher", "compress": "source"}
+        plan = {stage: {} for stage in ("pretrain", "branch", "upcycle", "distill", "compress", "evaluate")}
+        for name, m in self.models().items():
+            if m["group"].endswith("-replica"):
+                made_from = {field[m["stage"]]: m["parents"][0]} if m["stage"] in field else {}
+                plan[m["stage"]][name] = {"entry": m["entry"], "seed": m["seed"], **made_from}
+                if m["stage"] != "branch":
+                    plan["evaluate"][name] = {"entry": m["entry"], "seed": m["seed"]}
+        return plan
 
     def model_dir(self, name: str) -> Path:
         return Path(self.models()[name]["dir"])
@@ -604,7 +701,7 @@ def semantic_problems(study: Study) -> list[str]:
         for problem in cfg.problems() + size_problems(cfg, study.data.vocab_size):
             if problem not in base:
                 p.append(f"pretrain.variants.{name}: {problem}")
-    p += reference_problems(study) + tokenizer_problems(study)
+    p += reference_problems(study) + replica_problems(study) + tokenizer_problems(study)
     p += branch_problems(study) + upcycle_problems(study) + distill_problems(study) + compress_problems(study)
     p += claim_problems(study)
     for i, pair in enumerate(study.report.comparisons):
@@ -660,13 +757,13 @@ def _unknown(kind: str, name: str, known: list[str]) -> str:
 
 def reference_problems(study: Study) -> list[str]:
     """Every parent/teacher/source names a model that exists and comes earlier in the DAG."""
-    p, variants, models = [], study.roots(), study.models()
+    p, variants, models = [], study.roots(), study.entries()
     for section, entries, field, allowed in (
             ("branch", study.branch, "parent", variants), ("upcycle", study.upcycle, "parent", variants),
             ("distill", study.distill, "teacher", None), ("compress", study.compress, "source", None)):
         for name, entry in entries.items():
             ref = getattr(entry, field)
-            known = allowed if allowed is not None else [m for m in study.evaluated() if m != name]
+            known = allowed if allowed is not None else [m for m, e in models.items() if e["stage"] != "branch" and m != name]
             if ref not in known:
                 what = "pretrain variant or import" if allowed is not None else "model"
                 p.append(f"{section}.{name}.{field}: {_unknown(what, ref, known)}")
@@ -689,6 +786,52 @@ def reference_problems(study: Study) -> list[str]:
             p.append(f"upcycle.{name}: its parent '{u.parent}' has no branches; dvc.yaml makes every upcycle of a "
                      f"parent wait for branches/{u.parent}/: declare at least one `branch` entry with "
                      f"parent: {u.parent} (btx and bam make one expert of each)")
+    return p
+
+
+def replica_problems(study: Study) -> list[str]:
+    """Replicate seeds: distinct and other than study.seed, given to models that train, and every model of
+    a seed finds the models it is made from (its parent's model of that seed, or the parent's only one)."""
+    p, entries, seed = [], study.entries(), study.study.seed
+    for where, seeds in (("study.replicas", study.study.replicas),
+                         *((f"study.replicas_of.{name}", s) for name, s in study.study.replicas_of.items())):
+        if len(set(seeds)) != len(seeds):
+            p.append(f"{where}: {seeds} repeats a seed; each replica is one more seed: list each once")
+        if seed in seeds:
+            p.append(f"{where}: {seed} is study.seed, whose models every model has already; list other seeds")
+    for name in study.study.replicas_of:
+        if name in study.imports:
+            p.append(f"study.replicas_of.{name}: an imported checkpoint is one model, trained by someone else; "
+                     f"replicate the models made from it instead")
+        elif name not in entries:
+            p.append(f"study.replicas_of.{name}: {_unknown('model', name, [e for e in entries if e not in study.imports])}")
+    for entry, e in entries.items():
+        for s in study.seeds_of(entry):
+            name = study.instance(entry, s)
+            if name != entry and name in entries:
+                p.append(f"{e['stage']}.{entry}: its seed {s} model would be named '{name}', like another model of the "
+                         f"study: rename that one")
+            elif not NAME_RE.match(name):
+                p.append(f"{e['stage']}.{entry}: its seed {s} model's name '{name}' is too long for a path or "
+                         f"stage name (64 characters): shorten the name or pick a smaller seed")
+            for parent in e["parents"]:
+                if parent in entries and study.parent_instance(parent, s) is None:
+                    p.append(f"{e['stage']}.{entry}: its seed {s} model is made from {parent}'s seed {s} model, but "
+                             f"{parent} is trained with seeds {study.seeds_of(parent)}: add {s} to {parent}'s "
+                             f"replicas, or set study.replicas_of.{entry} to seeds {parent} has")
+    models = study.models()
+    for name, m in models.items():            # an upcycle's experts: branches of its own parent's model
+        if m["stage"] == "upcycle":
+            branched = [b for b, mb in models.items() if mb["stage"] == "branch" and mb["parents"][:1] == m["parents"][:1]]
+            if m["parents"] and m["seed"] != seed and not branched:   # study.seed's: reference_problems says it
+                p.append(f"upcycle.{m['entry']}: its seed {m['seed']} model's parent {m['parents'][0]} has no branches; "
+                         f"dvc.yaml makes it wait for branches/{m['parents'][0]}/: give a branch of "
+                         f"{models[m['parents'][0]]['entry']} seed {m['seed']}")
+            for branch in m["parents"][1:]:
+                if models[branch]["parents"][:1] != m["parents"][:1] or models[branch]["seed"] != m["seed"]:
+                    p.append(f"upcycle.{m['entry']}: its seed {m['seed']} model takes its experts from the branches "
+                             f"of {m['parents'][0]}, but branch {models[branch]['entry']} has no seed {m['seed']} "
+                             f"model: give {models[branch]['entry']} the seeds of {m['entry']}")
     return p
 
 

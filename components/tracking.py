@@ -174,10 +174,12 @@ def stage_run(study, stage: str, model: str | None = None, parents=(), params: d
     if not enabled or not connect(study):
         yield None
         return
+    made = study.models().get(model, {})                # the entry and seed: replicate seeds side by side
     all_tags = {"stage": stage, "dvc_stage": os.environ.get("DVC_STAGE", ""), "git_commit": git_commit(),
                 "dvc_exp": dvc_experiment(),
                 "data_sha256": data_sha256(), "study": study.study.name,
-                **({"model": model, "parents": ",".join(parents)} if model else {}), **(tags or {})}
+                **({"model": model, "parents": ",".join(parents)} if model else {}),
+                **({"entry": made["entry"], "seed": str(made["seed"])} if made else {}), **(tags or {})}
     if parent := os.environ.get(PARENT_RUN_ENV):       # set by flows/pipeline.py: nest under its run
         all_tags |= {"mlflow.parentRunId": parent, "pipeline_run_id": parent}
     name = f"{stage}@{model}" if model else stage

@@ -43,9 +43,11 @@ from prefect.states import Completed
 
 from components import tracking
 from components.errors import ParamsError
+from components.files import write_atomic
 from components.params import load_study
 from flows import travel
 from flows.travel import StageFailed
+from tasks.validate import REPLICAS, replicas
 
 RETRY_DELAY_S = 2
 # Prefect's temporary server took 11-15 s to start on a fresh PREFECT_HOME (database migrations) on
@@ -156,6 +158,7 @@ def preflight(targets: list[str], task_runner: str = "thread", address: Optional
     None when stages run here (thread runner), else where cluster workers get the project."""
     check_dvc_project()
     study = load_study()                       # lists every problem of params.yaml with its fix
+    write_atomic(REPLICAS, replicas(study))    # dvc.yaml's replicate-seed stages as params.yaml has them now
     plan = plan_stages(targets)
     tracking.connect(study)                    # an unreachable MLflow backend (tracking.required: true)
     names = plan.every + sorted({n.split("@")[0] for n in plan.every}) + ["default"]

@@ -21,7 +21,7 @@ import lightning.pytorch as L
 from components import tracking
 from components.artifacts import PREPARED, dumps, load_input, prepared_meta, save_model_dir, short_hash
 from components.data import load_tokens
-from components.errors import ParamsError, cli
+from components.errors import cli
 from components.files import write_atomic
 from components.lit import LitLM, LMDataModule, TrainingCurve, fit, global_rank0
 from components.params import load_study
@@ -29,16 +29,15 @@ from components.params import load_study
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("name", help="a key of the branch section of params.yaml")
+    parser.add_argument("name", help="a key of the branch section of params.yaml, or <key>-s<seed> for a replicate seed")
     args = parser.parse_args(argv)
     study = load_study()
-    if args.name not in study.branch:
-        raise ParamsError(f"unknown branch '{args.name}': the branch section has {', '.join(study.branch) or '(none)'}")
-    entry = study.branch[args.name]
+    m = study.find_model(args.name, "branch")
+    entry, parent, seed = study.branch[m["entry"]], m["parents"][0], m["seed"]   # the parent's model of this seed
     data_meta = prepared_meta(entry.domain)
-    model, parent_meta = load_input(study, entry.parent, data_meta, f"branch.{args.name}.parent", "parent")
-    cfg, train, seed = model.cfg, study.stage_train(entry), study.study.seed
-    data_seed = int(short_hash({"seed": seed, "branch": args.name}), 16) % 2**31   # not the parent's batches
+    model, parent_meta = load_input(study, parent, data_meta, f"branch.{m['entry']}.parent", "parent")
+    cfg, train = model.cfg, study.stage_train(entry)
+    data_seed = int(short_hash({"seed": seed, "branch": m["entry"]}), 16) % 2**31   # not the parent's batches
     params_hash = short_hash({"stage": "branch", "parent": parent_meta["params_hash"], "model": cfg.to_dict(),
                               "train": train.model_dump(), "seed": data_seed, "domain": entry.domain,
                               "data": data_meta["sha256"]})
@@ -55,15 +54,15 @@ def main(argv: list[str]) -> None:
     # 2. Train (max_steps 0: the parent's copy as it is), resumable; only global rank 0 tracks and writes.
     ckpt_dir = Path("checkpoints") / args.name
     params = {"model": cfg.to_dict(), "train": train.model_dump(), "study": {"seed": seed},
-              "branch": {args.name: entry.model_dump()}}
-    with tracking.stage_run(study, "branch", model=args.name, parents=[entry.parent], params=params,
+              "branch": {m["entry"]: entry.model_dump()}}
+    with tracking.stage_run(study, "branch", model=args.name, parents=[parent], params=params,
                             tags={"domain": entry.domain}, enabled=global_rank0()) as run_id:
         if not fit(lit, data, curve, train, ckpt_dir, params_hash, tracking.lightning_logger(run_id)):
             return
 
         # 3. Outputs first (DVC's), then MLflow mirrors them; the checkpoint goes last.
         tokens = train.max_steps * train.batch_size * cfg.block_size
-        meta = {"stage": "branch", "parents": [entry.parent], "domain": entry.domain,
+        meta = {"stage": "branch", "entry": m["entry"], "seed": seed, "parents": [parent], "domain": entry.domain,
                 "data_sha256": data_meta["sha256"], "params_hash": params_hash,
                 "tokens_seen": parent_meta["tokens_seen"] + tokens, "steps": train.max_steps,
                 "params": lit.model.num_params()}
@@ -75,7 +74,7 @@ def main(argv: list[str]) -> None:
                               "tokens_seen": meta["tokens_seen"]})
         tracking.log_model_dir(out, study.tracking.log_models)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-    print(f"branch@{args.name}: {entry.parent} + {tokens:,} tokens of {entry.domain} in {curve.seconds:.1f} s, "
+    print(f"branch@{args.name}: {parent} + {tokens:,} tokens of {entry.domain} in {curve.seconds:.1f} s, "
           f"{entry.domain} val_loss {curve.rows[0]['val_loss']:.4f} -> {final['val_loss']:.4f}")
 
 

@@ -56,19 +56,19 @@ def compress(entry, source, batches: StepBatches) -> tuple:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("name", help="a key of the compress section of params.yaml")
+    parser.add_argument("name", help="a key of the compress section of params.yaml, or <key>-s<seed> for a replicate seed")
     args = parser.parse_args(argv)
     study = load_study()
-    if args.name not in study.compress:
-        raise ParamsError(f"unknown compress entry '{args.name}': compress has {', '.join(study.compress) or '(none)'}")
-    entry = study.compress[args.name]
+    m = study.find_model(args.name, "compress")
+    name, source_name, seed = m["entry"], m["parents"][0], m["seed"]   # the source's model of this seed
+    entry = study.compress[name]
     data_meta = prepared_meta()
-    source, src_meta = load_input(study, entry.source, data_meta, f"compress.{args.name}.source", "source")
-    src_size = (study.model_dir(entry.source) / "model.safetensors").stat().st_size
+    source, src_meta = load_input(study, source_name, data_meta, f"compress.{name}.source", "source")
+    src_size = (study.model_dir(source_name) / "model.safetensors").stat().st_size
     if problems := entry.source_problems(source.cfg):
-        raise ParamsError("\n".join(f"compress.{args.name}: {p}" for p in problems))
+        raise ParamsError("\n".join(f"compress.{name}: {p}" for p in problems))
     train = study.stage_train(entry)                           # int8: max_steps 0
-    seed, block_size = study.study.seed, source.cfg.block_size
+    block_size = source.cfg.block_size
     params_hash = short_hash({"source": src_meta["params_hash"], "compress": entry.model_dump(),
                               "train": train.model_dump(), "seed": seed, "data": data_meta["sha256"]})
 
@@ -89,7 +89,7 @@ def main(argv: list[str]) -> None:
     ckpt_dir = Path("checkpoints") / args.name
     params = {"model": model.cfg.to_dict(), "train": train.model_dump(), "compress": entry.model_dump(),
               "study": {"seed": seed}}
-    with tracking.stage_run(study, "compress", model=args.name, parents=[entry.source], params=params,
+    with tracking.stage_run(study, "compress", model=args.name, parents=[source_name], params=params,
                             tags={"method": entry.method}, enabled=global_rank0()) as run_id:
         if train.max_steps:
             model.train()                           # load_model_dir and the transforms leave eval mode
@@ -103,7 +103,7 @@ def main(argv: list[str]) -> None:
 
         # 3. Outputs first (DVC's), then MLflow mirrors them; the checkpoint goes last.
         tokens = train.max_steps * train.batch_size * block_size
-        meta = {"stage": "compress", "method": entry.method, "parents": [entry.source],
+        meta = {"stage": "compress", "entry": name, "seed": seed, "method": entry.method, "parents": [source_name],
                 "data_sha256": data_meta["sha256"], "params_hash": params_hash,
                 "tokens_seen": src_meta["tokens_seen"] + tokens, "steps": train.max_steps,
                 "params": model.num_params(), "source_params": source.num_params(), **settings}
@@ -117,7 +117,7 @@ def main(argv: list[str]) -> None:
         tracking.log_model_dir(out, study.tracking.log_models)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     final = settings.get("val_loss_recovered", settings["val_loss_compressed"])
-    print(f"compress@{args.name} ({entry.method} of {entry.source}): {meta['params']:,} params "
+    print(f"compress@{args.name} ({entry.method} of {source_name}): {meta['params']:,} params "
           f"({meta['params'] / meta['source_params']:.2f}x), {size_ratio:.2f}x the size; val_loss "
           f"{settings['val_loss_source']:.4f} -> {settings['val_loss_compressed']:.4f}"
           + (f" -> {final:.4f} after {train.max_steps} {entry.recover} steps" if train.max_steps else ""))

@@ -31,20 +31,19 @@ from components.params import load_study, teacher_init_problems
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("name", help="a key of the distill section of params.yaml")
+    parser.add_argument("name", help="a key of the distill section of params.yaml, or <key>-s<seed> for a replicate seed")
     args = parser.parse_args(argv)
     study = load_study()
-    if args.name not in study.distill:
-        raise ParamsError(f"unknown distill entry '{args.name}': the distill section has "
-                          f"{', '.join(study.distill) or '(none)'}")
-    entry = study.distill[args.name]
+    m = study.find_model(args.name, "distill")
+    name, teacher_name, seed = m["entry"], m["parents"][0], m["seed"]   # the teacher's model of this seed
+    entry = study.distill[name]
     data_meta = prepared_meta()
-    teacher, teacher_meta = load_input(study, entry.teacher, data_meta, f"distill.{args.name}.teacher", "teacher")
+    teacher, teacher_meta = load_input(study, teacher_name, data_meta, f"distill.{name}.teacher", "teacher")
     if entry.init == "teacher-every-other":
-        if problems := teacher_init_problems(teacher.cfg, study.student_overrides(args.name)):
-            raise ParamsError("\n".join(f"distill.{args.name}.{p} (teacher '{entry.teacher}')" for p in problems))
-    cfg = study.student_config(args.name, teacher.cfg)
-    train, seed, method = study.stage_train(entry), study.study.seed, method_name(entry.reverse, entry.hidden_weight)
+        if problems := teacher_init_problems(teacher.cfg, study.student_overrides(name)):
+            raise ParamsError("\n".join(f"distill.{name}.{p} (teacher '{teacher_name}')" for p in problems))
+    cfg = study.student_config(name, teacher.cfg)
+    train, method = study.stage_train(entry), method_name(entry.reverse, entry.hidden_weight)
     params_hash = short_hash({"model": cfg.to_dict(), "train": train.model_dump(), "seed": seed,
                               "data": data_meta["sha256"], "teacher": teacher_meta["params_hash"],
                               "distill": entry.model_dump()})
@@ -66,9 +65,9 @@ def main(argv: list[str]) -> None:
     # 2. Train (max_steps 0: the student as initialised), resumable; only global rank 0 tracks and writes.
     ckpt_dir = Path("checkpoints") / args.name
     params = {"model": cfg.to_dict(), "train": train.model_dump(), "study": {"seed": seed},
-              "distill": {args.name: entry.model_dump(exclude_none=True)}}
-    with tracking.stage_run(study, "distill", model=args.name, parents=[entry.teacher], params=params,
-                            tags={"method": method, "teacher": entry.teacher, "init": entry.init},
+              "distill": {name: entry.model_dump(exclude_none=True)}}
+    with tracking.stage_run(study, "distill", model=args.name, parents=[teacher_name], params=params,
+                            tags={"method": method, "teacher": teacher_name, "init": entry.init},
                             enabled=global_rank0()) as run_id:
         if not fit(lit, data, curve, train, ckpt_dir, params_hash, tracking.lightning_logger(run_id)):
             return
@@ -76,7 +75,8 @@ def main(argv: list[str]) -> None:
         # 3. Outputs first (DVC's), then MLflow mirrors them; the checkpoint goes last.
         tokens = train.max_steps * train.batch_size * cfg.block_size
         inherited = teacher_meta["tokens_seen"] if entry.init == "teacher-every-other" else 0
-        meta = {"stage": "distill", "method": method, "parents": [entry.teacher], "teacher": entry.teacher,
+        meta = {"stage": "distill", "entry": name, "seed": seed, "method": method, "parents": [teacher_name],
+                "teacher": teacher_name,
                 "init": entry.init, "alpha": entry.alpha, "temperature": entry.temperature, "reverse": entry.reverse,
                 "hidden_weight": entry.hidden_weight, "data_sha256": data_meta["sha256"], "params_hash": params_hash,
                 "tokens_seen": inherited + tokens, "teacher_tokens_seen": teacher_meta["tokens_seen"],
@@ -89,7 +89,7 @@ def main(argv: list[str]) -> None:
                               "train_seconds": curve.seconds, "tokens_seen": meta["tokens_seen"]})
         tracking.log_model_dir(out, study.tracking.log_models)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-    print(f"distill@{args.name} ({method} from {entry.teacher}): {meta['params']:,} params "
+    print(f"distill@{args.name} ({method} from {teacher_name}): {meta['params']:,} params "
           f"(teacher {meta['teacher_params']:,}), {tokens:,} tokens in {curve.seconds:.1f} s, "
           f"val_loss {final['val_loss']:.4f}")
 

@@ -1,12 +1,15 @@
-"""evaluate@<model>: quality, size and speed of one model -> metrics/<model>.json.
+"""evaluate@<model>: quality, size and speed of one model -> metrics/<model>.json, metrics/windows/<model>.csv.
 
     python -m tasks.evaluate parallel       # what `dvc repro evaluate@parallel` runs
 
 Separate from training, so changing `evaluate` settings never retrains. Runs on the accelerator the
 study trains on (train.accelerator; auto: cuda, else mps, else the CPU), recorded as `device`.
-Quality: mean next-token loss over non-overlapping validation windows, its perplexity, and bits per
-byte (tokenizer-independent). Speed: batch-1 prefill and KV-cached decode tokens/s, the median of
-`speed_runs` timed runs after `speed_warmup` untimed ones, with the thread count recorded.
+Quality: mean next-token loss over the non-overlapping block_size windows of the whole validation split
+(evaluate.max_tokens: of its start only), its perplexity, and bits per byte (tokenizer-independent); the
+same for each data.domains entry's own validation split (domain.<d>.val_loss, ...). Each scored window's
+token count, byte count and summed loss go to metrics/windows/<model>.csv, for resampling. Speed: batch-1
+prefill and KV-cached decode tokens/s, the median of `speed_runs` timed runs after `speed_warmup` untimed
+ones, with the thread count recorded.
 lm-eval tasks (`evaluate.tasks`, needs `pip install -e '.[eval]'`): scored through components/harness.py
 on the model already loaded, as flat numbers `lm_eval.<task>.<metric>` (acc, acc_norm, their stderr, ...);
 the task names are checked when the stage starts, before any compute.
@@ -34,25 +37,36 @@ from components.tokenizer import Tokenizer
 
 
 @torch.inference_mode()
-def quality(model, tokens: np.ndarray, token_bytes: torch.Tensor, max_tokens: int, batch_size: int) -> dict:
-    """Loss, perplexity and bits per byte over non-overlapping windows of the first max_tokens, on the
-    model's device (token_bytes: there too)."""
+def window_losses(model, tokens: np.ndarray, token_bytes: torch.Tensor, max_tokens: int | None, batch_size: int,
+                  what: str = "the validation split") -> tuple[list[tuple[int, int, float]], int]:
+    """(tokens, bytes, summed nats) of each non-overlapping block_size window of `tokens`, in order: all of
+    them, or those within the first max_tokens. Also how many windows the split holds. On the model's device
+    (token_bytes: there too)."""
     T, device = model.cfg.block_size, token_bytes.device
-    n_windows = (min(max_tokens, len(tokens) - 1)) // T
+    if max_tokens is not None and max_tokens < T:
+        raise ParamsError(f"evaluate.max_tokens={max_tokens} is less than one window of the model's block_size "
+                          f"{T}: raise it, or set it to null to score every window")
+    available = (len(tokens) - 1) // T                        # the last window needs one more token: its target
+    n_windows = available if max_tokens is None else min(available, max_tokens // T)
     if n_windows == 0:
-        raise ParamsError(f"the validation split has {len(tokens)} tokens, fewer than one window of "
-                          f"block_size+1={T + 1}: raise data.val_fraction or use a bigger corpus")
+        raise ParamsError(f"{what} has {len(tokens)} tokens, fewer than one window of block_size+1={T + 1}: "
+                          f"raise data.val_fraction or use a bigger corpus")
     offsets = [i * T for i in range(n_windows)]
-    nll, n_bytes = 0.0, 0
+    windows = []
     for i in range(0, n_windows, batch_size):
         x, y = window_batch(tokens, offsets[i:i + batch_size], T)
         x, y = x.to(device), y.to(device)
-        logits = model(x)
-        nll += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
-        n_bytes += int(token_bytes[y].sum())
-    n = n_windows * T
-    return {"val_loss": nll / n, "val_ppl": math.exp(nll / n), "val_bpb": nll / (math.log(2) * n_bytes),
-            "val_tokens": n, "val_bytes": n_bytes}
+        nll = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten(), reduction="none").view(y.shape)  # (B, T)
+        windows += zip([T] * len(y), token_bytes[y].sum(1).tolist(), nll.sum(1).tolist())
+    return windows, available
+
+
+def quality(windows: list[tuple[int, int, float]], available: int) -> dict:
+    """Loss, perplexity and bits per byte of the scored windows, and the share of the split's windows they are.
+    Summed window by window in order, so metrics/windows/<name>.csv's rows reproduce them exactly."""
+    n, n_bytes, nll = map(sum, zip(*windows))
+    return {"val_loss": nll / n, "val_ppl": math.exp(nll / n), "val_bpb": nll / n_bytes / math.log(2),
+            "val_tokens": n, "val_bytes": n_bytes, "val_share": len(windows) / available}
 
 
 def median_seconds(timed_fn, warmup: int, runs: int) -> float:
@@ -158,6 +172,9 @@ def main(argv: list[str]) -> None:
     if args.name not in study.evaluated():
         raise ParamsError(f"unknown model '{args.name}': the study evaluates {', '.join(study.evaluated())}")
     ev = study.evaluate
+    if "all" in study.data.domains:
+        raise ParamsError("data.domains.all: metrics/windows/<model>.csv names the whole validation split 'all', "
+                          "so a domain cannot be called that: rename it")
     device = resolve_device(study.train.accelerator)
     lm_eval_manager = lm_eval_tasks(ev)
     if ev.threads:
@@ -169,15 +186,29 @@ def main(argv: list[str]) -> None:
     val = load_tokens(PREPARED, "val")
 
     token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)
-    metrics = quality(model, val, token_bytes, ev.max_tokens, ev.batch_size)
+    windows, available = window_losses(model, val, token_bytes, ev.max_tokens, ev.batch_size)
+    metrics = quality(windows, available)
+    rows = [("all", i, *w) for i, w in enumerate(windows)]
+    for domain in study.data.domains:                           # scored alike, over each domain's own val.bin
+        windows, available = window_losses(model, load_tokens(PREPARED, f"domains/{domain}/val"), token_bytes,
+                                           ev.max_tokens, ev.batch_size, f"domain {domain}'s validation split")
+        metrics |= {f"domain.{domain}.{k}": v for k, v in quality(windows, available).items()
+                    if k in ("val_loss", "val_bpb", "val_tokens")}
+        rows += [(domain, i, *w) for i, w in enumerate(windows)]
     prompt = torch.from_numpy(np.asarray(val[:ev.prompt_tokens], dtype=np.int64))[None].to(device)
     metrics |= speed(model, prompt, ev.decode_tokens, ev.speed_warmup, ev.speed_runs)
     metrics |= {"params": model.num_params(), "active_params": model.num_active_params(),
                 "size_bytes": (model_dir / "model.safetensors").stat().st_size,
                 "train_tokens": meta["tokens_seen"], "device": device_name(device),
                 "threads": torch.get_num_threads()}
+    # what training cost in compute, where the model's stage recorded it (models trained before it did: absent)
+    metrics |= {k: meta[k] for k in ("flops_per_token", "train_flops", "total_train_flops") if k in meta}
     if lm_eval_manager is not None:
         metrics |= lm_eval_scores(model, tokenizer, ev, lm_eval_manager)
+    # Every scored window's sums, so the report can resample windows (paired across models: the same
+    # tokenizer and block_size give the same windows). repr: the floats read back bit for bit.
+    table = "".join(f"{split},{i},{n},{n_bytes},{loss!r}\n" for split, i, n, n_bytes, loss in rows)
+    write_atomic(Path("metrics/windows") / f"{args.name}.csv", "split,window,tokens,bytes,loss\n" + table)
     write_atomic(Path("metrics") / f"{args.name}.json", dumps(metrics))
 
     # MLflow mirrors the metrics file exactly (its one text value, the device, as a tag), with the

@@ -20,7 +20,7 @@ import lightning.pytorch as L
 from components import tracking
 from components.artifacts import PREPARED, dumps, prepared_meta, save_model_dir, short_hash
 from components.data import load_tokens
-from components.errors import ParamsError, cli
+from components.errors import cli
 from components.files import write_atomic
 from components.lit import LitLM, LMDataModule, TrainingCurve, check_launcher, fit, global_rank0
 from components.params import load_study
@@ -28,14 +28,13 @@ from components.params import load_study
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("name", help="a key of pretrain.variants in params.yaml")
+    parser.add_argument("name", help="a key of pretrain.variants in params.yaml, or <key>-s<seed> for a replicate seed")
     args = parser.parse_args(argv)
     study = load_study()
-    if args.name not in study.pretrain.variants:
-        raise ParamsError(f"unknown variant '{args.name}': pretrain.variants has {', '.join(study.pretrain.variants)}")
+    variant, seed = (m := study.find_model(args.name, "pretrain"))["entry"], m["seed"]
     data_meta = prepared_meta()
-    cfg = study.variant_config(args.name, vocab_size=data_meta["vocab_size"])
-    train, seed = study.train, study.study.seed
+    cfg = study.variant_config(variant, vocab_size=data_meta["vocab_size"])
+    train = study.train
     check_launcher(train)          # num_nodes > 1: torchrun or srun started this on every node
     params_hash = short_hash({"model": cfg.to_dict(), "train": train.model_dump(), "seed": seed,
                               "data": data_meta["sha256"]})
@@ -51,16 +50,16 @@ def main(argv: list[str]) -> None:
     # 2. Train, resuming an interrupted run of the same inputs; only global rank 0 tracks and writes.
     ckpt_dir = Path("checkpoints") / args.name
     params = {"model": cfg.to_dict(), "train": train.model_dump(), "study": {"seed": seed},
-              "pretrain": {"variants": {args.name: study.pretrain.variants[args.name].model_dump(exclude_none=True)}}}
+              "pretrain": {"variants": {variant: study.pretrain.variants[variant].model_dump(exclude_none=True)}}}
     with tracking.stage_run(study, "pretrain", model=args.name, params=params, enabled=global_rank0(),
-                            tags={"variant": args.name, "params_hash": params_hash}) as run_id:
+                            tags={"variant": variant, "params_hash": params_hash}) as run_id:
         if not fit(lit, data, curve, train, ckpt_dir, params_hash, tracking.lightning_logger(run_id)):
             return
 
         # 3. Outputs first (DVC's), then MLflow mirrors them; the checkpoint goes last, so a
         #    tracking failure here costs a rerun that resumes from it, not the training.
         tokens = train.max_steps * train.batch_size * cfg.block_size
-        meta = {"stage": "pretrain", "variant": args.name, "parents": [], "data_sha256": data_meta["sha256"],
+        meta = {"stage": "pretrain", "variant": variant, "seed": seed, "parents": [], "data_sha256": data_meta["sha256"],
                 "params_hash": params_hash, "tokens_seen": tokens, "steps": train.max_steps,
                 "params": lit.model.num_params()}
         out = study.model_dir(args.name)

@@ -7,7 +7,7 @@ params.yaml `upcycle.<name>`: parent, method, the method's settings (its class i
 and max_steps/lr/min_lr/warmup_steps over `train`. The transform is components/upcycle.py; the
 training is pretrain's, starting from the transformed model, with one extra curve row at step 0
 (the val loss right after the transform). The mix-phase batches are drawn from a seed of
-(study.seed, parent): every method of a parent sees the same batches, none of the parent's.
+(seed, parent): every method of a parent's model sees the same batches, none of the parent's.
 Writes models/<name>/; meta.json records method, parents, experts (the model each expert comes
 from) and extra_tokens (tokens trained beyond the parent: its branches' and this stage's). The
 training time goes to metrics/train/<name>.json (the report adds the branches' to btx/bam's).
@@ -35,19 +35,20 @@ from components.upcycle import upcycle_state_dict
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("name", help="a key of the upcycle section of params.yaml")
+    parser.add_argument("name", help="a key of the upcycle section of params.yaml, or <key>-s<seed> for a replicate seed")
     args = parser.parse_args(argv)
     study = load_study()
-    if args.name not in study.upcycle:
-        raise ParamsError(f"unknown upcycle '{args.name}': the upcycle section has {', '.join(study.upcycle) or '(none)'}")
-    entry, parents = study.upcycle[args.name], study.models()[args.name]["parents"]
+    m = study.find_model(args.name, "upcycle")
+    parents, seed = m["parents"], m["seed"]
+    # the entry as this seed's model reads it: made from the parent's model of the same seed
+    entry = study.upcycle[m["entry"]].model_copy(update={"parent": parents[0]})
     data_meta = prepared_meta()
-    sources = load_sources(study, args.name, parents, data_meta)    # name -> (model, meta), checked alike
-    if problems := upcycle_parent_problems(study, args.name, sources[entry.parent][0].cfg):   # imports: first here
+    sources = load_sources(study, m["entry"], parents, data_meta)    # name -> (model, meta), checked alike
+    if problems := upcycle_parent_problems(study, m["entry"], sources[entry.parent][0].cfg):   # imports: first here
         raise ParamsError("\n".join(problems))
-    experts = entry.experts(study.branches_of(entry.parent))     # the model each expert comes from
-    model = transform(entry, sources, experts, study.study.seed)
-    cfg, train, seed = model.cfg, study.stage_train(entry), study.study.seed
+    experts = entry.experts(study.branch_models(entry.parent, seed))   # the model each expert comes from
+    model = transform(entry, sources, experts, seed)
+    cfg, train = model.cfg, study.stage_train(entry)
     data_seed = int(short_hash({"seed": seed, "mix": entry.parent}), 16) % 2**31
     params_hash = short_hash({"stage": "upcycle", "sources": {n: m["params_hash"] for n, (_, m) in sources.items()},
                               "model": cfg.to_dict(), "upcycle": entry.model_dump(), "train": train.model_dump(),
@@ -65,14 +66,15 @@ def main(argv: list[str]) -> None:
     #    rank 0 tracks and writes.
     ckpt_dir = Path("checkpoints") / args.name
     params = {"model": cfg.to_dict(), "train": train.model_dump(), "study": {"seed": seed},
-              "upcycle": {args.name: entry.model_dump()}}
+              "upcycle": {m["entry"]: entry.model_dump()}}
     with tracking.stage_run(study, "upcycle", model=args.name, parents=parents, params=params,
                             tags={"method": entry.method}, enabled=global_rank0()) as run_id:
         if not fit(lit, data, curve, train, ckpt_dir, params_hash, tracking.lightning_logger(run_id)):
             return
 
         # 3. Outputs first (DVC's), then MLflow mirrors them; the checkpoint goes last.
-        meta = upcycle_meta(entry, parents, experts, sources, data_meta, params_hash, train, cfg, lit.model)
+        meta = {"entry": m["entry"], "seed": seed} | upcycle_meta(entry, parents, experts, sources, data_meta,
+                                                                 params_hash, train, cfg, lit.model)
         out = study.model_dir(args.name)
         save_model_dir(out, lit.model.cpu(), meta, {"curve.csv": curve.csv()})
         write_atomic(study.train_metrics(args.name), dumps(curve.timing()))

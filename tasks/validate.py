@@ -12,6 +12,12 @@ parents and method as labels). dvc.yaml's top-level `plots:` and `artifacts:` ca
 over params.yaml, so this file lists the models one by one; DVC refuses a dvc.yaml as a stage
 output, so it is written here as a side effect, only when its content changes, and committed to
 git like dvc.lock (tests/tasks/test_validate.py checks the committed one is current).
+
+It also writes models/replicas.yaml, the models of replicate seeds (study.replicas) that dvc.yaml's
+*-replica stage groups iterate over: dvc.yaml cannot cross params.yaml's entries with their seeds
+itself. DVC reads that file when `dvc repro` starts, before this stage runs, so when params.yaml
+changed which replicas exist, the stage rewrites the file and stops the repro (`--stage`): run it
+again. `make repro` and the Prefect flow run `python -m tasks.validate` first, so they never stop there.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from components.tokenizer import hf_files
 
 OK = Path("data/params.ok")
 VIEWS = Path("models/dvc.yaml")
+REPLICAS = Path("models/replicas.yaml")
 HEADER = ("# DVC's views of every model of the study: `dvc plots show` overlays their training curves, and\n"
           "# each model is a DVC artifact (type: model). Written by tasks/validate.py from params.yaml; do not edit.\n")
 
@@ -38,7 +45,8 @@ def views(study: Study) -> str:
 
     models = study.models()
     rel = {name: posixpath.relpath(m["dir"], VIEWS.parent.as_posix()) for name, m in models.items()}
-    trained = [name for name in models if not isinstance(study.compress.get(name), Int8) and name not in study.imports]
+    trained = [name for name, m in models.items()
+               if not isinstance(study.compress.get(m["entry"]), Int8) and m["stage"] != "import"]
     plot = {"template": "curves", "title": "validation loss vs tokens of each model's own stage", "x": "tokens",
             "y": {f"{rel[name]}/curve.csv": "val_loss" for name in trained}}
     artifacts = {name: {"path": rel[name], "type": "model", "desc": describe(name, m),
@@ -49,26 +57,39 @@ def views(study: Study) -> str:
     return HEADER + out.getvalue()
 
 
+def replicas(study: Study) -> str:
+    """models/replicas.yaml's text: {replica: Study.replica_plan()}, for dvc.yaml's `vars`."""
+    from ruamel.yaml import YAML
+
+    yaml, out = YAML(typ="safe", pure=True), io.StringIO()
+    yaml.default_flow_style, yaml.sort_base_mapping_type_on_output, yaml.width = False, False, 4096
+    yaml.dump({"replica": study.replica_plan()}, out)
+    return ("# The models of replicate seeds (study.replicas): <entry>-s<seed> -> its entry, seed and the model it is\n"
+            "# made from, for dvc.yaml's *-replica stages. Written by tasks/validate.py from params.yaml; do not edit.\n"
+            + out.getvalue())
+
+
 def describe(name: str, model: dict) -> str:
-    made = f"made by dvc stage {model['stage']}@{name}"
+    made = f"made by dvc stage {model['group']}@{name}"
     return made + (f" from {', '.join(model['parents'])}" if model["parents"] else "")
 
 
 def labels(study: Study, name: str, model: dict) -> list[str]:
-    """[stage, how it was made (preset, domain, init or method), parent:<name> for each parent]."""
-    stage = model["stage"]
+    """[stage, how it was made (preset, domain, init or method), seed:<seed>, parent:<name> for each parent]."""
+    stage, entry = model["stage"], model["entry"]
     if stage == "pretrain":
-        preset = study.pretrain.variants[name].preset
+        preset = study.pretrain.variants[entry].preset
         how = [f"preset:{preset}"] if preset else []
     elif stage == "branch":
-        how = [f"domain:{study.branch[name].domain}"]
+        how = [f"domain:{study.branch[entry].domain}"]
     elif stage == "import":
-        how = [f"source:{study.imports[name].hf or study.imports[name].path}"]
+        how = [f"source:{study.imports[entry].hf or study.imports[entry].path}"]
     elif stage == "distill":
-        how = [f"init:{study.distill[name].init}"]
+        how = [f"init:{study.distill[entry].init}"]
     else:                                              # upcycle, compress: one class per method
-        how = [f"method:{getattr(study, stage)[name].method}"]
-    return [stage, *how, *(f"parent:{p}" for p in model["parents"])]
+        how = [f"method:{getattr(study, stage)[entry].method}"]
+    seed = [f"seed:{model['seed']}"] if model["seed"] is not None else []
+    return [stage, *how, *seed, *(f"parent:{p}" for p in model["parents"])]
 
 
 def path_problems(study: Study) -> list[str]:
@@ -84,13 +105,24 @@ def path_problems(study: Study) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stage", action="store_true",
+                        help="as dvc.yaml's validate stage: stop when models/replicas.yaml was out of date")
+    args = parser.parse_args(argv)
     study = load_study()
     if problems := path_problems(study):
         raise ParamsError(format_problems(Path("params.yaml"), problems))
+    stale = write_atomic(REPLICAS, replicas(study))
     write_atomic(VIEWS, views(study))
+    if stale and args.stage:
+        raise ParamsError(f"{REPLICAS}, the models of replicate seeds that dvc.yaml reads, was older than params.yaml "
+                          f"(study.replicas, or the models made from them); it is rewritten now, but this `dvc repro` "
+                          f"planned its stages from the old one: run `dvc repro` again (`make repro` and the Prefect "
+                          f"flow run `python -m tasks.validate` first, which avoids this stop)")
     write_atomic(OK, "params.yaml is valid\n")
-    print(f"params.yaml is valid: study '{study.study.name}' with {len(study.models())} models")
+    n = sum(m["seed"] not in (None, study.study.seed) for m in study.models().values())
+    print(f"params.yaml is valid: study '{study.study.name}' with {len(study.models())} models"
+          + (f" ({n} of replicate seeds)" if n else ""))
 
 
 if __name__ == "__main__":

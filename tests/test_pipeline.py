@@ -21,6 +21,7 @@ from dvc.repo import Repo
 
 from components.params import load_study
 from components.tokenizer import Tokenizer
+from tasks import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = load_study(ROOT / "tests/smoke/params.yaml")
@@ -30,13 +31,13 @@ NAMES = SMOKE.evaluated()                      # the ones with metrics/<name>.js
 
 def stage_of(name: str) -> str:
     """The DVC stage that makes a model, and the one that evaluates it."""
-    kind = MODELS[name]["stage"]
-    return f"{kind}@{name}"
+    return SMOKE.stage_of(name)
 
 
 def evaluate_stage(name: str) -> str:
-    kind = MODELS[name]["stage"]
-    return f"evaluate@{name}" if kind == "pretrain" else f"evaluate-{kind}@{name}"
+    group = MODELS[name]["group"]
+    return (f"evaluate@{name}" if group == "pretrain" else "evaluate-replica@" + name if group.endswith("-replica")
+            else f"evaluate-{group}@{name}")
 QUALITY = ["val_loss", "val_ppl", "val_bpb", "params", "active_params", "size_bytes", "train_tokens"]
 CONTRACT = QUALITY + ["prefill_tokens_per_s", "decode_tokens_per_s", "device", "threads"]
 TRAIN_CONTRACT = ["train_seconds", "tokens_per_s", "device", "world_size", "precision", "threads"]  # metrics/train/
@@ -70,6 +71,7 @@ def make_repo(repo: Path, params: str) -> Path:
             (repo / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, repo / f)
     (repo / "params.yaml").write_text(params)
+    (repo / validate.REPLICAS).write_text(validate.replicas(load_study(repo / "params.yaml")))   # as make repro does
     sh(repo, "git", "init", "-q")
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "study")
@@ -98,7 +100,7 @@ def test_repro_builds_every_model_metric_and_report(repo, built):
         assert f"Running stage '{stage_of(name)}'" in built
         assert {"model.safetensors", "config.json", "meta.json"} <= {p.name for p in (repo / info["dir"]).iterdir()}
         meta = json.loads((repo / info["dir"] / "meta.json").read_text())
-        assert (meta["stage"], meta["parents"]) == (info["stage"], info["parents"])
+        assert (meta["stage"], meta["parents"], meta.get("seed")) == (info["stage"], info["parents"], info["seed"])
         timing = json.loads((repo / "metrics/train" / f"{name}.json").read_text())
         assert set(TRAIN_CONTRACT) <= set(timing) and (timing["train_seconds"] > 0) == (meta["steps"] > 0)
     for name in NAMES:
@@ -155,6 +157,29 @@ def test_second_repro_is_a_no_op(repo, built):
 
 
 @pytest.mark.slow
+def test_a_seed_added_trains_only_its_models_and_dropped_deletes_nothing(repo, built):
+    """serial's third seed: validate lists its models, then only they (and the report) run; the seeds'
+    models are paired: serial-s2 trained on other batches from another init than serial."""
+    params = (repo / "params.yaml").read_text()
+    assert MODELS["serial-s2"]["seed"] == 2 and sha(repo / "models/serial-s2/model.safetensors") != \
+        sha(repo / "models/serial/model.safetensors")
+    try:
+        (repo / "params.yaml").write_text(params.replace("    serial: [2]\n", "    serial: [2, 3]\n"))
+        sh(repo, "python", "-m", "tasks.validate")                       # what make repro does first
+        ran = re.findall(r"Running stage '([^']+)'", sh(repo, "dvc", "repro").stdout)
+        assert sorted(ran) == ["corpus", "evaluate-replica@serial-s3", "pretrain-replica@serial-s3", "report",
+                               "validate"]
+        assert json.loads((repo / "models/serial-s3/meta.json").read_text())["seed"] == 3
+    finally:
+        (repo / "params.yaml").write_text(params)
+    sh(repo, "python", "-m", "tasks.validate")
+    ran = re.findall(r"Running stage '([^']+)'", sh(repo, "dvc", "repro").stdout)
+    assert sorted(ran) == ["corpus", "report", "validate"]               # the models of the other seeds stay
+    assert (repo / "models/serial-s3/model.safetensors").exists()         # DVC deletes no output of a dropped stage
+    assert "serial-s3" not in pd.read_csv(repo / "reports/summary.csv")["model"].tolist()
+
+
+@pytest.mark.slow
 def test_bad_params_stop_repro_before_any_compute(repo, built):
     params = (repo / "params.yaml").read_text()
     before = {p: p.stat().st_mtime_ns for p in (repo / "models").rglob("*")}
@@ -177,7 +202,7 @@ def test_plots_show_without_targets_overlays_every_curve_and_the_report_figures(
     assert not shown.get("errors")
     [curves] = shown["data"]["val_loss_vs_tokens"]
     points = pd.DataFrame(curves["content"]["data"]["values"])
-    trained = {n: m for n, m in MODELS.items() if m["stage"] != "import" and not n.endswith("-int8")}   # no curve:
+    trained = {n: m for n, m in MODELS.items() if m["stage"] != "import" and "int8" not in n}   # no curve:
                                                                                     # imported, int8 (never trained)
     assert points.groupby("filename").size().to_dict() == {
         f"{m['dir']}/curve.csv": len(pd.read_csv(repo / m["dir"] / "curve.csv")) for m in trained.values()}

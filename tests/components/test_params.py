@@ -28,7 +28,8 @@ def problems(tmp_path, text: str) -> str:
 def test_shipped_studies_are_valid(path):
     study = load_study(ROOT / path)
     assert {"serial", "parallel"} <= set(study.models())
-    assert any(study.variant_config(n, 256).n_kv_head < study.variant_config(n, 256).n_head for n in study.models())
+    assert any(study.variant_config(n, 256).n_kv_head < study.variant_config(n, 256).n_head
+               for n in study.pretrain.variants)
 
 
 def test_minimal_study_gets_defaults(tmp_path):
@@ -294,3 +295,51 @@ def test_unbounded_fusion_runs_are_refused_before_any_set_is_built(tmp_path):
 def test_upcycle_experts_are_bounded(tmp_path):
     msg = problems(tmp_path, MINIMAL + "upcycle:\n  s: {parent: serial, method: sparse, n_expert: 100000}\n")
     assert "upcycle.s.n_expert: 100000 is outside [1, 1024]" in msg
+
+
+LINEAGE = MINIMAL + """
+data: {domains: {lib: ["*.py"]}}
+branch: {parallel-lib: {parent: parallel, domain: lib}}
+upcycle: {parallel-btx: {parent: parallel, method: btx, keep_parent: true, top_k: 2}}
+distill: {kd: {teacher: serial}}
+compress: {serial-int8: {source: serial, method: int8}}
+"""
+
+
+def test_replicate_seeds_make_one_model_per_seed_and_follow_the_lineage(tmp_path):
+    (tmp_path / "params.yaml").write_text(LINEAGE + "study: {seed: 7, replicas: [2, 3], replicas_of: {parallel: [2]}}\n")
+    study = load_study(tmp_path / "params.yaml")
+    models = study.models()
+    assert study.instances("serial") == {7: "serial", 2: "serial-s2", 3: "serial-s3"}
+    assert study.instances("parallel") == {7: "parallel", 2: "parallel-s2"}      # its own replicas
+    assert study.instances("parallel-btx") == {7: "parallel-btx", 2: "parallel-btx-s2"}   # what its parent has
+    assert models["parallel-btx-s2"] | {"dir": None} == {
+        "stage": "upcycle", "entry": "parallel-btx", "seed": 2, "parents": ["parallel-s2", "parallel-lib-s2"],
+        "dir": None, "group": "upcycle-replica"}
+    assert models["parallel-lib-s2"]["dir"] == "branches/parallel-s2/parallel-lib-s2"
+    assert models["kd-s3"]["parents"] == ["serial-s3"] and models["serial-int8-s3"]["parents"] == ["serial-s3"]
+    assert models["serial"]["group"] == "pretrain" and models["serial"]["seed"] == 7
+    assert study.stage_of("kd-s3") == "distill-replica@kd-s3"
+    assert set(study.replica_plan()["evaluate"]) == {n for n, m in models.items()
+                                                    if m["seed"] != 7 and m["stage"] != "branch"}
+
+
+@pytest.mark.parametrize("study, expected", [
+    ("{replicas: [2, 2]}", "study.replicas: [2, 2] repeats a seed"),
+    ("{seed: 5, replicas: [5]}", "study.replicas: 5 is study.seed"),
+    ("{replicas_of: {serail: [2]}}", "study.replicas_of.serail: unknown model 'serail'; did you mean 'serial'?"),
+    ("{replicas: [-1]}", "study.replicas.0: input should be greater than or equal to 0, got -1"),
+    ("{replicas_of: {parallel: [2, 3], parallel-lib: [3], parallel-btx: [2, 3]}}",
+     "upcycle.parallel-btx: its seed 2 model is made from parallel-lib's seed 2 model, but parallel-lib is trained "
+     "with seeds [1337, 3]"),
+    ("{replicas_of: {parallel: [2], kd: [4], serial: [2, 3]}}",
+     "distill.kd: its seed 4 model is made from serial's seed 4 model, but serial is trained with seeds [1337, 2, 3]: "
+     "add 4 to serial's replicas, or set study.replicas_of.kd to seeds serial has"),
+])
+def test_replicate_seed_mistakes_are_named(tmp_path, study, expected):
+    assert expected in problems(tmp_path, LINEAGE + f"study: {study}\n")
+
+
+def test_a_replica_named_like_another_model_is_refused(tmp_path):
+    msg = problems(tmp_path, LINEAGE.replace("kd:", "serial-s2:") + "study: {replicas: [2]}\n")
+    assert "pretrain.serial: its seed 2 model would be named 'serial-s2', like another model of the study" in msg

@@ -188,7 +188,7 @@ def test_bad_sources_on_disk_fail_before_compute(project):
     compress.main(["fused"])                                    # 2 layers now: [0, 2] no longer exists
     with pytest.raises(ParamsError, match=r"runs: \[0, 2\] is not a run of the source's layers.*n_layer=2"):
         compress.main(["deep"])
-    with pytest.raises(ParamsError, match="unknown compress entry 'nope'"):
+    with pytest.raises(ParamsError, match="unknown compress model 'nope'"):
         compress.main(["nope"])
     save_source(project, "par", block="par")
     write_params(project, ENTRIES + "  q8-again: {source: q8, method: int8}\n")

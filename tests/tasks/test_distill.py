@@ -143,7 +143,7 @@ def test_each_bad_input_stops_before_compute(project):
     shutil.rmtree(project / "models/serial")
     with pytest.raises(ParamsError, match=r"teacher 'serial' is not built .*dvc repro pretrain@serial"):
         distill.main(["small"])
-    with pytest.raises(ParamsError, match="unknown distill entry 'nope'"):
+    with pytest.raises(ParamsError, match="unknown distill model 'nope'"):
         distill.main(["nope"])
     write_params(project, "  a: {teacher: serial, alpha: 2.0}\n  b: {teacher: serial, temperature: 0}\n")
     with pytest.raises(ParamsError) as e:

@@ -173,7 +173,7 @@ def test_missing_or_mismatched_inputs_fail_before_compute(project, tmp_path):
     finally:
         shutil.rmtree(project / "branches/parallel/par-b", ignore_errors=True)
         shutil.copytree(tmp_path / "par-b", project / "branches/parallel/par-b")
-    with pytest.raises(ParamsError, match="unknown upcycle 'nope'"):
+    with pytest.raises(ParamsError, match="unknown upcycle model 'nope'"):
         upcycle.main(["nope"])
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
+from components.errors import ParamsError
 from components.params import load_study
 from tasks import validate
 
@@ -33,7 +34,7 @@ def test_views_overlay_every_curve_and_list_every_model_as_an_artifact(project):
     [[(name, plot)]] = [p.items() for p in views["plots"]]
     assert (name, plot["x"], plot["template"]) == ("val_loss_vs_tokens", "tokens", "curves")
     assert [posixpath.normpath(f"models/{csv}") for csv in plot["y"]] == [     # imports, int8: never trained
-        f"{m['dir']}/curve.csv" for name, m in models.items() if m["stage"] != "import" and not name.endswith("int8")]
+        f"{m['dir']}/curve.csv" for name, m in models.items() if m["stage"] != "import" and "int8" not in name]
     assert set(plot["y"].values()) == {"val_loss"}
     assert list(views["artifacts"]) == list(models)
     assert {posixpath.normpath(f"models/{a['path']}") for a in views["artifacts"].values()} == \
@@ -41,14 +42,18 @@ def test_views_overlay_every_curve_and_list_every_model_as_an_artifact(project):
     assert views["artifacts"]["parallel-btx"] == {
         "path": "parallel-btx", "type": "model", "desc": "made by dvc stage upcycle@parallel-btx from parallel, "
                                                          "parallel-lib, parallel-tests",
-        "labels": ["upcycle", "method:btx", "parent:parallel", "parent:parallel-lib", "parent:parallel-tests"]}
+        "labels": ["upcycle", "method:btx", "seed:1337", "parent:parallel", "parent:parallel-lib",
+                   "parent:parallel-tests"]}
     assert views["artifacts"]["parallel-lib"]["path"] == "../branches/parallel/parallel-lib"
-    assert views["artifacts"]["parallel-lib"]["labels"] == ["branch", "domain:lib", "parent:parallel"]
-    assert views["artifacts"]["serial"]["labels"] == ["pretrain", "preset:serial"]
-    assert views["artifacts"]["serial-kd"]["labels"] == ["distill", "init:scratch", "parent:serial"]
-    assert views["artifacts"]["serial-int8"]["labels"] == ["compress", "method:int8", "parent:serial"]
+    assert views["artifacts"]["parallel-lib"]["labels"] == ["branch", "domain:lib", "seed:1337", "parent:parallel"]
+    assert views["artifacts"]["serial"]["labels"] == ["pretrain", "preset:serial", "seed:1337"]
+    assert views["artifacts"]["serial-s2"]["labels"] == ["pretrain", "preset:serial", "seed:2"]
+    assert views["artifacts"]["serial-s2"]["desc"] == "made by dvc stage pretrain-replica@serial-s2"
+    assert views["artifacts"]["serial-kd"]["labels"] == ["distill", "init:scratch", "seed:1337", "parent:serial"]
+    assert views["artifacts"]["serial-int8"]["labels"] == ["compress", "method:int8", "seed:1337", "parent:serial"]
+    assert views["artifacts"]["serial-int8-s2"]["labels"] == ["compress", "method:int8", "seed:2", "parent:serial-s2"]
     assert views["artifacts"]["llama"]["labels"] == ["import", "source:tests/smoke/hf/llama"]
-    assert views["artifacts"]["llama-sparse"]["labels"] == ["upcycle", "method:sparse", "parent:llama"]
+    assert views["artifacts"]["llama-sparse"]["labels"] == ["upcycle", "method:sparse", "seed:1337", "parent:llama"]
     assert (project / "data/params.ok").exists()
 
 
@@ -62,7 +67,7 @@ def test_views_are_rewritten_only_when_the_models_change(project):
     (project / "params.yaml").write_text(params.replace("parallel-gqa", "gqa"))
     validate.main([])
     assert "\n      gqa/curve.csv" in views.read_text() and "parallel-gqa" not in views.read_text()
-    assert [p.name for p in views.parent.iterdir()] == ["dvc.yaml"]         # no temporary file left
+    assert sorted(p.name for p in views.parent.iterdir()) == ["dvc.yaml", "replicas.yaml"]   # no temporary file left
 
 
 def test_dvc_reads_every_artifact_with_a_valid_name(project):
@@ -75,6 +80,30 @@ def test_dvc_reads_every_artifact_with_a_valid_name(project):
     assert list(artifacts) == list(load_study().models())
     for name in artifacts:
         check_name_format(name)                                            # raises on a name DVC only warns about
+
+
+def test_replicas_list_each_seeds_model_with_what_it_is_made_from(project):
+    validate.main([])
+    plan = YAML(typ="safe").load((project / "models/replicas.yaml").read_text())["replica"]
+    assert plan["pretrain"] == {"serial-s2": {"entry": "serial", "seed": 2}, "parallel-s2": {"entry": "parallel", "seed": 2}}
+    assert plan["compress"] == {"serial-int8-s2": {"entry": "serial-int8", "seed": 2, "source": "serial-s2"}}
+    assert list(plan["evaluate"]) == ["serial-s2", "parallel-s2", "serial-int8-s2"]
+    assert plan["branch"] == plan["upcycle"] == plan["distill"] == {}
+
+
+def test_the_validate_stage_stops_a_repro_planned_from_older_replicas(project):
+    validate.main([])                                                      # as make repro does first
+    params = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(params.replace("    parallel: [2]\n", "    parallel: [2, 3]\n"))
+    with pytest.raises(ParamsError, match=r"models/replicas.yaml, .* is rewritten now, .* run `dvc repro` again"):
+        validate.main(["--stage"])
+    assert "parallel-s3" in (project / "models/replicas.yaml").read_text()
+    validate.main(["--stage"])                                             # the repro after: current, so it passes
+
+
+def test_committed_replicas_match_params_yaml():
+    assert (ROOT / "models/replicas.yaml").read_text() == validate.replicas(load_study(ROOT / "params.yaml")), \
+        "models/replicas.yaml is stale: run `python -m tasks.validate` and commit it"
 
 
 def test_committed_views_match_params_yaml():
