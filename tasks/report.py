@@ -78,7 +78,7 @@ def train_timing(study, name: str) -> dict:
     """metrics/train/<name>.json, which the stage that trains model `name` writes."""
     path = study.train_metrics(name)
     if not path.exists():
-        raise ParamsError(f"{path} is missing: run `dvc repro {study.models()[name]['group']}@{name}` first")
+        raise ParamsError(f"{path} is missing: run `dvc repro {study.stage_of(name)}` first")
     return json.loads(path.read_text())
 
 
