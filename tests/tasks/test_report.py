@@ -11,6 +11,7 @@ import re
 import shutil
 import zlib
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -196,6 +197,17 @@ def test_figures_and_the_verdict_table(project):
     header = "| question | model | baseline | metric | n seeds | mean Δ | 95% CI | CI method | margin | verdict |"
     assert header in summary and summary.index("## Claims") < summary.index("## Models")
     assert "speed" not in summary.split("## Claims")[1].split("## Models")[0]   # verdicts never show speeds
+
+
+def test_the_report_run_carries_the_claims(project):
+    """MLflow's report run: the claims table (claims.json) and the files of reports/, claims.csv among them."""
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")   # not the global one
+    experiment = client.get_experiment_by_name("claims").experiment_id
+    [run] = client.search_runs([experiment], "tags.stage = 'report'", max_results=1,
+                               order_by=["attributes.start_time DESC"])
+    table = client.load_table(experiment, "claims.json", [run.info.run_id])
+    assert table["verdict"].tolist() == claims_csv(project)["verdict"].tolist()
+    assert "claims.csv" in {f.path for f in client.list_artifacts(run.info.run_id)}
 
 
 def problems(tmp_path, claims: str, study: str = "study: {seed: 1337, replicas: [2]}\n") -> str:
