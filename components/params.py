@@ -338,8 +338,23 @@ class EvaluateParams(Strict):
     limit: Optional[int] = Field(None, ge=1)       # examples per task (null: all); a quick look, not a score
 
 
+class Claim(Strict):
+    """A question the report answers with a verdict: Δ = model - baseline on `metric`, paired by seed,
+    with a 95% interval (docs/verdicts.md)."""
+    question: str = Field(min_length=1)    # shown in the verdict table, e.g. "Does the parallel block cost quality?"
+    model: str                             # a model name of params.yaml (all its seeds)
+    baseline: str
+    metric: str = "val_loss"               # val_loss | val_bpb | domain.<d>.val_loss | domain.<d>.val_bpb |
+                                           # lm_eval.<task>.<metric> (seed interval only: needs 2+ seeds)
+    margin: float = Field(gt=0, description="the equivalence margin in the metric's units, stated before the "
+                                            "results are seen, e.g. margin: 0.02 (nats)")
+    higher_is_better: Optional[bool] = None   # lm_eval metrics only, and required there (acc: true);
+                                              # losses and bits per byte are lower-is-better
+
+
 class ReportParams(Strict):
     comparisons: list[Annotated[list[str], Field(min_length=2, max_length=2)]] = []  # [model, baseline] pairs
+    claims: list[Claim] = []
 
 
 class Resources(Strict):
@@ -715,6 +730,7 @@ def semantic_problems(study: Study) -> list[str]:
                 p.append(f"pretrain.variants.{name}: {problem}")
     p += reference_problems(study) + replica_problems(study) + tokenizer_problems(study)
     p += branch_problems(study) + upcycle_problems(study) + distill_problems(study) + compress_problems(study)
+    p += claim_problems(study)
     for i, pair in enumerate(study.report.comparisons):
         for name in pair:
             if name not in names:
@@ -1051,6 +1067,67 @@ def fusion_run_problems(cfg: ModelConfig | None, runs: list[list[int]], mode: st
         p.append("runs: [] searches runs of FFN-only layers, but the source has no two consecutive ones: fuse an "
                  "attention_drop entry's model (source: it), or set mode: block-parallel")
     return p
+
+
+LOSS_METRICS = ("val_loss", "val_bpb")     # per token and per byte; each also per domain: domain.<d>.val_loss
+
+
+def claim_problems(study: Study) -> list[str]:
+    """Each report claim compares two evaluated models whose seeds pair, on a metric the evaluate stage writes."""
+    p, entries = [], list(dict.fromkeys(study.models()[name]["entry"] for name in study.evaluated()))
+    for i, c in enumerate(study.report.claims):
+        where = f"report.claims.{i}"
+        unknown = [f"{where}.{side}: {_unknown('model', name, entries)}"
+                   for side, name in (("model", c.model), ("baseline", c.baseline)) if name not in entries]
+        if c.model == c.baseline:
+            unknown.append(f"{where}: model and baseline are both '{c.model}': name the baseline it is compared with")
+        p += unknown + [f"{where}.{problem}" for problem in metric_problems(study, c)]
+        pairs = claim_pairs(study, c.model, c.baseline) if not unknown else []
+        if pairs is None:
+            seeds = {side: list(study.instances(name)) for side, name in (("model", c.model), ("baseline", c.baseline))}
+            p.append(f"{where}: model '{c.model}' has seeds {seeds['model']} and baseline '{c.baseline}' has "
+                     f"{seeds['baseline']}: a paired comparison needs the same seeds on both sides; give both "
+                     f"entries the same replicas")
+        elif c.metric.startswith("lm_eval.") and len(pairs) == 1:
+            p.append(f"{where}.metric: {c.metric} has no per-window scores, so its interval is over seeds only and "
+                     f"'{c.model}' vs '{c.baseline}' has one seed: add replicas to both, or claim a loss metric")
+    return p
+
+
+def metric_problems(study: Study, claim: Claim) -> list[str]:
+    """Whether the evaluate stage writes `claim.metric` and which direction is better is known."""
+    metric, per_domain = claim.metric, re.fullmatch(r"domain\.([^.]+)\.(val_loss|val_bpb)", claim.metric)
+    if metric.startswith("lm_eval."):
+        if not study.evaluate.tasks:
+            return [f"metric: {metric} is an lm-eval score, but evaluate.tasks is empty: add its task there"]
+        if claim.higher_is_better is None:
+            return [f"higher_is_better: required for an lm-eval metric: true for acc, acc_norm or exact_match, "
+                    f"false for perplexities"]
+        return []
+    losses = [*LOSS_METRICS, *(f"domain.{d}.{m}" for d in study.data.domains for m in LOSS_METRICS)]
+    if metric == "val_ppl":
+        return ["metric: val_ppl is exp(val_loss), so it has the same verdict: claim val_loss, with the margin "
+                "in nats"]
+    if per_domain and per_domain[1] not in study.data.domains:
+        return [f"metric: {metric}: {_unknown('domain', per_domain[1], list(study.data.domains))}"]
+    if metric not in losses:
+        hint = difflib.get_close_matches(metric, losses, n=1)
+        return [f"metric: unknown metric '{metric}'; " + (f"did you mean '{hint[0]}'? " if hint else "")
+                + f"claims compare {', '.join(losses)} or lm_eval.<task>.<metric> (with evaluate.tasks)"]
+    if claim.higher_is_better:
+        return [f"higher_is_better: {metric} is a loss, lower is better: remove higher_is_better"]
+    return []
+
+
+def claim_pairs(study: Study, model: str, baseline: str) -> list[tuple[str, str]] | None:
+    """The (model, baseline) instances a claim compares, one pair per seed, primary seed first; an import
+    (seed None) pairs with every seed of the other side. None: their seeds differ and cannot pair."""
+    m, b = study.instances(model), study.instances(baseline)
+    if None in b:
+        return [(name, b[None]) for name in m.values()]
+    if None in m:
+        return [(m[None], name) for name in b.values()]
+    return [(m[seed], b[seed]) for seed in m] if set(m) == set(b) else None
 
 
 def size_problems(cfg: ModelConfig, vocab_size: int) -> list[str]:

@@ -158,25 +158,26 @@ def test_second_repro_is_a_no_op(repo, built):
 
 @pytest.mark.slow
 def test_a_seed_added_trains_only_its_models_and_dropped_deletes_nothing(repo, built):
-    """serial's third seed: validate lists its models, then only they (and the report) run; the seeds'
-    models are paired: serial-s2 trained on other batches from another init than serial."""
+    """A seed of looped: validate lists its models, then only they (and the report) run. (The claims'
+    models keep their seeds: a claim needs the same seeds on both sides.) serial-s2 is trained from
+    another init on other batches than serial."""
     params = (repo / "params.yaml").read_text()
     assert MODELS["serial-s2"]["seed"] == 2 and sha(repo / "models/serial-s2/model.safetensors") != \
         sha(repo / "models/serial/model.safetensors")
     try:
-        (repo / "params.yaml").write_text(params.replace("    serial: [2]\n", "    serial: [2, 3]\n"))
+        (repo / "params.yaml").write_text(params.replace("    serial-int8: [2]\n", "    serial-int8: [2]\n    looped: [3]\n"))
         sh(repo, "python", "-m", "tasks.validate")                       # what make repro does first
         ran = re.findall(r"Running stage '([^']+)'", sh(repo, "dvc", "repro").stdout)
-        assert sorted(ran) == ["corpus", "evaluate-replica@serial-s3", "pretrain-replica@serial-s3", "report",
+        assert sorted(ran) == ["corpus", "evaluate-replica@looped-s3", "pretrain-replica@looped-s3", "report",
                                "validate"]
-        assert json.loads((repo / "models/serial-s3/meta.json").read_text())["seed"] == 3
+        assert json.loads((repo / "models/looped-s3/meta.json").read_text())["seed"] == 3
     finally:
         (repo / "params.yaml").write_text(params)
     sh(repo, "python", "-m", "tasks.validate")
     ran = re.findall(r"Running stage '([^']+)'", sh(repo, "dvc", "repro").stdout)
     assert sorted(ran) == ["corpus", "report", "validate"]               # the models of the other seeds stay
-    assert (repo / "models/serial-s3/model.safetensors").exists()         # DVC deletes no output of a dropped stage
-    assert "serial-s3" not in pd.read_csv(repo / "reports/summary.csv")["model"].tolist()
+    assert (repo / "models/looped-s3/model.safetensors").exists()         # DVC deletes no output of a dropped stage
+    assert "looped-s3" not in pd.read_csv(repo / "reports/summary.csv")["model"].tolist()
 
 
 @pytest.mark.slow
