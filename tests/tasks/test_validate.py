@@ -94,10 +94,10 @@ def test_replicas_list_each_seeds_model_with_what_it_is_made_from(project):
 def test_the_validate_stage_stops_a_repro_planned_from_older_replicas(project):
     validate.main([])                                                      # as make repro does first
     params = (project / "params.yaml").read_text()
-    (project / "params.yaml").write_text(params.replace("    parallel: [2]\n", "    parallel: [2, 3]\n"))
+    (project / "params.yaml").write_text(params.replace("    parallel: [2]\n", "    parallel: [2]\n    looped: [3]\n"))
     with pytest.raises(ParamsError, match=r"models/replicas.yaml, .* is rewritten now, .* run `dvc repro` again"):
         validate.main(["--stage"])
-    assert "parallel-s3" in (project / "models/replicas.yaml").read_text()
+    assert "looped-s3" in (project / "models/replicas.yaml").read_text()
     validate.main(["--stage"])                                             # the repro after: current, so it passes
 
 
