@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import textwrap
 from pathlib import Path
 
@@ -354,13 +355,21 @@ def lm_eval_columns(df: pd.DataFrame) -> list[str]:
                   and not c.endswith(".sample_len"))
 
 
+def provenance(study) -> str:
+    """Which Python and which prepared data made these numbers (data_sha256 of the models' meta.json)."""
+    corpus = {json.loads((study.model_dir(n) / "meta.json").read_text()).get("data_sha256")
+              for n, m in study.models().items() if m["stage"] != "import"} - {None}
+    return (f"Python {platform.python_version()} on {platform.machine()}; prepared data (corpus and tokenizer) "
+            f"sha256 {', '.join(sorted(h[:16] for h in corpus)) or 'unknown'}.")
+
+
 def markdown(study, df: pd.DataFrame, claims: pd.DataFrame, comp: pd.DataFrame, curves: bool) -> str:
     table = df[["entry", "seed", "stage", "method", "parents", "block", "n_kv_head", "n_expert"] + METRICS
                + ["train_tokens_per_s"] + lm_eval_columns(df)].copy()
     speeds = ["prefill_tokens_per_s", "decode_tokens_per_s", "train_tokens_per_s"]
     table[speeds] = table[speeds].round().astype("Int64")     # no training: no train speed (<NA>)
     table = table.round({"val_loss": 4, "val_ppl": 2, "val_bpb": 4, "train_seconds": 1} | {c: 4 for c in lm_eval_columns(df)})
-    parts = [f"# Study `{study.study.name}`", ""]
+    parts = [f"# Study `{study.study.name}`", "", provenance(study), ""]
     if len(claims):
         parts += ["## Claims", "", CLAIMS_NOTE, "", verdict_table(claims).to_markdown(index=False), ""]
         if warnings := teacher_warnings(claims):
