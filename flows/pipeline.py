@@ -158,7 +158,8 @@ def preflight(targets: list[str], task_runner: str = "thread", address: Optional
     None when stages run here (thread runner), else where cluster workers get the project."""
     check_dvc_project()
     study = load_study()                       # lists every problem of params.yaml with its fix
-    write_atomic(REPLICAS, replicas(study))    # dvc.yaml's replicate-seed stages as params.yaml has them now
+    if REPLICAS.exists():                      # an archflow project: its replicate-seed stages as params.yaml has them now
+        write_atomic(REPLICAS, replicas(study))
     plan = plan_stages(targets)
     tracking.connect(study)                    # an unreachable MLflow backend (tracking.required: true)
     names = plan.every + sorted({n.split("@")[0] for n in plan.every}) + ["default"]
