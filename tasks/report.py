@@ -35,7 +35,7 @@ OUT = Path("reports")
 ARCH = ["block", "layout", "n_loop", "dwa", "n_layer", "n_embd", "n_head", "n_kv_head", "d_ff", "ffn", "norm", "pos",
         "n_expert", "top_k", "n_attn_expert", "quant"]
 METRICS = ["val_loss", "val_ppl", "val_bpb", "params", "active_params", "size_bytes",
-           "prefill_tokens_per_s", "decode_tokens_per_s", "train_tokens", "train_seconds"]
+           "prefill_tokens_per_s", "decode_tokens_per_s", "train_tokens", "total_train_flops", "train_seconds"]
 SPEED_NOTE = ("Speeds are batch-1 medians measured one stage at a time; on a shared or thermally "
               "varying machine they drift by tens of percent between stages, so a speed ratio here is one "
               "noisy run, not a finding: compare speeds with benchmarks/, which interleave the contenders. "
@@ -71,6 +71,8 @@ def summary_table(study) -> pd.DataFrame:
                      "train_seconds": timing["train_seconds"], "train_tokens_per_s": timing["tokens_per_s"],
                      "branch_train_seconds": branch_seconds})
     df = pd.DataFrame(rows).set_index("model")
+    if "total_train_flops" not in df:                     # models evaluated before training FLOPs were counted
+        df["total_train_flops"] = math.nan
     # None (no training, an import's seed): NaN / <NA>
     return df.astype({"train_tokens_per_s": float, "branch_train_seconds": float, "seed": "Int64"})
 
@@ -92,6 +94,8 @@ def comparisons(df: pd.DataFrame, pairs: list[tuple[str, str]]) -> pd.DataFrame:
                      "d_val_loss": A.val_loss - B.val_loss, "d_val_bpb": A.val_bpb - B.val_bpb,
                      "params_ratio": A.params / B.params, "active_params_ratio": A.active_params / B.active_params,
                      "size_ratio": A.size_bytes / B.size_bytes, "tokens_ratio": A.train_tokens / B.train_tokens,
+                     # the lineage's training compute (components/flops.py): read a difference per FLOP too
+                     "train_flops_ratio": A.total_train_flops / B.total_train_flops if B.total_train_flops else math.nan,
                      "train_speed_ratio": A.train_tokens_per_s / B.train_tokens_per_s,
                      "prefill_speed_ratio": A.prefill_tokens_per_s / B.prefill_tokens_per_s,
                      "decode_speed_ratio": A.decode_tokens_per_s / B.decode_tokens_per_s})

@@ -82,7 +82,8 @@ def metrics_of(windows: pd.DataFrame) -> dict:
         out |= {f"{prefix}val_loss": w["loss"].sum() / w["tokens"].sum(),
                 f"{prefix}val_bpb": w["loss"].sum() / w["bytes"].sum() / math.log(2)}
     return out | {"val_ppl": math.exp(out["val_loss"]), "params": 1000, "active_params": 1000, "size_bytes": 4000,
-                  "prefill_tokens_per_s": 100.0, "decode_tokens_per_s": 50.0, "train_tokens": 640}
+                  "prefill_tokens_per_s": 100.0, "decode_tokens_per_s": 50.0, "train_tokens": 640,
+                  "total_train_flops": 2.0e9}
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ def project(tmp_path_factory):
             (d / "config.json").write_text(json.dumps(config))
             (d / "meta.json").write_text(json.dumps({"stage": m["stage"], "parents": m["parents"], "tokens_seen": 640}))
             windows = windows_of(name, m["entry"], m["seed"])
-            metrics = metrics_of(windows)
+            metrics = metrics_of(windows) | ({"total_train_flops": 3.0e9} if name.startswith("parallel") else {})
             if m["stage"] in ("pretrain", "distill"):     # a training curve ending at the final loss
                 pd.DataFrame({"step": [0, 10, 20], "tokens": [0, 320, 640],
                               "val_loss": metrics["val_loss"] + np.array([2.0, 0.5, 0.0])}).to_csv(d / "curve.csv", index=False)
@@ -183,6 +184,11 @@ def test_a_distilled_model_shows_its_teacher_gap_and_warns(project):
     summary = (project / "reports/summary.md").read_text()
     assert "`kd`: its teacher `serial` is not clearly better than the baseline `student`" in summary
     assert pd.isna(claims_csv(project).iloc[0].teacher)                      # not a distill claim: no teacher
+
+
+def test_comparisons_read_a_difference_per_token_and_per_flop(project):
+    row = pd.read_csv(project / "reports/comparisons.csv").iloc[0]
+    assert (row.model, row.baseline, row.tokens_ratio, row.train_flops_ratio) == ("parallel", "serial", 1.0, 1.5)
 
 
 def test_summary_rows_carry_entry_and_seed(project):
