@@ -301,7 +301,7 @@ def plot_claims(claims: pd.DataFrame, path: Path) -> None:
             if r.n_seeds >= 2 and pd.notna(r.window_ci_low):
                 ax.plot([r.window_ci_low, r.window_ci_high], [y + 0.25] * 2, color="0.5", lw=1)
         ax.axvline(0, color="black", lw=0.8)
-        labels = [textwrap.shorten(f"{r.question} (n={r.n_seeds}: {r.verdict})", 70) for r in rows.itertuples()]
+        labels = [f"{textwrap.shorten(r.question, 60)}\n(n={r.n_seeds}: {r.verdict})" for r in rows.itertuples()]
         ax.set_yticks(range(len(rows)), labels, fontsize="small")
         ax.set_ylim(len(rows) - 0.5, -0.5)
         ax.set_xlabel(f"Δ {metric} (model - baseline), 95% CI; shaded: ±margin")
