@@ -66,6 +66,10 @@ def summary_table(study) -> pd.DataFrame:
         rows.append({"model": name, "entry": models[name]["entry"], "seed": models[name]["seed"],
                      "stage": meta["stage"], "method": meta.get("method", ""),
                      "parents": ",".join(meta["parents"]), "stage_tokens": stage_tokens,
+                     # compress: what the transform alone cost its source, before any recovery (the stage's
+                     # curve batches: train.eval_batches of the validation split, both models on the same ones)
+                     "d_val_loss_before_recovery": (meta["val_loss_compressed"] - meta["val_loss_source"]
+                                                    if "val_loss_source" in meta else math.nan),
                      **{k: config[k] for k in ARCH}, **json.loads(metrics_file.read_text()),
                      # this stage's training: its own tokens (not those inherited from parents) over its own time
                      "train_seconds": timing["train_seconds"], "train_tokens_per_s": timing["tokens_per_s"],
@@ -92,6 +96,7 @@ def comparisons(df: pd.DataFrame, pairs: list[tuple[str, str]]) -> pd.DataFrame:
         A, B = df.loc[a], df.loc[b]
         rows.append({"model": a, "baseline": b,
                      "d_val_loss": A.val_loss - B.val_loss, "d_val_bpb": A.val_bpb - B.val_bpb,
+                     "model_d_val_loss_before_recovery": A.d_val_loss_before_recovery,   # compress: vs its source
                      "params_ratio": A.params / B.params, "active_params_ratio": A.active_params / B.active_params,
                      "size_ratio": A.size_bytes / B.size_bytes, "tokens_ratio": A.train_tokens / B.train_tokens,
                      # the lineage's training compute (components/flops.py): read a difference per FLOP too
@@ -383,7 +388,9 @@ def markdown(study, df: pd.DataFrame, claims: pd.DataFrame, comp: pd.DataFrame, 
     if len(comp):
         parts += ["## Comparisons (single runs)", "", "One run each (the primary seed), no interval: a difference "
                   "here is not a finding; declare a claim for a verdict. Deltas are model - baseline (negative "
-                  "loss is better); ratios are model / baseline.", "",
+                  "loss is better); ratios are model / baseline. model_d_val_loss_before_recovery: a compressed "
+                  "model's loss right after the transform minus its source's (on the stage's curve batches), "
+                  "before its recovery steps; d_val_loss is after them.", "",
                   comp.round(4).to_markdown(index=False, floatfmt="g"), ""]
     parts += [SPEED_NOTE, "", "![validation loss](val_loss_vs_tokens.png)", "",
               "![quality vs speed](ppl_vs_decode_speed.png)", ""]

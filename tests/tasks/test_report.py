@@ -41,7 +41,7 @@ distill:
 compress:
   serial-int8: {source: serial, method: int8}
 report:
-  comparisons: [[parallel, serial]]
+  comparisons: [[parallel, serial], [serial-int8, serial]]
   claims:
     - {question: Is parallel better?, model: parallel, baseline: serial, margin: 0.02}
     - {question: Is same the same?, model: same, baseline: serial, margin: 0.02}
@@ -101,7 +101,9 @@ def project(tmp_path_factory):
             d = root / m["dir"]
             d.mkdir(parents=True)
             (d / "config.json").write_text(json.dumps(config))
-            (d / "meta.json").write_text(json.dumps({"stage": m["stage"], "parents": m["parents"], "tokens_seen": 640}))
+            before = {"val_loss_source": 5.0, "val_loss_compressed": 5.25} if m["stage"] == "compress" else {}
+            (d / "meta.json").write_text(json.dumps({"stage": m["stage"], "parents": m["parents"], "tokens_seen": 640}
+                                                    | before))
             windows = windows_of(name, m["entry"], m["seed"])
             metrics = metrics_of(windows) | ({"total_train_flops": 3.0e9} if name.startswith("parallel") else {})
             if m["stage"] in ("pretrain", "distill"):     # a training curve ending at the final loss
@@ -189,6 +191,9 @@ def test_a_distilled_model_shows_its_teacher_gap_and_warns(project):
 def test_comparisons_read_a_difference_per_token_and_per_flop(project):
     row = pd.read_csv(project / "reports/comparisons.csv").iloc[0]
     assert (row.model, row.baseline, row.tokens_ratio, row.train_flops_ratio) == ("parallel", "serial", 1.0, 1.5)
+    assert math.isnan(row.model_d_val_loss_before_recovery)              # not compressed: no such step
+    int8 = pd.read_csv(project / "reports/comparisons.csv").iloc[1]
+    assert (int8.model, int8.model_d_val_loss_before_recovery) == ("serial-int8", 0.25)
 
 
 def test_summary_rows_carry_entry_and_seed(project):
