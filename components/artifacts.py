@@ -121,8 +121,9 @@ def input_problems(study, name: str, data_meta: dict, role: str) -> list[str]:
     """Why model `name` of the study cannot be a stage's input (its `role`: parent, teacher, ...):
     not built, or made from other prepared data (another corpus, or another tokenizer: its token
     ids would mean other text). Empty if it can."""
-    path, stage = study.model_dir(name), study.models()[name]["stage"]
-    fix = f"`dvc repro {study.stage_of(name)}`"
+    path, model = study.model_dir(name), study.models()[name]
+    stage = model["stage"]
+    fix = f"`dvc repro {model.get('group', stage)}@{name}`"      # group: pretrain-replica for a replicate seed's
     if not (path / "model.safetensors").exists():
         return [f"the {role} '{name}' is not built ({path} is missing): run {fix} first"]
     config, meta = read_json(path / "config.json"), read_json(path / "meta.json")
