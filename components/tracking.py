@@ -174,7 +174,8 @@ def stage_run(study, stage: str, model: str | None = None, parents=(), params: d
     if not enabled or not connect(study):
         yield None
         return
-    made = study.models().get(model, {})                # the entry and seed: replicate seeds side by side
+    models = getattr(study, "models", None)            # the entry and seed: replicate seeds side by side
+    made = models().get(model, {}) if models and model else {}
     all_tags = {"stage": stage, "dvc_stage": os.environ.get("DVC_STAGE", ""), "git_commit": git_commit(),
                 "dvc_exp": dvc_experiment(),
                 "data_sha256": data_sha256(), "study": study.study.name,

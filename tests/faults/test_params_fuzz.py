@@ -52,6 +52,7 @@ def base_study() -> dict:
     for section in ("branch", "upcycle", "distill"):
         raw[section] = {k: raw[section][k] for k in KEEP[section]}
     raw["compress"], raw["report"] = {}, {"comparisons": [["parallel", "serial"]]}
+    raw["study"].pop("replicas_of", None)   # one seed: the mutations are of the models, not of their seeds
     raw["import"] = {}                   # no checkpoints to read in the temporary study: its own bpe tokenizer
     raw["data"] = {k: v for k, v in raw["data"].items() if k != "hf_tokenizer"} | {"tokenizer": "bpe", "vocab_size": 512}
     return raw
