@@ -38,14 +38,20 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
-import mlflow  # noqa: E402  imported once, in the main thread (concurrent first imports crash)
-import requests  # noqa: E402  mlflow's HTTP client
-from mlflow.exceptions import MlflowException  # noqa: E402
-
 from components.errors import ParamsError  # noqa: E402
 
 for _name in ("mlflow.store.db.utils", "alembic.runtime.migration"):   # "Creating initial MLflow database
     logging.getLogger(_name).setLevel(logging.WARNING)                 # tables...": noise, every new store
+
+
+def __getattr__(name: str):
+    """`tracking.mlflow`: MLflow (~3 s of imports and store set-up) is imported when a run is opened or
+    queried, never by a stage that stops on bad input, by `--help`, or with tracking off. Imported in
+    the main thread, once (concurrent first imports crash)."""
+    if name == "mlflow":
+        import mlflow
+        return mlflow
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 PARENT_RUN_ENV = "ARCHFLOW_PARENT_RUN_ID"   # a pipeline's MLflow run id: stage runs nest under it
 ARTIFACTS = "mlartifacts"                   # next to mlflow.db, for the default local backend
@@ -151,6 +157,7 @@ def connect(study) -> bool:
             print(f"warning: {msg}; continuing without MLflow", file=sys.stderr)
             _warned = True
         return False
+    import mlflow
     mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:///"):         # local: artifacts next to the database, both movable
         db = Path(uri.removeprefix("sqlite:///")).resolve()
@@ -184,6 +191,9 @@ def stage_run(study, stage: str, model: str | None = None, parents=(), params: d
     if parent := os.environ.get(PARENT_RUN_ENV):       # set by flows/pipeline.py: nest under its run
         all_tags |= {"mlflow.parentRunId": parent, "pipeline_run_id": parent}
     name = f"{stage}@{model}" if model else stage
+    import mlflow
+    import requests                                  # mlflow's HTTP client
+    from mlflow.exceptions import MlflowException
     try:
         with mlflow.start_run(run_name=name, tags=all_tags) as run:
             if params:
@@ -214,6 +224,7 @@ def make_current(run_id: str, stage: str, model: str | None) -> None:
     experiment ('workspace' outside one) current=false: an experiment leaves the workspace's runs current."""
     query = (f"tags.stage = '{stage}' and tags.current = 'true' and tags.dvc_exp = '{dvc_experiment()}'"
              + (f" and tags.model = '{model}'" if model else ""))
+    import mlflow
     client = mlflow.MlflowClient()
     for old in mlflow.search_runs(filter_string=query, output_format="list"):
         if old.info.run_id != run_id:
@@ -225,12 +236,14 @@ def current_runs(experiment: str, stage: str | None = None, dvc_exp: str = "work
     """The current run of every (stage, model) of the MLflow experiment in DVC experiment `dvc_exp`,
     newest first."""
     query = f"tags.current = 'true' and tags.dvc_exp = '{dvc_exp}'" + (f" and tags.stage = '{stage}'" if stage else "")
+    import mlflow
     return mlflow.search_runs(experiment_names=[experiment], filter_string=query, output_format="list",
                               order_by=["attributes.start_time DESC"])
 
 
 def active() -> bool:
-    return mlflow.active_run() is not None
+    """A run is open (MLflow not imported yet: none is)."""
+    return "mlflow" in sys.modules and sys.modules["mlflow"].active_run() is not None
 
 
 def lightning_logger(run_id: str | None):
@@ -244,6 +257,7 @@ def lightning_logger(run_id: str | None):
 
 def log_metrics(metrics: dict, step: int | None = None) -> None:
     if active():
+        import mlflow
         mlflow.log_metrics(metrics, step=step)
 
 
@@ -253,6 +267,7 @@ def log_model_dir(path: str | Path, log_weights: bool = False, curve: bool = Tru
     weights only if asked (DVC already stores them)."""
     if not active():
         return
+    import mlflow
     path = Path(path)
     for name in ("config.json", "meta.json", "curve.csv"):
         if (path / name).exists() and (curve or name != "curve.csv"):
@@ -287,6 +302,7 @@ def curve_figure(csv: Path, title: str):
 def register_model_dir(study, model: str, path: str | Path, run_id: str) -> int:
     """Log the model directory under the run's `model/` and register it as a new version of the
     registered model `study.study.name`, alias `model` (moved to this version). Returns the version."""
+    import mlflow
     mlflow.log_artifacts(str(path), "model")
     client = mlflow.MlflowClient()
     name = study.study.name
@@ -301,6 +317,7 @@ def register_model_dir(study, model: str, path: str | Path, run_id: str) -> int:
 def load_registered(study_name: str, model: str, dst: str | Path | None = None):
     """(model, meta) of `model` in the registry of study `study_name`, by alias:
     load_registered("archflow-smoke", "parallel")."""
+    import mlflow
     from components.artifacts import load_model_dir
 
     path = mlflow.artifacts.download_artifacts(f"models:/{study_name}@{model}", dst_path=dst and str(dst))

@@ -26,11 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from components.corpus import corpus_sha256, domain_files, read_texts, select_files
-from components.errors import ParamsError, cli
+from components.errors import ParamsError, cli, stage_clock
 from components.params import load_study
 from components.tokenizer import train_tokenizer
 from components import tracking
-from components.tracking import mlflow, stage_run
 
 OUT = Path("data/prepared")
 
@@ -116,21 +115,18 @@ def main(argv: list[str]) -> None:
         raise
     seconds = time.perf_counter() - start
 
+    with tracking.stage_run(study, "prepare", params={"data": data.model_dump()}) as run_id:
+        if run_id is not None:
+            tracking.mlflow.log_metrics({"files": meta["files"], "bytes": meta["bytes"],
+                                         "vocab_size": tokenizer.vocab_size, **counts, "seconds": seconds,
+                                         **{f"domains.{name}.{k}": v for name, c in per_domain.items()
+                                            for k, v in c.items() if k != "globs"}})
+            tracking.mlflow.log_dict(meta, "meta.json")
     print(f"prepare: {meta['files']} files, {meta['bytes'] / 1e6:.1f} MB, {data.tokenizer} vocab "
           f"{tokenizer.vocab_size}: train {counts['train_tokens']:,} tokens, val {counts['val_tokens']:,} "
-          f"tokens ({seconds:.1f} s) -> {OUT}")
+          f"tokens ({seconds:.1f} s) -> {OUT}" + stage_clock(seconds))
     for name, c in per_domain.items():
         print(f"  domain {name}: {c['files']} files, train {c['train_tokens']:,}, val {c['val_tokens']:,} tokens")
-
-    with stage_run(study, "prepare", params={"data": data.model_dump()}) as run_id:
-        if run_id is None:
-            return
-        mlflow.log_metrics({"files": meta["files"], "bytes": meta["bytes"], "vocab_size": tokenizer.vocab_size,
-                            **counts, "seconds": seconds,
-                            **{f"domains.{name}.{k}": v for name, c in per_domain.items()
-                               for k, v in c.items() if k != "globs"}})
-        mlflow.log_dict(meta, "meta.json")
-
 
 if __name__ == "__main__":
     cli(main)

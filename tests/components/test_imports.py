@@ -1,10 +1,13 @@
 """The modules of components/ import each other without a cycle (a cycle forces imports inside
 functions and makes the order modules load in matter). Reads the import statements with ast,
-those inside functions included; imports nothing.
+those inside functions included; imports nothing. And the stages that do not train import no
+Lightning and no MLflow (checked in a subprocess).
 
     .venv/bin/python -m pytest tests/components/test_imports.py -q
 """
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "components"
@@ -65,3 +68,18 @@ def test_components_import_graph_has_no_cycle():
     assert {"model", "config"} <= set(graph) and "config" in graph["model"]   # the parse sees imports
     cycle = find_cycle(graph)
     assert cycle is None, "components/ imports in a circle: " + " -> ".join(cycle)
+
+
+HEAVY = ("lightning", "mlflow", "transformers", "torch._dynamo")   # seconds of start-up each
+
+
+def test_stages_that_do_not_train_import_no_lightning_and_no_mlflow():
+    """A stage pays only for what it uses: Lightning is the training stages' (and with it
+    torchmetrics, transformers and torch._dynamo), and MLflow is imported when a run is opened."""
+    stages = ["evaluate", "report", "prepare", "validate", "corpus", "export", "hf_import"]
+    code = ("import importlib, sys\n"
+            f"for m in {stages!r}:\n"
+            "    importlib.import_module('tasks.' + m)\n"
+            f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "", f"importing the stages {stages} imported {r.stdout.strip()}"
