@@ -5,7 +5,11 @@ from the project, so any module may raise ParamsError without depending on the s
 """
 from __future__ import annotations
 
+import os
 import sys
+import time
+
+_IMPORTED = time.monotonic()
 
 
 class ParamsError(ValueError):
@@ -19,3 +23,21 @@ def cli(main) -> None:
     except ParamsError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def process_seconds() -> float:
+    """Wall seconds since this process started (Linux: from /proc, the interpreter's start-up
+    included; elsewhere: since this module was imported)."""
+    try:
+        start_ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED
+
+
+def stage_clock(work_seconds: float) -> str:
+    """The end of a stage's summary line: its wall time so far, and the part that was not its own
+    work (training, scoring): imports, set-up and tracking, the stage's fixed cost."""
+    wall = process_seconds()
+    return f" [{wall:.1f} s wall, {max(0.0, wall - work_seconds):.1f} s fixed]"

@@ -21,7 +21,7 @@ import lightning.pytorch as L
 from components import tracking
 from components.artifacts import PREPARED, dumps, load_input, prepared_meta, save_model_dir, short_hash
 from components.data import load_tokens
-from components.errors import cli
+from components.errors import cli, stage_clock
 from components.files import write_atomic
 from components.flops import flops_meta, inherited_flops
 from components.lit import LitLM, LMDataModule, TrainingCurve, fit, global_rank0
@@ -76,7 +76,7 @@ def main(argv: list[str]) -> None:
         tracking.log_model_dir(out, study.tracking.log_models)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     print(f"branch@{args.name}: {parent} + {tokens:,} tokens of {entry.domain} in {curve.seconds:.1f} s, "
-          f"{entry.domain} val_loss {curve.rows[0]['val_loss']:.4f} -> {final['val_loss']:.4f}")
+          f"{entry.domain} val_loss {curve.rows[0]['val_loss']:.4f} -> {final['val_loss']:.4f}" + stage_clock(curve.seconds))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from components.compress import (FUSIONS, drop_attention, importance, keep_by_sc
                                   search_drops, search_runs)
 from components.data import StepBatches, load_tokens
 from components.distill import LitDistill
-from components.errors import ParamsError, cli
+from components.errors import ParamsError, cli, stage_clock
 from components.files import write_atomic
 from components.flops import flops_meta, inherited_flops
 from components.lit import LitLM, LMDataModule, TrainingCurve, fit, global_rank0
@@ -135,7 +135,8 @@ def main(argv: list[str]) -> None:
     print(f"compress@{args.name} ({entry.method} of {source_name}): {meta['params']:,} params "
           f"({meta['params'] / meta['source_params']:.2f}x), {size_ratio:.2f}x the size; val_loss "
           f"{settings['val_loss_source']:.4f} -> {settings['val_loss_compressed']:.4f}"
-          + (f" -> {final:.4f} after {train.max_steps} {entry.recover} steps" if train.max_steps else ""))
+          + (f" -> {final:.4f} after {train.max_steps} {entry.recover} steps" if train.max_steps else "")
+          + stage_clock(compress_seconds + curve.seconds))
 
 
 if __name__ == "__main__":

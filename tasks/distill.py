@@ -22,7 +22,7 @@ from components import tracking
 from components.artifacts import PREPARED, dumps, load_input, prepared_meta, save_model_dir, short_hash
 from components.data import load_tokens
 from components.distill import LitDistill, init_from_teacher, method_name
-from components.errors import ParamsError, cli
+from components.errors import ParamsError, cli, stage_clock
 from components.files import write_atomic
 from components.flops import flops_meta, inherited_flops
 from components.lit import LMDataModule, TrainingCurve, fit, global_rank0
@@ -93,7 +93,7 @@ def main(argv: list[str]) -> None:
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     print(f"distill@{args.name} ({method} from {teacher_name}): {meta['params']:,} params "
           f"(teacher {meta['teacher_params']:,}), {tokens:,} tokens in {curve.seconds:.1f} s, "
-          f"val_loss {final['val_loss']:.4f}")
+          f"val_loss {final['val_loss']:.4f}" + stage_clock(curve.seconds))
 
 
 if __name__ == "__main__":

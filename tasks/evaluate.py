@@ -30,7 +30,7 @@ from components import tracking
 from components.artifacts import PREPARED, dumps, load_input, prepared_meta
 from components.data import load_tokens, window_batch
 from components.device import device_name, resolve_device
-from components.errors import ParamsError, cli
+from components.errors import ParamsError, cli, stage_clock
 from components.files import write_atomic
 from components.params import load_study
 from components.tokenizer import Tokenizer
@@ -185,6 +185,7 @@ def main(argv: list[str]) -> None:
     tokenizer = Tokenizer.load(PREPARED / "tokenizer.json")
     val = load_tokens(PREPARED, "val")
 
+    start = time.perf_counter()                                 # the stage's work: scoring and speeds
     token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)
     windows, available = window_losses(model, val, token_bytes, ev.max_tokens, ev.batch_size)
     metrics = quality(windows, available)
@@ -205,6 +206,7 @@ def main(argv: list[str]) -> None:
     metrics |= {k: meta[k] for k in ("flops_per_token", "train_flops", "total_train_flops") if k in meta}
     if lm_eval_manager is not None:
         metrics |= lm_eval_scores(model, tokenizer, ev, lm_eval_manager)
+    work_seconds = time.perf_counter() - start
     # Every scored window's sums, so the report can resample windows (paired across models: the same
     # tokenizer and block_size give the same windows). repr: the floats read back bit for bit.
     table = "".join(f"{split},{i},{n},{n_bytes},{loss!r}\n" for split, i, n, n_bytes, loss in rows)
@@ -225,7 +227,7 @@ def main(argv: list[str]) -> None:
             version = tracking.register_model_dir(study, args.name, model_dir, run_id)
             print(f"registered {study.study.name} version {version}, alias {args.name}")
     print(f"evaluate@{args.name}: val_loss {metrics['val_loss']:.4f}, val_bpb {metrics['val_bpb']:.3f}, "
-          f"decode {metrics['decode_tokens_per_s']:.0f} tok/s")
+          f"decode {metrics['decode_tokens_per_s']:.0f} tok/s" + stage_clock(work_seconds))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch
 
 from components import tracking
 from components.artifacts import dumps, prepared_meta, read_json, save_model_dir, short_hash, tied_head
-from components.errors import ParamsError, cli
+from components.errors import ParamsError, cli, stage_clock
 from components.files import write_atomic
 from components.flops import flops_meta
 from components.hf import FAMILIES, config_from_hf, state_from_hf, weights_problem
@@ -165,7 +165,7 @@ def import_entry(name: str) -> None:
         tracking.log_metrics({"import_seconds": seconds, "params": model.num_params()})
         tracking.log_model_dir(out, study.tracking.log_models, curve=False)
     print(f"import@{name}: {hf['model_type']} {hf_dir} -> {out} (block {cfg.block}, "
-          f"{model.num_params():,} params, {seconds:.1f} s)")
+          f"{model.num_params():,} params, {seconds:.1f} s)" + stage_clock(seconds))
 
 
 def lineage(source: dict, cfg, model: TransformerLM) -> dict:

@@ -20,7 +20,7 @@ import lightning.pytorch as L
 from components import tracking
 from components.artifacts import PREPARED, dumps, prepared_meta, save_model_dir, short_hash
 from components.data import load_tokens
-from components.errors import cli
+from components.errors import cli, stage_clock
 from components.files import write_atomic
 from components.flops import flops_meta
 from components.lit import LitLM, LMDataModule, TrainingCurve, check_launcher, fit, global_rank0
@@ -72,7 +72,7 @@ def main(argv: list[str]) -> None:
         tracking.log_model_dir(out, study.tracking.log_models)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     print(f"pretrain@{args.name}: {meta['params']:,} params, {tokens:,} tokens in {curve.seconds:.1f} s, "
-          f"val_loss {final['val_loss']:.4f}")
+          f"val_loss {final['val_loss']:.4f}" + stage_clock(curve.seconds))
 
 
 if __name__ == "__main__":

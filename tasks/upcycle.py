@@ -25,7 +25,7 @@ from components import tracking
 from components.artifacts import (PREPARED, dumps, input_problems, load_model_dir, prepared_meta, read_json,
                                   save_model_dir, short_hash)
 from components.data import load_tokens
-from components.errors import ParamsError, cli
+from components.errors import ParamsError, cli, stage_clock
 from components.files import write_atomic
 from components.flops import flops_meta, inherited_flops
 from components.lit import LitLM, LMDataModule, TrainingCurve, fit, global_rank0
@@ -86,7 +86,7 @@ def main(argv: list[str]) -> None:
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     print(f"upcycle@{args.name} ({entry.method} of {', '.join(parents)}): {meta['params']:,} params "
           f"({meta['active_params']:,} active), val_loss {curve.rows[0]['val_loss']:.4f} after the transform, "
-          f"{curve.rows[-1]['val_loss']:.4f} after {train.max_steps} steps ({curve.seconds:.1f} s)")
+          f"{curve.rows[-1]['val_loss']:.4f} after {train.max_steps} steps ({curve.seconds:.1f} s)" + stage_clock(curve.seconds))
 
 
 def load_sources(study, name: str, names: list[str], data_meta: dict) -> dict:

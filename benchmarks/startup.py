@@ -1,0 +1,76 @@
+"""Each stage's fixed cost (wall time that is not its training or scoring) on the smoke study.
+
+    python -m benchmarks.startup                 # imports of every stage module, then `dvc repro` of the smoke study
+    python -m benchmarks.startup --no-repro      # imports only (seconds)
+
+1. Imports: `python -c "import tasks.<stage>"` for every stage module, the median of `--rounds`
+   runs, next to a bare `python -c "import torch"`: what a stage pays before it reads params.yaml.
+2. The smoke study: a fresh temp copy (benchmarks.flow_vs_dvc.copy_project) built with one
+   `dvc repro`. Every stage ends its summary line with `[W s wall, F s fixed]`: W since its
+   process started, F = W minus its own work (training, scoring). The table groups the stages by
+   kind: count, mean wall, mean fixed, and the share of the build that was fixed cost.
+Run it on an otherwise idle machine; it prints the host line (CPU flags, load).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from benchmarks.common import host_line
+from benchmarks.flow_vs_dvc import ROOT, copy_project, timed
+
+STAGE_MODULES = ("corpus", "prepare", "validate", "pretrain", "branch", "upcycle", "distill", "compress",
+                 "evaluate", "report", "hf_import", "export")
+CLOCK = re.compile(r"^(?P<stage>[a-z_]+)(@\S+)?[ :].*\[(?P<wall>[\d.]+) s wall, (?P<fixed>[\d.]+) s fixed\]\s*$")
+
+
+def import_seconds(module: str, rounds: int) -> float:
+    return statistics.median(timed([sys.executable, "-c", f"import {module}"], ROOT) for _ in range(rounds))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=3, help="runs of each import (median)")
+    p.add_argument("--no-repro", action="store_true", help="only the imports")
+    args = p.parse_args()
+    print(host_line())
+
+    print("\n| import | seconds (median) |\n|---|---:|")
+    for module in ("torch", *(f"tasks.{m}" for m in STAGE_MODULES)):
+        print(f"| `{module}` | {import_seconds(module, args.rounds):.2f} |", flush=True)
+    if args.no_repro:
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        project = copy_project(Path(tmp))
+        timed([sys.executable, "-m", "tasks.validate"], project)   # models/replicas.yaml first, as `make repro`
+        t0 = time.perf_counter()
+        r = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=project,
+                           capture_output=True, text=True)
+        total = time.perf_counter() - t0
+        if r.returncode:
+            sys.exit(f"dvc repro failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    n_stages = r.stdout.count("Running stage '")
+    by_kind = defaultdict(list)
+    for line in r.stdout.splitlines():
+        if m := CLOCK.match(line.strip()):
+            by_kind[m["stage"]].append((float(m["wall"]), float(m["fixed"])))
+    print(f"\nsmoke study: `dvc repro` of {n_stages} stages in {total:.0f} s ({total / max(1, n_stages):.1f} s per stage)")
+    print("\n| stage kind | stages | mean wall s | mean fixed s | fixed share |\n|---|---:|---:|---:|---:|")
+    for kind, rows in sorted(by_kind.items(), key=lambda kv: -sum(w for w, _ in kv[1])):
+        wall, fixed = sum(w for w, _ in rows), sum(f for _, f in rows)
+        print(f"| {kind} | {len(rows)} | {wall / len(rows):.1f} | {fixed / len(rows):.1f} | {fixed / wall:.0%} |")
+    timed_wall = sum(w for rows in by_kind.values() for w, _ in rows)
+    print(f"\nstages with a clock: {sum(map(len, by_kind.values()))} of {n_stages}, {timed_wall:.0f} s of the "
+          f"{total:.0f} s build; the rest is DVC (hashing, locks) and stages without one (corpus, validate, report)")
+
+
+if __name__ == "__main__":
+    main()
