@@ -3,10 +3,10 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-TORCH := torch==2.13.0
-# Elsewhere (no local CPU wheel), avoid the multi-GB CUDA build with:
+# scripts/install.sh picks torch 2.13.0 (a CPU build unless the machine has an NVIDIA GPU) and installs
+# with uv, or pip where uv can't be had. To force a torch index:
 #   make TORCH_INDEX=https://download.pytorch.org/whl/cpu
-TORCH_INDEX ?=
+export TORCH_INDEX ?=
 
 export DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -18,10 +18,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q -e '.[dev]'
+	scripts/install.sh $(VENV) dev
 	touch $@
 
 repro: install          # validate first: it lists the models of replicate seeds that dvc.yaml reads
