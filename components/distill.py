@@ -88,6 +88,7 @@ class LitDistill(LitLM):
     def __init__(self, student: TransformerLM, teacher: TransformerLM, train: TrainParams, params_hash: str = "", *,
                  alpha: float = 0.5, temperature: float = 2.0, reverse: bool = False, hidden_weight: float = 0.0):
         super().__init__(student.cfg, train, params_hash, model=student)
+        self.compiled = None            # the KD step calls the student's parts eagerly: train.compile does not apply
         if not 0.0 <= alpha <= 1.0 or temperature <= 0 or hidden_weight < 0:
             raise ValueError(f"alpha={alpha} must be in [0, 1], temperature={temperature} > 0 and "
                              f"hidden_weight={hidden_weight} >= 0")

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from components.config import ModelConfig
 from components.data import StepBatches, StepsFrom, eval_offsets, load_tokens, window_batch
-from components.device import device_name
+from components.device import device_name, resolve_precision
 from components.errors import ParamsError
 from components.model import TransformerLM, moe_layers, moe_losses
 
@@ -62,10 +62,14 @@ class LitLM(L.LightningModule):
         self.cfg, self.train_params, self.params_hash = cfg, train, params_hash
         self.model = model if model is not None else TransformerLM(cfg)
         self._rng_state = None
+        # train.compile: the training step calls a torch.compile'd view of the model (compiled at its first
+        # call). Held in a tuple, so it is no submodule: state_dict() and checkpoints keep the model's own
+        # keys (no `_orig_mod.`), and the curve's validation runs the model eagerly.
+        self.compiled = (torch.compile(self.model),) if train.compile else None
 
     def training_step(self, batch, batch_idx):
         x, y = batch                                   # (B, T), (B, T)
-        loss = lm_loss(self.model(x), y)
+        loss = lm_loss((self.compiled[0] if self.compiled else self.model)(x), y)
         self.log("train_loss", loss, prog_bar=True)    # the LM loss, for dense and MoE models alike
         moe = moe_losses(self.model)                   # MoE: mean aux and z-loss of its layers, this step
         if moe is None:
@@ -125,6 +129,9 @@ class StepCheckpoint(L.Callback):
             trainer.save_checkpoint(self.path)              # every rank calls it; global rank 0 writes
 
 
+COMPILE_REF_STEPS = 3            # train.compile: the steps after the first that compile_s compares it with
+
+
 class TrainingCurve(L.Callback):
     """Every `eval_every` steps and at the last step: one row of the training curve with the
     validation loss on fixed windows, the mean train loss since the previous row and the lr. The
@@ -140,6 +147,8 @@ class TrainingCurve(L.Callback):
         self.tokens_per_step = batch_size * block_size
         self.rows, self.seconds = [], 0.0
         self._loss_sum, self._steps, self._t0 = 0.0, 0, None
+        self.compile_s, self._compiled, self._first_steps, self._step_t0 = 0.0, False, [], None
+        self._rows_at_first = 0
         self.ran_on = {"device": None, "world_size": None, "precision": None}   # what trained: none yet
 
     def start(self, val_loss: float) -> None:
@@ -158,17 +167,41 @@ class TrainingCurve(L.Callback):
         tokens/s over them, and what trained (device, world size, precision: None if no step ran)."""
         return {"train_seconds": round(self.seconds, 3),
                 "tokens_per_s": round(self.rows[-1]["tokens"] / self.seconds, 1) if self.seconds else None,
-                **self.ran_on, "threads": torch.get_num_threads()}
+                **self.ran_on, "threads": torch.get_num_threads(),
+                "compile_s": round(self.compile_s, 3) if self._compiled else None}
 
     def on_train_start(self, trainer, pl_module):
         self.ran_on = {"device": device_name(pl_module.device), "world_size": trainer.world_size,
                        "precision": str(trainer.precision)}
+        self._compiled = getattr(pl_module, "compiled", None) is not None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._step_t0 = time.perf_counter()
         if self._t0 is None:
-            self._t0 = time.perf_counter()
+            self._t0 = self._step_t0
+
+    def _time_compile(self, trainer) -> None:
+        """train.compile: compile_s is the extra time of this process's first step (torch.compile works
+        then: its forward and backward graphs) over the median of the next COMPILE_REF_STEPS steps (fewer
+        if the run ends first), taken out of the training seconds, so tokens_per_s excludes it. A process
+        that runs one step only cannot separate them: compile_s is that step's time, train_seconds keeps it
+        too. Summed over resumes (each process compiles again)."""
+        if not self._first_steps:
+            self._rows_at_first = len(self.rows)
+        self._first_steps.append(time.perf_counter() - self._step_t0)
+        if len(self._first_steps) == 1 + COMPILE_REF_STEPS or trainer.global_step == self.max_steps:
+            first, rest = self._first_steps[0], self._first_steps[1:]
+            extra = max(0.0, first - float(np.median(rest))) if rest else first
+            self.compile_s += extra
+            if rest and len(self.rows) == self._rows_at_first:
+                self._t0 += extra                    # the first step is in the row being timed: out of it
+            elif rest:
+                self.seconds -= extra                # it is in rows already summed
+            self._first_steps.append(math.nan)       # done: no more steps are timed for it
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._compiled and len(self._first_steps) <= COMPILE_REF_STEPS:
+            self._time_compile(trainer)
         self._loss_sum += outputs.get("lm_loss", outputs["loss"]).item()   # MoE: without the aux losses
         self._steps += 1
         step = trainer.global_step
@@ -203,11 +236,13 @@ class TrainingCurve(L.Callback):
 
     def state_dict(self):     # seconds include the steps since the last row, whose partial sums travel too
         partial = time.perf_counter() - self._t0 if self._t0 is not None else 0.0
-        return {"rows": self.rows, "seconds": self.seconds + partial, "loss_sum": self._loss_sum, "steps": self._steps}
+        return {"rows": self.rows, "seconds": self.seconds + partial, "loss_sum": self._loss_sum, "steps": self._steps,
+                "compile_s": self.compile_s}
 
     def load_state_dict(self, state):
         self.rows, self.seconds, self._loss_sum, self._steps = (
             state["rows"], state["seconds"], state["loss_sum"], state["steps"])
+        self.compile_s = state.get("compile_s", 0.0)      # checkpoints from before train.compile have none
 
 
 class LMDataModule(L.LightningDataModule):
@@ -293,13 +328,21 @@ def check_launcher(train: TrainParams, world_size: int | None = None) -> None:
             f"a node as params.yaml asks for")
 
 
-def make_trainer(train: TrainParams, ckpt_dir: Path, callbacks: list, logger) -> L.Trainer:
+def make_trainer(train: TrainParams, ckpt_dir: Path, callbacks: list, logger, n_embd: int = 0) -> L.Trainer:
     """The Trainer every training stage uses: `train` settings, a resumable checkpoint every
-    ckpt_every steps in ckpt_dir (outside DVC outs), no Lightning validation loop (the curve callback does it)."""
+    ckpt_every steps in ckpt_dir (outside DVC outs), no Lightning validation loop (the curve callback does it).
+    precision auto is resolved for a model `n_embd` wide (0: unknown, 32-true), said once on the console
+    and recorded as the MLflow param train.precision_resolved (metrics/train/ records Lightning's)."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)   # no banners, tips or GPU/TPU lines
+    precision, why = resolve_precision(train.precision, train.accelerator, n_embd)
+    if global_rank0():            # once, from the process that writes outputs
+        print(f"precision {precision} (train.precision: {train.precision}; {why})"
+              + ("; torch.compile on: compile_s in metrics/train/" if train.compile else ""), flush=True)
+        if logger:
+            logger.log_hyperparams({"train.precision_resolved": precision})
     trainer = L.Trainer(
         accelerator=train.accelerator, devices=train.devices, num_nodes=train.num_nodes,
-        strategy=train.strategy, precision=train.precision, deterministic=train.deterministic,
+        strategy=train.strategy, precision=precision, deterministic=train.deterministic,
         max_steps=train.max_steps, max_epochs=-1, gradient_clip_val=train.grad_clip or None,
         use_distributed_sampler=False,          # each rank slices the global batch itself
         callbacks=[*callbacks, StepCheckpoint(ckpt_dir / "last.ckpt", train.ckpt_every)],
@@ -327,6 +370,6 @@ def fit(lit: LitLM, data: LMDataModule, curve: TrainingCurve, train: TrainParams
         return global_rank0()
     ckpt = ckpt_dir / "last.ckpt"
     start_step = resume_step(ckpt, params_hash)
-    trainer = make_trainer(train, ckpt_dir, [curve], logger)
+    trainer = make_trainer(train, ckpt_dir, [curve], logger, lit.model.cfg.n_embd)
     trainer.fit(lit, datamodule=data, ckpt_path=ckpt if start_step else None, weights_only=True)
     return trainer.is_global_zero

@@ -102,6 +102,11 @@ ModelOverrides = create_model(
 VariantParams = create_model("VariantParams", __base__=ModelOverrides, preset=(Optional[str], None))
 
 
+# train.precision: auto, or one of Lightning's precision names
+PRECISIONS = Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true",
+                     "transformer-engine", "transformer-engine-float16"]
+
+
 class TrainParams(Strict):
     max_steps: int = Field(1000, ge=1, le=MAX_STEPS)
     batch_size: int = Field(16, ge=1, le=MAX_BATCH)   # sequences per optimizer step, summed over all devices
@@ -119,7 +124,10 @@ class TrainParams(Strict):
     devices: int | str = "auto"            # a count per node (-1: all of them), or as Lightning reads a string
     num_nodes: int = Field(1, ge=1, le=MAX_NODES)
     strategy: str = "auto"
-    precision: str = "32-true"             # e.g. bf16-mixed
+    # auto: bf16-mixed where the device has native bf16 matrix math and n_embd is wide enough to gain,
+    # else 32-true (components/device.py resolve_precision); any other value goes to Lightning as it is
+    precision: PRECISIONS = "auto"
+    compile: bool = False                  # torch.compile the model for training (compile time: metrics' compile_s)
     deterministic: bool | Literal["warn"] = True   # "warn" on GPUs, where some kernels have no deterministic version
 
 

@@ -5,6 +5,7 @@
 import pytest
 import torch
 
+from components import device
 from components.device import device_name, resolve_device
 from components.errors import ParamsError
 
@@ -49,3 +50,47 @@ def test_device_names(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     assert device_name(torch.device("cpu")) == "cpu" and device_name(torch.device("mps")) == "mps"
     assert device_name(torch.device("cuda")) == "cuda:NVIDIA H200"
+
+
+# train.precision: auto, with the CPU's flags and the CUDA GPU's bf16 support faked
+
+
+@pytest.mark.parametrize("flags,expected", [
+    ({"avx2", "avx512f", "avx512_bf16"}, "bf16-mixed"),
+    ({"avx2", "amx_tile", "amx_bf16"}, "bf16-mixed"),
+    ({"avx2", "fma", "avx512f"}, "32-true"),            # AVX-512 without its bf16 extension: emulated
+    (set(), "32-true"),                                  # no /proc/cpuinfo (not Linux)
+])
+def test_auto_precision_on_cpu_follows_its_bf16_flags(machine, monkeypatch, flags, expected):
+    machine(False, False)
+    monkeypatch.setattr(device, "cpu_flags", lambda: flags)
+    precision, why = device.resolve_precision("auto", "auto", device.BF16_MIN_WIDTH)
+    assert precision == expected and why
+
+
+def test_auto_precision_needs_the_crossover_width(machine, monkeypatch):
+    machine(False, False)
+    monkeypatch.setattr(device, "cpu_flags", lambda: {"avx512_bf16"})
+    narrow, why = device.resolve_precision("auto", "cpu", device.BF16_MIN_WIDTH - 1)
+    assert narrow == "32-true" and f"< {device.BF16_MIN_WIDTH}" in why
+    assert device.resolve_precision("auto", "cpu", device.BF16_MIN_WIDTH)[0] == "bf16-mixed"
+    assert device.resolve_precision("auto", "cpu", 0)[0] == "32-true"    # width unknown
+
+
+@pytest.mark.parametrize("bf16,expected", [(True, "bf16-mixed"), (False, "32-true")])
+def test_auto_precision_on_cuda_asks_torch(machine, monkeypatch, bf16, expected):
+    machine(True, False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **kw: bf16)
+    monkeypatch.setattr(device, "cpu_flags", lambda: {"avx512_bf16"})   # the CPU's flags do not matter
+    assert device.resolve_precision("auto", "auto", 4 * device.BF16_MIN_WIDTH)[0] == expected
+
+
+def test_auto_precision_on_mps_is_fp32(machine):
+    machine(False, True)
+    assert device.resolve_precision("auto", "auto", 4 * device.BF16_MIN_WIDTH)[0] == "32-true"
+
+
+def test_a_set_precision_is_passed_through(monkeypatch):
+    monkeypatch.setattr(device, "cpu_flags", lambda: set())
+    for p in ("32-true", "bf16-mixed", "16-mixed"):
+        assert device.resolve_precision(p, "cpu", 64) == (p, "set in train.precision")

@@ -343,3 +343,17 @@ def test_replicate_seed_mistakes_are_named(tmp_path, study, expected):
 def test_a_replica_named_like_another_model_is_refused(tmp_path):
     msg = problems(tmp_path, LINEAGE.replace("kd:", "serial-s2:") + "study: {replicas: [2]}\n")
     assert "pretrain.serial: its seed 2 model would be named 'serial-s2', like another model of the study" in msg
+
+
+def test_train_precision_and_compile_defaults(tmp_path):
+    (tmp_path / "params.yaml").write_text(MINIMAL)
+    train = load_study(tmp_path / "params.yaml").train
+    assert (train.precision, train.compile) == ("auto", False)
+
+
+def test_bad_train_precision_and_compile_are_named_with_the_fix(tmp_path):
+    msg = problems(tmp_path, MINIMAL + "train: {precision: bf16, compile: yes-please}\n")
+    assert "2 problems" in msg
+    assert "train.precision: input should be 'auto', '32-true', 'bf16-mixed'" in msg and "got 'bf16'" in msg
+    assert "Use one of the values listed." in msg
+    assert "train.compile" in msg and "Write true or false." in msg

@@ -196,3 +196,73 @@ def test_a_checkpoint_holding_code_is_not_run(project):
     pretrain.main(["serial"])
     assert not marker.exists()
     assert list(curve(project)["step"]) == [3, 6]              # trained from step 0, the file ignored
+
+
+def compile_unavailable() -> str:
+    """Why torch.compile cannot run here ('' if it can): it needs a C++ compiler on the CPU."""
+    try:
+        torch.compile(torch.nn.Linear(2, 2))(torch.zeros(1, 2))
+    except Exception as e:                       # no compiler, an unsupported Python, ...
+        return f"torch.compile does not work here: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return ""
+
+
+needs_compile = pytest.mark.skipif(bool(compile_unavailable()), reason=compile_unavailable() or "-")
+
+
+@needs_compile
+def test_compile_trains_and_saves_the_models_own_keys(project):
+    """train.compile: true trains through torch.compile; model.safetensors keeps the model's keys (no
+    `_orig_mod.`), compile_s is in metrics/train/ and out of train_seconds."""
+    (project / "params.yaml").write_text((project / "params.yaml").read_text()
+                                         .replace("strategy: auto}", "strategy: auto, compile: true}"))
+    pretrain.main(["serial"])
+    from safetensors.torch import load_file
+    keys = load_file(project / "models/serial/model.safetensors").keys()
+    assert keys and not [k for k in keys if "_orig_mod" in k]
+    timing = json.loads((project / "metrics/train/serial.json").read_text())
+    assert timing["compile_s"] > 0 and timing["train_seconds"] > 0 and timing["tokens_per_s"] > 0
+    assert list(curve(project)["step"]) == [1, 2, 3, 4]
+
+
+def test_no_compile_reports_no_compile_time(project):
+    pretrain.main(["serial"])
+    assert json.loads((project / "metrics/train/serial.json").read_text())["compile_s"] is None
+
+
+class StopAt(lit.TrainingCurve):
+    """The curve, and training stops after step `stop` (its checkpoint written): an interrupted run."""
+    stop = 2
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.global_step == self.stop:
+            trainer.should_stop = True
+
+
+@needs_compile
+def test_compiled_training_resumes_to_the_same_weights(project):
+    """A compiled run interrupted at step 2 resumes from its checkpoint (whose keys are the model's own)
+    in a new LitLM, and ends where an uninterrupted compiled run ends."""
+    from components.config import ModelConfig
+    from components.data import load_tokens
+    from components.params import TrainParams
+    cfg = ModelConfig(vocab_size=257, block_size=32, n_layer=2, n_head=4, n_embd=32)
+    train = TrainParams(max_steps=4, batch_size=8, warmup_steps=2, eval_every=2, eval_batches=2, ckpt_every=2,
+                        accelerator="cpu", compile=True)
+
+    def run(ckpt_dir, curve_class=lit.TrainingCurve):
+        torch.manual_seed(0)
+        lm = lit.LitLM(cfg, train, "same-inputs")
+        curve = curve_class(load_tokens("data/prepared", "val"), 32, 8, 2, 2, 4)
+        lit.fit(lm, lit.LMDataModule("data/prepared", 32, 8, 7), curve, train, ckpt_dir, "same-inputs", False)
+        return lm.model, curve
+
+    whole, _ = run(project / "ckpt-whole")
+    run(project / "ckpt-cut", StopAt)
+    state = torch.load(project / "ckpt-cut/last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 2 and not [k for k in state["state_dict"] if "_orig_mod" in k]
+    resumed, resumed_curve = run(project / "ckpt-cut", StopAt)   # the same callback class: its rows come back
+    assert [r["step"] for r in resumed_curve.rows] == [2, 4]
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
