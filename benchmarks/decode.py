@@ -2,7 +2,7 @@
 
     python -m benchmarks.decode [--n-embd 128] [--n-layer 4] [--rounds 5] [--prompt-tokens 64]
                                 [--decode-tokens 32] [--batch 16] [--presets serial mqa ...]
-    python -m benchmarks.decode --against DIR [--rounds 7]    # per-token time of this code vs DIR's
+    python -m benchmarks.decode --against DIR [--rounds 7] [--step-batch 1] [--step-kv-heads 4]   # this code vs DIR's
 
 Models: the default study's shape (vocab 4096, block 128, swiglu, rmsnorm, rope) at matched parameter
 counts as in benchmarks/presets.py, plus `mqa` and `gqa` (serial with 1 and 2 of its 4 heads' k/v). Per
@@ -14,8 +14,8 @@ decode_batch_tokens_per_s), with kv_cache_bytes_per_token and state_bytes_per_se
 (components/flops.py cache_bytes). Ratios to serial are medians of per-round ratios.
 
 `--against DIR`: DIR holds other code of this project (e.g. `git archive main | tar -x -C /tmp/main`);
-the batch-1 cached decode step of the default serial model (64 tokens of context) runs alternately in a
-fresh process of each code base (PYTHONPATH=DIR, then this checkout), `--rounds` times; each process
+the cached decode step of the default serial model (64 tokens of context; `--step-batch` sequences,
+`--step-kv-heads` k/v heads of its 4, 1 for MQA) runs alternately in a fresh process of each code base (PYTHONPATH=DIR, then this checkout), `--rounds` times; each process
 prints its median wall and CPU (process) time per step over 7 blocks of 100 steps. CPU time is the steadier
 of the two on a shared machine when one thread runs (OMP_NUM_THREADS=1); with more threads it adds theirs.
 """
@@ -44,12 +44,13 @@ import statistics, sys, time, torch
 from components.config import ModelConfig
 from components.model import TransformerLM
 torch.manual_seed(0)
+B, n_kv_head = {batch}, {kv_heads}
 cfg = ModelConfig.from_preset("serial", vocab_size=4096, block_size=128, n_layer=4, n_head=4, n_embd=128,
-                              ffn="swiglu", norm="rmsnorm", pos="rope")
+                              n_kv_head=n_kv_head, ffn="swiglu", norm="rmsnorm", pos="rope")
 model = TransformerLM(cfg).eval()
 with torch.inference_mode():
-    cache = model.new_cache(1, 128)
-    token = model(torch.randint(0, 4096, (1, 64)), cache)[:, -1:].argmax(-1)
+    cache = model.new_cache(B, 128)
+    token = model(torch.randint(0, 4096, (B, 64)), cache)[:, -1:].argmax(-1)
     def block(clock, n=100):
         t0 = clock()
         for _ in range(n):
@@ -91,20 +92,21 @@ def batch_seconds(model, context: torch.Tensor, n: int) -> float:
     return time.perf_counter() - t0
 
 
-def against(other: Path, rounds: int) -> None:
-    """The batch-1 decode step of this checkout vs the code in `other`, alternating fresh processes."""
+def against(other: Path, rounds: int, batch: int = 1, kv_heads: int = 4) -> None:
+    """The decode step of this checkout vs the code in `other`, alternating fresh processes."""
     here = Path(__file__).resolve().parent.parent
     times = {"other": [], "this": []}
     for r in range(rounds):
         for who in (["other", "this"] if r % 2 == 0 else ["this", "other"]):
             root = other if who == "other" else here
-            out = subprocess.run([sys.executable, "-c", STEP], cwd=root, capture_output=True, text=True, check=True,
+            out = subprocess.run([sys.executable, "-c", STEP.format(batch=batch, kv_heads=kv_heads)], cwd=root, capture_output=True, text=True, check=True,
                                  env={**os.environ, "PYTHONPATH": str(root)}).stdout.split()
             times[who].append(tuple(map(float, out)))
             print(f"round {r + 1} {who}: {times[who][-1][0] * 1e3:.3f} ms wall, {times[who][-1][1] * 1e3:.3f} ms CPU",
                   flush=True)
     print(host_line())
-    print(f"| code | ms/token wall | ms/token CPU |\n|---|---:|---:|")
+    print(f"serial, batch {batch}, {kv_heads} k/v heads of 4, 64 tokens of context")
+    print(f"| code | ms/step wall | ms/step CPU |\n|---|---:|---:|")
     for who, label in (("other", str(other)), ("this", "this checkout")):
         print(f"| {label} | {statistics.median(t[0] for t in times[who]) * 1e3:.3f} "
               f"| {statistics.median(t[1] for t in times[who]) * 1e3:.3f} |")
@@ -124,10 +126,12 @@ def main():
     names = list(PRESETS) + list(EXTRA)
     p.add_argument("--presets", nargs="+", default=names, choices=names)
     p.add_argument("--against", type=Path, help="a directory with other code of this project: compare the "
-                                                "batch-1 decode step of the two (see the docstring)")
+                                                "decode step of the two (see the docstring)")
+    p.add_argument("--step-batch", type=int, default=1, help="--against: sequences decoded at once")
+    p.add_argument("--step-kv-heads", type=int, default=4, choices=[1, 2, 4], help="--against: k/v heads of 4")
     args = p.parse_args()
     if args.against is not None:
-        return against(args.against.resolve(), args.rounds)
+        return against(args.against.resolve(), args.rounds, args.step_batch, args.step_kv_heads)
     names = ["serial"] + [n for n in args.presets if n != "serial"]
     base = dict(vocab_size=4096, block_size=128, n_layer=args.n_layer, n_embd=args.n_embd,
                 n_head=args.n_embd // 32, ffn="swiglu", norm="rmsnorm", pos="rope")
