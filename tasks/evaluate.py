@@ -261,7 +261,8 @@ def main(argv: list[str]) -> None:
             version = tracking.register_model_dir(study, args.name, model_dir, run_id)
             print(f"registered {study.study.name} version {version}, alias {args.name}")
     print(f"evaluate@{args.name}: val_loss {metrics['val_loss']:.4f}, val_bpb {metrics['val_bpb']:.3f}, "
-          f"decode {metrics['decode_tokens_per_s']:.0f} tok/s")
+          f"decode {metrics['decode_tokens_per_s']:.0f} tok/s, batch of {ev.decode_batch} "
+          f"{metrics['decode_batch_tokens_per_s']:.0f} tok/s")
 
 
 if __name__ == "__main__":
