@@ -1,5 +1,5 @@
 """Training FLOPs (docs/methods.md#flops): per token of a model, and what each stage and lineage spent,
-the three keys every meta.json carries (`flops_meta`).
+the three keys every meta.json carries (`flops_meta`). Also the generation cache's size (`cache_bytes`).
 
     forward per token  = 2 x (active matmul weights) + 2 x 2 x n_ctx x d_attn per attention application
                          (+ 2 x 2 x d_state x n_embd per hybrid layer's SSM recurrence)
@@ -23,6 +23,7 @@ from fractions import Fraction
 
 import torch.nn as nn
 
+from components.config import ModelConfig
 from components.model import CausalSelfAttention, HybridMixer, MixtureOfAttention, ParallelBlock, TransformerLM
 from components.quant import Int8Linear
 
@@ -69,6 +70,31 @@ def attention_width(m: nn.Module) -> int:
     if isinstance(m, HybridMixer):
         return m.n_head * m.hs
     return 0
+
+
+def cached_kv_heads(cfg: ModelConfig) -> list[int]:
+    """The key/value heads each block of the stack caches, in order (one pass; a looped stack repeats it):
+    a par FFN sublayer and a pruned model's FFN-only layer none, mixture of attention every expert's
+    (kv-experts) or one shared set (kv-shared), a hybrid block its attention heads' (the SSM keeps a state)."""
+    if cfg.block == "par":
+        return [cfg.n_kv_head if c == "s" else 0 for c in cfg.layout]
+    if cfg.n_attn_expert:
+        return [cfg.n_kv_head * (1 if cfg.moa == "kv-shared" else cfg.n_attn_expert)] * cfg.n_layer
+    return [cfg.layer_widths(i)[1] for i in range(cfg.n_layer)]
+
+
+def cache_bytes(cfg: ModelConfig, element_bytes: int = 4) -> dict:
+    """What generation's cache (TransformerLM.new_cache) holds for one sequence, at element_bytes per value
+    (4: float32):
+
+        kv_cache_bytes_per_token = 2 (k, v) x head_size x element_bytes x n_loop x sum of cached_kv_heads
+        state_bytes_per_sequence = n_loop x hybrid layers x n_head x d_state x head_size x element_bytes
+
+    The first grows with every token of context, the second (the SSM heads' state) does not."""
+    kv = 2 * cfg.head_size * element_bytes * cfg.n_loop * sum(cached_kv_heads(cfg))
+    ssm_layers = cfg.n_layer if cfg.block == "hybrid" else 0
+    state = cfg.n_loop * ssm_layers * cfg.n_head * cfg.d_state * cfg.head_size * element_bytes
+    return {"kv_cache_bytes_per_token": kv, "state_bytes_per_sequence": state}
 
 
 def inherited_flops(metas: list[dict]) -> int | None:

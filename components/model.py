@@ -57,6 +57,12 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
 
 
+def make_dropout(cfg: ModelConfig) -> nn.Module:
+    """nn.Dropout(cfg.dropout), or nn.Identity when it is 0 (the default): the same numbers, without
+    F.dropout's call on every token of decode."""
+    return nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
+
+
 def rope_tables(head_size: int, n_pos: int, base: float) -> Rope:
     """cos/sin of position * frequency for the rotate-half form, each (n_pos, hs); hs: the channels
     rotated (rope_dim: all of a head's, or GPT-NeoX's first rotary_pct of them)."""
@@ -103,14 +109,15 @@ def qkv_dim(cfg: ModelConfig) -> int:
 # the HybridMixer
 
 
-def split_heads(qkv: torch.Tensor, n_head: int, n_kv_head: int):
-    """(B, T, (nh + 2*nkv)*hs) -> q (B, nh, T, hs), k and v (B, nkv, T, hs)."""
+def split_heads(qkv: torch.Tensor, n_head: int, n_kv_head: int, rope: Rope | None = None):
+    """(B, T, (nh + 2*nkv)*hs) -> q (B, nh, T, hs), k and v (B, nkv, T, hs); with `rope`, q and k rotated
+    (in one call: they are adjacent heads)."""
     B, T, _ = qkv.shape
-    hs = qkv.size(-1) // (n_head + 2 * n_kv_head)
-    q, k, v = qkv.split([n_head * hs, n_kv_head * hs, n_kv_head * hs], dim=-1)
-    return (q.view(B, T, n_head, hs).transpose(1, 2),
-            k.view(B, T, n_kv_head, hs).transpose(1, 2),
-            v.view(B, T, n_kv_head, hs).transpose(1, 2))
+    heads = qkv.view(B, T, n_head + 2 * n_kv_head, -1).transpose(1, 2)   # (B, nh + 2*nkv, T, hs)
+    qk, v = heads[:, :n_head + n_kv_head], heads[:, n_head + n_kv_head:]
+    if rope is not None:
+        qk = apply_rope(qk, rope)
+    return qk[:, :n_head], qk[:, n_head:], v
 
 
 def causal_mask(T: int, pos: int, device) -> torch.Tensor | None:
@@ -128,25 +135,32 @@ def cached_heads(qkv: torch.Tensor, n_head: int, n_kv_head: int, rope: Rope | No
     T = qkv.size(1)
     if qkv.stride(1) % 8:       # CUDA attention kernels fault on rows not 16-byte aligned: a fused w_in whose
         qkv = qkv.contiguous()  # width is odd (pruned FFN channels) leaves them so; found on an H200
-    q, k, v = split_heads(qkv, n_head, n_kv_head)           # (B, nh, T, hs), (B, nkv, T, hs) x2
-    if rope is not None:
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+    q, k, v = split_heads(qkv, n_head, n_kv_head, rope)     # (B, nh, T, hs), (B, nkv, T, hs) x2
     if kv is not None:
         kv[0][:, :, pos:pos + T] = k
         kv[1][:, :, pos:pos + T] = v
-        k, v = kv[0][:, :, :pos + T].to(q.dtype), kv[1][:, :, :pos + T].to(q.dtype)  # (B, nkv, S, hs)
+        k, v = kv[0][:, :, :pos + T], kv[1][:, :, :pos + T]  # (B, nkv, S, hs)
+        if k.dtype != q.dtype:                              # a float32 cache under bf16 autocast
+            k, v = k.to(q.dtype), v.to(q.dtype)
     return q, k, v
+
+
+SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)   # SDPA's enable_gqa: torch 2.5+
 
 
 def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int = 0,
                 dropout_p: float = 0.0) -> torch.Tensor:
     """Causal attention of q (B, nh, T, hs) at positions pos.. over k, v (B, nkv, S, hs) -> (B, T, nh*hs)."""
     B, n_head, T, _ = q.shape
+    gqa = {}
     if k.size(1) != n_head:                                 # GQA/MQA: each kv head serves a group
-        k = k.repeat_interleave(n_head // k.size(1), dim=1)  # (B, nh, S, hs)
-        v = v.repeat_interleave(n_head // v.size(1), dim=1)
+        if SDPA_GQA and not torch.is_grad_enabled():        # inference: SDPA reads the shared heads, no copy of the
+            gqa = {"enable_gqa": True}                      # cache per step (the same numbers, ~2x faster attention)
+        else:                                               # training keeps the copy: SDPA's own GQA rounds bf16
+            k = k.repeat_interleave(n_head // k.size(1), dim=1)  # gradients of k, v differently; (B, nh, S, hs)
+            v = v.repeat_interleave(n_head // v.size(1), dim=1)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, pos, q.device),
-                                       dropout_p=dropout_p, is_causal=pos == 0)  # (B, nh, T, hs)
+                                       dropout_p=dropout_p, is_causal=pos == 0, **gqa)  # (B, nh, T, hs)
     return y.transpose(1, 2).reshape(B, T, -1)              # (B, T, nh*hs)
 
 
@@ -177,7 +191,7 @@ class CausalSelfAttention(nn.Module):
         rows = (self.n_head + 2 * self.n_kv_head) * cfg.head_size          # q, k, v
         self.qkv = nn.Linear(cfg.n_embd, rows, bias=cfg.bias or cfg.qkv_bias)
         self.proj = nn.Linear(self.n_head * cfg.head_size, cfg.n_embd, bias=cfg.bias)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = make_dropout(cfg)
 
     def forward(self, x, rope=None, kv=None, pos=0):
         p = self.dropout if self.training else 0.0
@@ -198,7 +212,7 @@ class MLP(nn.Module):
         self.fc = nn.Linear(cfg.n_embd, ffn_in_dim(cfg, d_ff), bias=cfg.bias)
         self.act = ACTIVATIONS[cfg.ffn]
         self.proj = nn.Linear(d_ff, cfg.n_embd, bias=cfg.bias)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = make_dropout(cfg)
 
     def forward(self, x):
         return self.drop(self.proj(self.act(self.fc(x))))   # (B, T, C) -> (B, T, d_ff) -> (B, T, C)
@@ -295,7 +309,7 @@ class MixtureOfAttention(nn.Module):
         self.router = nn.Linear(cfg.n_embd, N, bias=False)
         self.qkv = nn.Linear(cfg.n_embd, (N * cfg.n_head + 2 * self.n_kv_total) * hs, bias=cfg.bias)
         self.proj = nn.Linear(N * cfg.n_head * hs, cfg.n_embd, bias=cfg.bias)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = make_dropout(cfg)
 
     def forward(self, h, rope=None, kv=None, pos=0):
         B, T, C = h.shape
@@ -414,7 +428,7 @@ class ParallelBlock(nn.Module):
         self.act = ACTIVATIONS[cfg.ffn]
         self.attn_proj = nn.Linear(self.n_head * cfg.head_size, cfg.n_embd, bias=cfg.bias)
         self.mlp_proj = nn.Linear(d_ff, cfg.n_embd, bias=cfg.bias)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = make_dropout(cfg)
 
     def forward(self, x, rope=None, kv=None, pos=0):
         qkv, ffn_in = self.w_in(self.ln(x)).split(self.split, dim=-1)  # (B, T, qkv_dim), (B, T, ffn_in)
@@ -498,7 +512,7 @@ class HybridMixer(nn.Module):
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))      # softplus(dt_bias) = dt
         self.norm_attn, self.norm_ssm = make_norm(cfg), make_norm(cfg)
         self.proj = nn.Linear(C, C, bias=cfg.bias)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = make_dropout(cfg)
 
     def forward(self, h, rope=None, kv=None, pos=0):
         B, T, C = h.shape
@@ -687,7 +701,7 @@ class TransformerLM(nn.Module):
             cos, sin = rope_tables(cfg.rope_dim, cfg.block_size, cfg.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, rope_dim)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = make_dropout(cfg)
         self.shared_mlp = MLP(cfg) if cfg.block == "one-wide-ffn" else None
         self.blocks = nn.ModuleList(make_blocks(cfg, self.shared_mlp))
         n_apps = cfg.n_loop * len(self.blocks)

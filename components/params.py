@@ -336,6 +336,10 @@ class EvaluateParams(Strict):
     batch_size: int = Field(8, ge=1, le=MAX_BATCH)
     prompt_tokens: int = Field(64, ge=1)   # prefill length for the speed measurement (+ decode_tokens <= block_size)
     decode_tokens: int = Field(32, ge=1)
+    # the batched decode measurement (decode_batch_tokens_per_s): decode_batch sequences, each with decode_context
+    # tokens already in the cache (null: prompt_tokens), decode_tokens cached steps (context + decode_tokens <= block_size)
+    decode_batch: int = Field(16, ge=1, le=MAX_BATCH)
+    decode_context: Optional[int] = Field(None, ge=1)
     speed_warmup: int = Field(1, ge=0, le=MAX_RUNS)
     speed_runs: int = Field(5, ge=1, le=MAX_RUNS)   # the median is reported
     threads: int = Field(0, ge=0, le=MAX_THREADS)   # 0: torch's default
@@ -344,6 +348,22 @@ class EvaluateParams(Strict):
     tasks: list[Annotated[str, Field(min_length=1)]] = []
     task_paths: list[Annotated[str, Field(min_length=1)]] = []   # directories of local task YAMLs (include_path)
     limit: Optional[int] = Field(None, ge=1)       # examples per task (null: all); a quick look, not a score
+
+    @property
+    def batch_context(self) -> int:
+        """Tokens in each sequence's cache before the batched decode steps: decode_context, else prompt_tokens."""
+        return self.prompt_tokens if self.decode_context is None else self.decode_context
+
+    def length_problems(self, block_size: int, whose: str) -> list[str]:
+        """The speed measurements' lengths that exceed a model's block_size (whose: "of 'serial'", ...)."""
+        p = []
+        if self.prompt_tokens + self.decode_tokens > block_size:
+            p.append(f"evaluate: prompt_tokens + decode_tokens = {self.prompt_tokens + self.decode_tokens} exceeds "
+                     f"the block_size {block_size} {whose}: lower them")
+        if self.decode_context is not None and self.decode_context + self.decode_tokens > block_size:
+            p.append(f"evaluate: decode_context + decode_tokens = {self.decode_context + self.decode_tokens} exceeds "
+                     f"the block_size {block_size} {whose}: lower decode_context (null: prompt_tokens) or decode_tokens")
+        return p
 
 
 class Claim(Strict):
@@ -747,10 +767,7 @@ def semantic_problems(study: Study) -> list[str]:
                          + (f"; did you mean '{hint[0]}'?" if hint else f"; models are {', '.join(names)}"))
     ev = study.evaluate
     for name in study.pretrain.variants:   # later stages keep their parent's block_size (distill_problems checks students)
-        block_size = _unchecked_config(study.variant_overrides(name)).block_size
-        if ev.prompt_tokens + ev.decode_tokens > block_size:
-            p.append(f"evaluate: prompt_tokens + decode_tokens = {ev.prompt_tokens + ev.decode_tokens} exceeds "
-                     f"the block_size {block_size} of '{name}': lower them")
+        p += ev.length_problems(_unchecked_config(study.variant_overrides(name)).block_size, f"of '{name}'")
     if study.tracking.register:
         for name in study.evaluated():
             if name.lower() == "latest" or re.fullmatch(r"[vV]\d+", name):
@@ -960,9 +977,7 @@ def student_problems(study: Study, name: str) -> list[str]:
     cfg, base = _unchecked_config(study.student_overrides(name)), _unchecked_config(_set(study.model)).problems()
     p += [problem for problem in cfg.problems() if problem not in base] + size_problems(cfg, study.data.vocab_size)
     ev = study.evaluate
-    if ev.prompt_tokens + ev.decode_tokens > cfg.block_size:
-        p.append(f"evaluate: prompt_tokens + decode_tokens = {ev.prompt_tokens + ev.decode_tokens} exceeds "
-                 f"the student's block_size {cfg.block_size}: lower them")
+    p += ev.length_problems(cfg.block_size, "of the student")
     return [f"student: {problem}" for problem in p]
 
 

@@ -8,8 +8,10 @@ Quality: mean next-token loss over the non-overlapping block_size windows of the
 (evaluate.max_tokens: of its start only), its perplexity, and bits per byte (tokenizer-independent); the
 same for each data.domains entry's own validation split (domain.<d>.val_loss, ...). Each scored window's
 token count, byte count and summed loss go to metrics/windows/<model>.csv, for resampling. Speed: batch-1
-prefill and KV-cached decode tokens/s, the median of `speed_runs` timed runs after `speed_warmup` untimed
-ones, with the thread count recorded.
+prefill and KV-cached decode tokens/s (latency), and batched decode tokens/s (`decode_batch` sequences with
+`decode_context` tokens cached: throughput, where the cache's size shows), each the median of `speed_runs`
+timed runs after `speed_warmup` untimed ones, with the thread count recorded; and the generation cache's bytes
+per token of context and per sequence (components/flops.py cache_bytes).
 lm-eval tasks (`evaluate.tasks`, needs `pip install -e '.[eval]'`): scored through components/harness.py
 on the model already loaded, as flat numbers `lm_eval.<task>.<metric>` (acc, acc_norm, their stderr, ...);
 the task names are checked when the stage starts, before any compute.
@@ -76,6 +78,15 @@ def median_seconds(timed_fn, warmup: int, runs: int) -> float:
     return statistics.median(timed_fn() for _ in range(runs))
 
 
+def clock(device: torch.device) -> float:
+    """perf_counter once `device` has run what was queued (a GPU runs its kernels later)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+    return time.perf_counter()
+
+
 @torch.inference_mode()
 def speed(model, prompt: torch.Tensor, decode_tokens: int, warmup: int, runs: int) -> dict:
     """Batch-1 tokens/s: prefill of `prompt` (on the model's device), then `decode_tokens` single-token
@@ -85,28 +96,49 @@ def speed(model, prompt: torch.Tensor, decode_tokens: int, warmup: int, runs: in
         raise ParamsError(f"evaluate.prompt_tokens + evaluate.decode_tokens = {P + decode_tokens} exceeds the "
                           f"model's block_size {model.cfg.block_size}: lower them")
 
-    def clock() -> float:               # a GPU runs the queued kernels later: wait for them before reading
-        if prompt.device.type == "cuda":
-            torch.cuda.synchronize(prompt.device)
-        elif prompt.device.type == "mps":
-            torch.mps.synchronize()
-        return time.perf_counter()
-
     def prefill():
         cache = model.new_cache(1, P + decode_tokens)
-        t0 = clock()
+        t0 = clock(prompt.device)
         logits = model(prompt, cache)
-        return clock() - t0, logits, cache
+        return clock(prompt.device) - t0, logits, cache
 
     def decode():
         _, logits, cache = prefill()
-        t0 = clock()
+        t0 = clock(prompt.device)
         for _ in range(decode_tokens):
             logits = model(logits[:, -1:].argmax(-1), cache)
-        return clock() - t0
+        return clock(prompt.device) - t0
 
     return {"prefill_tokens_per_s": P / median_seconds(lambda: prefill()[0], warmup, runs),
             "decode_tokens_per_s": decode_tokens / median_seconds(decode, warmup, runs)}
+
+
+@torch.inference_mode()
+def batch_decode_speed(model, context: torch.Tensor, decode_tokens: int, warmup: int, runs: int) -> dict:
+    """Batched decode tokens/s: `context` (B, C) prefilled into a cache (not timed), then `decode_tokens` cached
+    steps of all B sequences at once, B x decode_tokens tokens over their time. Where batch-1 decode pays
+    per-call overheads, this is where keys/values read (GQA/MQA), SSM state and looped applications show."""
+    (B, C), device = context.shape, context.device
+    if C + decode_tokens > model.cfg.block_size:
+        raise ParamsError(f"evaluate.decode_context + evaluate.decode_tokens = {C + decode_tokens} exceeds the "
+                          f"model's block_size {model.cfg.block_size}: lower decode_context (null: prompt_tokens) "
+                          f"or decode_tokens")
+
+    def decode() -> float:
+        cache = model.new_cache(B, C + decode_tokens)
+        logits = model(context, cache)
+        t0 = clock(device)
+        for _ in range(decode_tokens):
+            logits = model(logits[:, -1:].argmax(-1), cache)
+        return clock(device) - t0
+
+    return {"decode_batch_tokens_per_s": B * decode_tokens / median_seconds(decode, warmup, runs)}
+
+
+def batch_context(val: np.ndarray, batch: int, length: int) -> torch.Tensor:
+    """(batch, length) token ids: `batch` windows of the validation split, evenly spaced through it."""
+    starts = [i * (len(val) - length) // batch for i in range(batch)]
+    return torch.from_numpy(np.stack([np.asarray(val[s:s + length], dtype=np.int64) for s in starts]))
 
 
 @torch.inference_mode()
@@ -198,6 +230,10 @@ def main(argv: list[str]) -> None:
         rows += [(domain, i, *w) for i, w in enumerate(windows)]
     prompt = torch.from_numpy(np.asarray(val[:ev.prompt_tokens], dtype=np.int64))[None].to(device)
     metrics |= speed(model, prompt, ev.decode_tokens, ev.speed_warmup, ev.speed_runs)
+    context = batch_context(val, ev.decode_batch, ev.batch_context).to(device)
+    metrics |= batch_decode_speed(model, context, ev.decode_tokens, ev.speed_warmup, ev.speed_runs)
+    from components.flops import cache_bytes
+    metrics |= cache_bytes(model.cfg, model.wte.weight.element_size())   # what generation's cache holds
     metrics |= {"params": model.num_params(), "active_params": model.num_active_params(),
                 "size_bytes": (model_dir / "model.safetensors").stat().st_size,
                 "train_tokens": meta["tokens_seen"], "device": device_name(device),
@@ -227,7 +263,8 @@ def main(argv: list[str]) -> None:
             version = tracking.register_model_dir(study, args.name, model_dir, run_id)
             print(f"registered {study.study.name} version {version}, alias {args.name}")
     print(f"evaluate@{args.name}: val_loss {metrics['val_loss']:.4f}, val_bpb {metrics['val_bpb']:.3f}, "
-          f"decode {metrics['decode_tokens_per_s']:.0f} tok/s" + stage_clock(work_seconds))
+          f"decode {metrics['decode_tokens_per_s']:.0f} tok/s, batch of {ev.decode_batch} "
+          f"{metrics['decode_batch_tokens_per_s']:.0f} tok/s" + stage_clock(work_seconds))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ def evaluate_stage(name: str) -> str:
     return (f"evaluate@{name}" if group == "pretrain" else "evaluate-replica@" + name if group.endswith("-replica")
             else f"evaluate-{group}@{name}")
 QUALITY = ["val_loss", "val_ppl", "val_bpb", "params", "active_params", "size_bytes", "train_tokens"]
-CONTRACT = QUALITY + ["prefill_tokens_per_s", "decode_tokens_per_s", "device", "threads"]
+CONTRACT = QUALITY + ["prefill_tokens_per_s", "decode_tokens_per_s", "decode_batch_tokens_per_s", "kv_cache_bytes_per_token",
+                      "state_bytes_per_sequence", "device", "threads"]
 TRAIN_CONTRACT = ["train_seconds", "tokens_per_s", "device", "world_size", "precision", "threads"]  # metrics/train/
 
 

@@ -1,14 +1,16 @@
 """Pins components/flops.py against hand counts: a tiny dense model (and nanoGPT's 6N + 12 L H Q T), an MoE
 (top_k of the experts and the router), GQA, looped, mixture of attention, attention-dropped and int8 models,
-the SSM term of hybrid heads, and the meta.json keys of a stage (teacher forwards, lineage totals).
+the SSM term of hybrid heads, and the meta.json keys of a stage (teacher forwards, lineage totals); the
+generation cache's size (`cache_bytes`) against the tensors `new_cache` allocates.
 
     .venv/bin/python -m pytest tests/components/test_flops.py -q
 """
+import pytest
 import torch
 
 from components.compress import drop_attention, quantize
-from components.config import ModelConfig
-from components.flops import flops_meta, forward_flops_per_token, inherited_flops, training_flops_per_token
+from components.config import PRESETS, ModelConfig
+from components.flops import cache_bytes, flops_meta, forward_flops_per_token, inherited_flops, training_flops_per_token
 from components.model import TransformerLM
 
 torch.set_num_threads(1)
@@ -76,3 +78,38 @@ def test_stage_meta_pays_teacher_forwards_and_adds_up_the_lineage():
     parent, lib, tests = {"total_train_flops": 100}, {"total_train_flops": 130}, {"total_train_flops": 150}
     assert inherited_flops([parent, lib, tests]) == 100 + 30 + 50                  # btx: the parent once, each branch's own
     assert inherited_flops([parent]) == 100 and inherited_flops([{"tokens_seen": 1}]) is None
+
+
+CACHE_CASES = [(name, {}) for name in PRESETS] + [
+    ("serial", {"n_kv_head": 2}), ("serial", {"n_kv_head": 1}), ("hybrid", {"n_kv_head": 1, "d_state": 8}),
+    ("looped", {"n_loop": 3, "n_kv_head": 2}), ("par", {"layout": "fsfs"}),
+    ("serial", {"n_expert": 4}), ("parallel", {"n_expert": 4, "n_attn_expert": 3}),
+    ("parallel", {"n_attn_expert": 3, "moa": "kv-shared", "n_kv_head": 2}),
+    ("serial", {"layer_n_head": [4, 0], "layer_n_kv_head": [2, 0], "layer_d_ff": [64, 32]}),   # pruned: an FFN-only layer
+]
+
+
+@pytest.mark.parametrize("name,knobs", CACHE_CASES, ids=[f"{n}-{k}" for n, k in CACHE_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cache_bytes_equal_the_allocated_cache(name, knobs, dtype):
+    model = TransformerLM(ModelConfig.from_preset(name, **{**TINY, **knobs})).to(dtype)
+    expected = cache_bytes(model.cfg, element_bytes=dtype.itemsize)
+    for length in (5, 16):
+        slots = [s for s in model.new_cache(1, length).slots if s is not None]
+        kv = sum(t.nbytes for s in slots for t in s[:2])                    # k, v: (1, nkv, length, hs) each
+        state = sum(t.nbytes for s in slots for t in s[2:])                 # a hybrid block's SSM state
+        assert kv == expected["kv_cache_bytes_per_token"] * length
+        assert state == expected["state_bytes_per_sequence"]
+    assert expected["kv_cache_bytes_per_token"] > 0
+    assert (expected["state_bytes_per_sequence"] > 0) == (model.cfg.block == "hybrid")
+
+
+def test_cache_bytes_by_hand():
+    hs, f32 = 8, 4                                                          # n_embd 32 / 4 heads, float32
+    assert cache_bytes(ModelConfig(**TINY)) == {"kv_cache_bytes_per_token": 2 * 2 * 4 * hs * f32,   # 2 layers x 4 kv heads
+                                                "state_bytes_per_sequence": 0}
+    assert cache_bytes(ModelConfig(**TINY, n_kv_head=1))["kv_cache_bytes_per_token"] == 2 * 2 * 1 * hs * f32   # MQA: 1/4
+    assert cache_bytes(ModelConfig(**TINY, n_loop=2))["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 4 * hs * f32  # own slots
+    assert cache_bytes(ModelConfig.from_preset("par", **TINY))["kv_cache_bytes_per_token"] == 2 * 1 * 4 * hs * f32  # "sfff"
+    hybrid = cache_bytes(ModelConfig.from_preset("hybrid", **TINY, d_state=8), element_bytes=2)
+    assert hybrid == {"kv_cache_bytes_per_token": 2 * 2 * 4 * hs * 2, "state_bytes_per_sequence": 2 * 4 * 8 * hs * 2}

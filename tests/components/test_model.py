@@ -176,6 +176,15 @@ def test_attention_matches_naive_reference(heads):
         heads_out.append(scores.softmax(-1) @ vh)                      # (B, T, hs)
     expected = attn.proj(torch.cat(heads_out, dim=-1))
     assert max_diff(attn(x), expected) < 1e-5
+    with torch.inference_mode():                                       # decode's path (GQA: SDPA's enable_gqa)
+        assert max_diff(attn(x), expected) < 1e-5
+        assert torch.equal(attn(x), attn_training_path(attn, x))
+
+
+def attn_training_path(attn: CausalSelfAttention, x: torch.Tensor) -> torch.Tensor:
+    """attn(x) through the path taken with gradients on (GQA: k/v heads repeated), inside inference mode."""
+    with torch.enable_grad():
+        return attn(x).detach()
 
 
 def test_rope_scores_depend_only_on_relative_position():

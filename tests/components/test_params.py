@@ -5,7 +5,7 @@ import pytest
 
 from components.config import PRESETS
 from components.errors import ParamsError
-from components.params import DEFAULT_CORPUS, load_study
+from components.params import DEFAULT_CORPUS, EvaluateParams, load_study
 
 ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = """
@@ -107,6 +107,12 @@ def test_unknown_model_in_comparisons(tmp_path):
 def test_speed_measurement_must_fit_the_context(tmp_path):
     msg = problems(tmp_path, MINIMAL + "model: {block_size: 32}\nevaluate: {prompt_tokens: 30, decode_tokens: 8}\n")
     assert "prompt_tokens + decode_tokens = 38 exceeds the block_size 32" in msg
+    msg = problems(tmp_path, MINIMAL + "model: {block_size: 32}\nevaluate: {prompt_tokens: 8, decode_context: 28, decode_tokens: 8}\n")
+    assert ("decode_context + decode_tokens = 36 exceeds the block_size 32 of 'serial': lower decode_context "
+            "(null: prompt_tokens) or decode_tokens") in msg and "prompt_tokens + decode_tokens" not in msg
+    fits = EvaluateParams(prompt_tokens=8, decode_context=24, decode_tokens=8)
+    assert fits.length_problems(32, "of 'serial'") == [] and fits.batch_context == 24
+    assert EvaluateParams(prompt_tokens=8).batch_context == 8                  # null: the prompt's length
 
 
 def test_not_a_mapping_and_missing_file(tmp_path):

@@ -22,7 +22,7 @@ from components.errors import ParamsError
 from components.model import TransformerLM
 from components.tokenizer import Tokenizer
 from tasks import evaluate, prepare
-from tasks.evaluate import quality, window_losses
+from tasks.evaluate import batch_context, batch_decode_speed, quality, window_losses
 from tests.tasks.tiny_corpus import write_domain_corpus
 
 PARAMS = """\
@@ -125,6 +125,9 @@ def test_evaluate_scores_the_whole_split_and_each_domain(project):
     assert metrics["val_share"] == 1.0
     assert metrics["domain.a.val_loss"] != metrics["domain.b.val_loss"]        # the domains' words differ
     assert {k: metrics[k] for k in FLOPS} == FLOPS                              # copied from meta.json
+    # the generation cache: 1 layer x 2 kv heads x head size 8 x (k, v) x 4 bytes a token; no SSM state
+    assert (metrics["kv_cache_bytes_per_token"], metrics["state_bytes_per_sequence"]) == (1 * 2 * 8 * 2 * 4, 0)
+    assert metrics["decode_batch_tokens_per_s"] > 0 and metrics["decode_tokens_per_s"] > 0
     # the windows file holds every scored window, and its sums give the metrics bit for bit
     windows = read_windows(root, "m")
     assert list(windows) == list(splits)
@@ -170,3 +173,17 @@ def test_a_domain_named_all_is_refused_before_any_compute(tmp_path, monkeypatch)
     with pytest.raises(ParamsError, match="data.domains.all: .* rename it"):
         evaluate.main(["m"])
     assert not (tmp_path / "metrics").exists()
+
+
+def test_batch_decode_takes_distinct_windows_and_must_fit_the_context():
+    val = np.arange(1000, dtype=np.uint16)
+    context = batch_context(val, 4, 10)
+    assert context.shape == (4, 10) and context.dtype == torch.int64
+    assert context[:, 0].tolist() == [0, 247, 495, 742] and (context[:, 1:] - context[:, :-1] == 1).all()
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16)).eval()
+    speed = batch_decode_speed(model, torch.zeros(3, 5, dtype=torch.long), 3, warmup=0, runs=1)
+    assert list(speed) == ["decode_batch_tokens_per_s"] and speed["decode_batch_tokens_per_s"] > 0
+    with pytest.raises(ParamsError, match=r"evaluate.decode_context \+ evaluate.decode_tokens = 9 exceeds the model's "
+                                          r"block_size 8: lower decode_context \(null: prompt_tokens\) or decode_tokens"):
+        batch_decode_speed(model, torch.zeros(3, 5, dtype=torch.long), 4, warmup=0, runs=1)
