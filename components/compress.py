@@ -289,7 +289,8 @@ def fused_ffn_state(cfg: ModelConfig, sd: dict, layers: range, prefix: str) -> d
         gain = sd[names["norm"] + ".weight"]                               # (C,)
         b = sd[names["fc"] + ".bias"][rows] if cfg.bias else None
         if cfg.bias and names["norm"] + ".bias" in sd:                     # LayerNorm's shift: W beta joins the bias
-            b = b + w @ sd[names["norm"] + ".bias"]
+            shift = w.double() @ sd[names["norm"] + ".bias"].double()      # in float64, then rounded: the same
+            b = b + shift.to(b.dtype)                                      # bytes whatever the CPU's SIMD
         w = w * gain[None, :]                                              # W diag(gamma)
         half = d_ff if cfg.ffn == "swiglu" else w.size(0)
         gates.append(w[:half]), ups.append(w[half:])

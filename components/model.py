@@ -508,8 +508,10 @@ class HybridMixer(nn.Module):
         self.d_state = N
         self.split = [qkv_dim(cfg), C, C, N, N, cfg.n_head]                 # q,k,v | x | z | B | C | dt
         self.w_in = nn.Linear(C, sum(self.split), bias=cfg.bias)
-        dt = torch.logspace(-3, -1, cfg.n_head)                             # one time scale per head
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))      # softplus(dt_bias) = dt
+        # one time scale per head; softplus(dt_bias) = dt. In float64, then rounded: the same bytes on
+        # every CPU (float32 exp/log differ in the last bit between SIMD kernels)
+        dt = torch.logspace(-3, -1, cfg.n_head, dtype=torch.float64)
+        self.dt_bias = nn.Parameter((dt + torch.log(-torch.expm1(-dt))).float())
         self.norm_attn, self.norm_ssm = make_norm(cfg), make_norm(cfg)
         self.proj = nn.Linear(C, C, bias=cfg.bias)
         self.drop = make_dropout(cfg)
