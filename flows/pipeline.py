@@ -56,6 +56,7 @@ RETRY_DELAY_S = 2
 # when set, wins over this.
 TEMP_SERVER_STARTUP_S = 120
 _holding = False                   # this process holds the project's flow lock (one_flow_per_project)
+_checked: dict = {}                 # preflight's answer in main(), which the flow body of the same process reuses
 
 
 @dataclass
@@ -88,7 +89,8 @@ def pipeline(targets: Optional[list[str]] = None, max_parallel: int = 2, retries
 
 def run_pipeline(targets: list[str], max_parallel: int, retries: int, task_runner: str, address: Optional[str],
                  git_url: Optional[str] = None) -> dict:
-    study, plan, away = preflight(targets, task_runner, address, git_url)
+    key = (tuple(targets), task_runner, address, git_url)
+    study, plan, away = _checked.pop(key, None) or preflight(targets, task_runner, address, git_url)
     params = {"targets": " ".join(targets) or "all", "max_parallel": max_parallel, "retries": retries,
               "task_runner": task_runner}
     with tracking.stage_run(study, "pipeline", params=params, tags={"prefect_flow_run_id": flow_run_id()}) as parent_run:
@@ -687,7 +689,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     stage_runner(args.task_runner, args.address, args.max_parallel)   # its extra is installed
-    preflight(args.targets, args.task_runner, args.address, args.git_url)   # every user error, before Prefect starts
+    checked = preflight(args.targets, args.task_runner, args.address, args.git_url)   # every user error, before Prefect starts
     params = {"targets": args.targets, "max_parallel": args.max_parallel, "retries": args.retries,
               "task_runner": args.task_runner, "address": args.address, "git_url": args.git_url}
     if args.serve:
@@ -706,6 +708,9 @@ def main(argv: list[str]) -> int:
                               "lost): `prefect server start --host 0.0.0.0`, then export "
                               "PREFECT_API_URL=http://<this-host>:4200/api")
     with one_flow_per_project():               # before Prefect starts: a refused flow costs no server
+        # the flow body runs in this process, moments later: it plans no second time (a served
+        # deployment's runs, hours apart, each plan their own)
+        _checked[(tuple(args.targets), args.task_runner, args.address, args.git_url)] = checked
         check_prefect_api()
         logging.getLogger("prefect.flow_runs").addFilter(drop_server_gone_traceback)
         try:

@@ -149,6 +149,20 @@ def test_bad_input_is_named_before_any_stage_runs(project, tmp_path, monkeypatch
     assert not (root / "out").exists()
 
 
+def test_the_command_plans_once_and_the_flow_body_reuses_it(project, monkeypatch):
+    """main() checks every input before Prefect starts; the flow body, in the same process, does not
+    load the study and ask DVC for the plan a second time (seconds of a no-op flow)."""
+    import flows.pipeline as fp
+    root = project(DIAMOND)
+    calls = []
+    real = fp.preflight
+    monkeypatch.setattr(fp, "preflight", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert main([]) == 0
+    assert len(calls) == 1 and (root / "out/join.txt").exists()
+    assert fp._checked == {}                                   # taken by the flow body, nothing left over
+    assert set(pipeline().values()) == {"skipped"} and len(calls) == 2   # the flow alone plans for itself
+
+
 def test_an_unreachable_prefect_server_is_one_line_and_exit_2(tmp_path):
     root = make_project(tmp_path / "p", DIAMOND)
     r = subprocess.run([sys.executable, "-m", "flows.pipeline"], cwd=root, capture_output=True, text=True, timeout=300,
