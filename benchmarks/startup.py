@@ -39,6 +39,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3, help="runs of each import (median)")
     p.add_argument("--no-repro", action="store_true", help="only the imports")
+    p.add_argument("--keep", type=Path, help="build the smoke study in this new directory and keep it "
+                                             "(e.g. to time a no-op `python -m flows.pipeline` there)")
     args = p.parse_args()
     print(host_line())
 
@@ -49,7 +51,9 @@ def main() -> None:
         return
 
     with tempfile.TemporaryDirectory() as tmp:
-        project = copy_project(Path(tmp))
+        if args.keep:
+            args.keep.mkdir(parents=True)
+        project = copy_project(args.keep or Path(tmp))
         timed([sys.executable, "-m", "tasks.validate"], project)   # models/replicas.yaml first, as `make repro`
         t0 = time.perf_counter()
         r = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=project,
