@@ -186,17 +186,20 @@ def plan_stages(targets: list[str]) -> Plan:
         except DvcException as e:
             raise ParamsError(f"dvc.yaml can't be read: {e}{f' ({e.__cause__})' if e.__cause__ else ''}") from None
         stages = plan_repro(graph, [s for t in targets or ["dvc.yaml"] for s in collect_target(repo, graph, t)])
-        changed = set(repo.status(targets=[s.addressing for s in stages]))
+        # one status pass over the whole project (~2 s), not one per target stage (~0.5 s each: 35 s
+        # for the smoke study); a stage's own status does not depend on what else is asked
+        changed = set(repo.status()) & {s.addressing for s in stages}
         order = [s.addressing for s in stages]
-        upstream = {s.addressing: [u.addressing for u in graph.successors(s) if u.addressing in order] for s in stages}
+        planned = set(order)
+        upstream = {s.addressing: [u.addressing for u in graph.successors(s) if u.addressing in planned] for s in stages}
         rel = functools.partial(relative_to, Path(repo.root_dir))
         cached = [rel(o) for s in repo.index.stages for o in s.outs if o.use_cache]
+        deps = {s.addressing: [rel(d) for d in s.deps] for s in stages}        # each path worked out once
         # a dep is an output, inside one, or a directory of outputs (upcycle's branches/<parent>)
-        inputs = {s.addressing: sorted({o for d in s.deps for o in cached if within(rel(d), o) or within(o, rel(d))})
-                  for s in stages}
+        inputs = {name: sorted({o for d in ds for o in cached if within(d, o) or within(o, d)}) for name, ds in deps.items()}
         uncached = {s.addressing: [rel(o) for o in s.outs if not o.use_cache] for s in stages}
         outs = [rel(o) for s in repo.index.stages for o in s.outs]
-        sources = {rel(d) for s in stages for d in s.deps if not any(within(rel(d), o) or within(o, rel(d)) for o in outs)}
+        sources = {d for ds in deps.values() for d in ds if not any(within(d, o) or within(o, d) for o in outs)}
         every = [s.addressing for s in graph]
     return Plan(order, upstream, {name for name in order if name in changed}, lock_entries(), inputs, uncached,
                 sources, every)
