@@ -150,6 +150,7 @@ class TrainingCurve(L.Callback):
         self.compile_s, self._compiled, self._first_steps, self._step_t0 = 0.0, False, [], None
         self._rows_at_first = 0
         self.ran_on = {"device": None, "world_size": None, "precision": None}   # what trained: none yet
+        self.fit_seconds = 0.0      # fit()'s wall time in this process: steps, validation points, checkpoints
 
     def start(self, val_loss: float) -> None:
         """The step-0 row: the validation loss of the model training starts from. Stages that start
@@ -370,6 +371,8 @@ def fit(lit: LitLM, data: LMDataModule, curve: TrainingCurve, train: TrainParams
         return global_rank0()
     ckpt = ckpt_dir / "last.ckpt"
     start_step = resume_step(ckpt, params_hash)
+    start = time.perf_counter()
     trainer = make_trainer(train, ckpt_dir, [curve], logger, lit.model.cfg.n_embd)
     trainer.fit(lit, datamodule=data, ckpt_path=ckpt if start_step else None, weights_only=True)
+    curve.fit_seconds = time.perf_counter() - start      # the stage's work, for its summary line's clock
     return trainer.is_global_zero

@@ -76,7 +76,7 @@ def main(argv: list[str]) -> None:
         tracking.log_model_dir(out, study.tracking.log_models)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     print(f"branch@{args.name}: {parent} + {tokens:,} tokens of {entry.domain} in {curve.seconds:.1f} s, "
-          f"{entry.domain} val_loss {curve.rows[0]['val_loss']:.4f} -> {final['val_loss']:.4f}" + stage_clock(curve.seconds))
+          f"{entry.domain} val_loss {curve.rows[0]['val_loss']:.4f} -> {final['val_loss']:.4f}" + stage_clock(curve.fit_seconds))
 
 
 if __name__ == "__main__":

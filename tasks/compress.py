@@ -136,7 +136,7 @@ def main(argv: list[str]) -> None:
           f"({meta['params'] / meta['source_params']:.2f}x), {size_ratio:.2f}x the size; val_loss "
           f"{settings['val_loss_source']:.4f} -> {settings['val_loss_compressed']:.4f}"
           + (f" -> {final:.4f} after {train.max_steps} {entry.recover} steps" if train.max_steps else "")
-          + stage_clock(compress_seconds + curve.seconds))
+          + stage_clock(compress_seconds + curve.fit_seconds))
 
 
 if __name__ == "__main__":

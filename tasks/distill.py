@@ -93,7 +93,7 @@ def main(argv: list[str]) -> None:
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     print(f"distill@{args.name} ({method} from {teacher_name}): {meta['params']:,} params "
           f"(teacher {meta['teacher_params']:,}), {tokens:,} tokens in {curve.seconds:.1f} s, "
-          f"val_loss {final['val_loss']:.4f}" + stage_clock(curve.seconds))
+          f"val_loss {final['val_loss']:.4f}" + stage_clock(curve.fit_seconds))
 
 
 if __name__ == "__main__":

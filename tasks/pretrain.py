@@ -72,7 +72,7 @@ def main(argv: list[str]) -> None:
         tracking.log_model_dir(out, study.tracking.log_models)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     print(f"pretrain@{args.name}: {meta['params']:,} params, {tokens:,} tokens in {curve.seconds:.1f} s, "
-          f"val_loss {final['val_loss']:.4f}" + stage_clock(curve.seconds))
+          f"val_loss {final['val_loss']:.4f}" + stage_clock(curve.fit_seconds))
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ def main(argv: list[str]) -> None:
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     print(f"upcycle@{args.name} ({entry.method} of {', '.join(parents)}): {meta['params']:,} params "
           f"({meta['active_params']:,} active), val_loss {curve.rows[0]['val_loss']:.4f} after the transform, "
-          f"{curve.rows[-1]['val_loss']:.4f} after {train.max_steps} steps ({curve.seconds:.1f} s)" + stage_clock(curve.seconds))
+          f"{curve.rows[-1]['val_loss']:.4f} after {train.max_steps} steps ({curve.seconds:.1f} s)" + stage_clock(curve.fit_seconds))
 
 
 def load_sources(study, name: str, names: list[str], data_meta: dict) -> dict:
