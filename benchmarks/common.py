@@ -16,6 +16,7 @@ import torch
 
 from components.config import ModelConfig
 from components.data import StepBatches
+from components.device import cpu_flags
 from components.lit import LitLM, lm_loss
 from components.params import TrainParams
 
@@ -92,15 +93,11 @@ def host_line() -> str:
     """One line naming the host a measurement ran on: CPU model, the cores this process may use,
     its SIMD flags that matter to torch (AVX2 / AVX-512 / bf16 / AMX), torch's version and threads,
     and the 1-minute load average (a busy machine measures slower)."""
-    model, flags = "unknown CPU", set()
+    model, flags = "unknown CPU", cpu_flags()
     try:
-        for line in open("/proc/cpuinfo"):
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:                                        # not Linux: the model and flags are unknown
+        model = next(line.partition(":")[2].strip() for line in open("/proc/cpuinfo")
+                     if line.partition(":")[0].strip() == "model name")
+    except (OSError, StopIteration):                       # not Linux: the model is unknown
         pass
     simd = [f for f in SIMD_FLAGS if f in flags] or ["none of " + "/".join(SIMD_FLAGS)]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
