@@ -121,6 +121,5 @@ class LitDistill(LitLM):
         if (moe := moe_losses(self.model)) is not None:   # an MoE student: its load-balancing and z-losses, as LitLM
             loss = loss + self.cfg.aux_loss_coef * moe["aux_loss"] + self.cfg.z_loss_coef * moe["z_loss"]
             logs |= moe
-        self.log("train_loss", ce, prog_bar=True)         # the student's LM loss, comparable with pretraining
-        self.log_dict({"train_total_loss": loss, **logs})
+        self.log_dict({"train_total_loss": loss, **logs})   # (train_loss, the LM loss: TrainingCurve logs it)
         return {"loss": loss, "lm_loss": ce.detach()}     # TrainingCurve's train_loss is the LM loss too

@@ -45,6 +45,9 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
+FUSED_ADAMW = ("cpu", "cuda")     # devices whose fused AdamW kernel torch has (CPU: torch 2.4+)
+
+
 def lr_factor(step: int, warmup: int, max_steps: int, lr: float, min_lr: float) -> float:
     """Multiplier of lr at `step`: linear warmup, then cosine from lr down to min_lr at max_steps."""
     if step < warmup:
@@ -70,8 +73,8 @@ class LitLM(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch                                   # (B, T), (B, T)
         loss = lm_loss((self.compiled[0] if self.compiled else self.model)(x), y)
-        self.log("train_loss", loss, prog_bar=True)    # the LM loss, for dense and MoE models alike
         moe = moe_losses(self.model)                   # MoE: mean aux and z-loss of its layers, this step
+        # (no self.log of the loss: TrainingCurve sends train_loss, the mean since its last row, to the logger)
         if moe is None:
             return loss
         c = self.model.cfg
@@ -85,9 +88,11 @@ class LitLM(L.LightningModule):
         t = self.train_params
         decay = [p for p in self.parameters() if p.dim() >= 2]    # matmuls and embeddings
         no_decay = [p for p in self.parameters() if p.dim() < 2]  # norms and biases
+        # fused: one kernel updates every tensor of a group (torch's default on CPU is a Python loop over
+        # them, ~2 ms a step of nanoGPT's CPU model); the same update, rounded in another order
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}],
-                                lr=t.lr, betas=(t.beta1, t.beta2))
+                                lr=t.lr, betas=(t.beta1, t.beta2), fused=self.device.type in FUSED_ADAMW)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.lr, t.min_lr))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -114,10 +114,11 @@ def split_heads(qkv: torch.Tensor, n_head: int, n_kv_head: int, rope: Rope | Non
     (in one call: they are adjacent heads)."""
     B, T, _ = qkv.shape
     heads = qkv.view(B, T, n_head + 2 * n_kv_head, -1).transpose(1, 2)   # (B, nh + 2*nkv, T, hs)
-    qk, v = heads[:, :n_head + n_kv_head], heads[:, n_head + n_kv_head:]
+    qk, v = heads.split([n_head + n_kv_head, n_kv_head], dim=1)
     if rope is not None:
         qk = apply_rope(qk, rope)
-    return qk[:, :n_head], qk[:, n_head:], v
+    q, k = qk.split([n_head, n_kv_head], dim=1)
+    return q, k, v
 
 
 def causal_mask(T: int, pos: int, device) -> torch.Tensor | None:
