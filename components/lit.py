@@ -89,10 +89,14 @@ class LitLM(L.LightningModule):
         decay = [p for p in self.parameters() if p.dim() >= 2]    # matmuls and embeddings
         no_decay = [p for p in self.parameters() if p.dim() < 2]  # norms and biases
         # fused: one kernel updates every tensor of a group (torch's default on CPU is a Python loop over
-        # them, ~2 ms a step of nanoGPT's CPU model); the same update, rounded in another order
+        # them, ~2 ms a step of nanoGPT's CPU model); the same update, rounded in another order. Not under
+        # Lightning's mixed precision with clipping, which it refuses for fused optimizers (they may unscale).
+        trainer = self._trainer                    # None outside fit (benchmarks, tests)
+        mixed = trainer is not None and str(trainer.precision).endswith("-mixed")
+        fused = self.device.type in FUSED_ADAMW and not (mixed and t.grad_clip)
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}],
-                                lr=t.lr, betas=(t.beta1, t.beta2), fused=self.device.type in FUSED_ADAMW)
+                                lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.lr, t.min_lr))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -225,6 +225,20 @@ def test_compile_trains_and_saves_the_models_own_keys(project):
     assert list(curve(project)["step"]) == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_gradient_clipping_trains_in_full_and_mixed_precision(project, precision, monkeypatch):
+    """AdamW is fused (one kernel a step) except under Lightning's mixed precision with clipping, which
+    Lightning refuses for fused optimizers: both fits run, clipped."""
+    (project / "params.yaml").write_text((project / "params.yaml").read_text().replace(
+        "strategy: auto}", f"strategy: auto, precision: {precision}, grad_clip: 1.0}}"))
+    fused, real = [], torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **kw: fused.append(kw["fused"]) or real(*a, **kw))
+    pretrain.main(["serial"])
+    assert fused == [precision == "32-true"]
+    timing = json.loads((project / "metrics/train/serial.json").read_text())
+    assert timing["precision"] == precision and timing["tokens_per_s"] > 0
+
+
 def test_no_compile_reports_no_compile_time(project):
     pretrain.main(["serial"])
     assert json.loads((project / "metrics/train/serial.json").read_text())["compile_s"] is None
