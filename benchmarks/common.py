@@ -18,6 +18,7 @@ from components.config import ModelConfig
 from components.data import StepBatches
 from components.device import cpu_flags
 from components.lit import LitLM, lm_loss
+from components.model import moe_losses
 from components.params import TrainParams
 
 TRAIN = TrainParams(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=10_000, weight_decay=0.1,
@@ -30,23 +31,29 @@ def batches(cfg: ModelConfig, batch_size: int, seed: int = 0) -> StepBatches:
     return StepBatches(tokens, cfg.block_size, batch_size, seed)
 
 
-def plain_trainer(cfg: ModelConfig, precision: str = "32-true", seed: int = 0):
-    """A plain PyTorch loop with the same model, optimizer, schedule and clipping as LitLM."""
+def plain_trainer(cfg: ModelConfig, precision: str = "32-true", seed: int = 0, device: str = "cpu",
+                  compile: bool = False):
+    """A plain PyTorch loop with the same model, optimizer, schedule, clipping and MoE aux losses as
+    LitLM (and, with `compile`, the same torch.compile'd view of the model for the step)."""
     torch.manual_seed(seed)
-    lit = LitLM(cfg, TRAIN)
+    lit = LitLM(cfg, TRAIN).to(device)
     opt_cfg = lit.configure_optimizers()
     opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    forward = torch.compile(lit.model) if compile else lit.model
 
     def step(x, y):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast:
-            loss = lm_loss(lit.model(x), y)
+            loss = lm_loss(forward(x), y)
+            if (aux := moe_losses(lit.model)) is not None:
+                loss = loss + cfg.aux_loss_coef * aux["aux_loss"] + cfg.z_loss_coef * aux["z_loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lit.model.parameters(), TRAIN.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        return loss.item()
+        return loss.item()                                 # waits for the device, as logging would
     return lit.model, step
 
 
@@ -63,13 +70,18 @@ def median_ratio(a: list[float], b: list[float]) -> float:
 
 
 def shape_parser(doc: str, rounds: int, steps: int) -> argparse.ArgumentParser:
-    """The options of the training-speed benchmarks: model width and depth, batch, interleaved rounds."""
+    """The options of the training-speed benchmarks: model width and depth, batch, interleaved rounds,
+    and where and how to train (device, precision, torch.compile)."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=128, help="tokens a sequence")
     p.add_argument("--rounds", type=int, default=rounds)
     p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (compilation in the warm-up)")
     return p
 
 
@@ -104,3 +116,10 @@ def host_line() -> str:
     load = f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "?"
     return (f"{model}, {cores} cores, flags {' '.join(simd)}; torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads; load average (1 min) {load}")
+
+
+def device_line(device: str) -> str:
+    """host_line for the CPU; the GPU's name, CUDA and torch versions for cuda."""
+    if torch.device(device).type != "cuda":
+        return host_line()
+    return f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}; torch {torch.__version__}"

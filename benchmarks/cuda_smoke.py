@@ -1,5 +1,5 @@
 """CUDA smoke check of every training recipe's pieces on a GPU machine (a check, not a test: CI has no GPU):
-pretrain (LitLM, bf16-mixed), BAM upcycle + mix (and its KV cache), KD (LitDistill with a hidden-state
+the MoE's grouped-matmul dispatch against its loop (fp32, bf16), pretrain (LitLM, bf16-mixed), BAM upcycle + mix (and its KV cache), KD (LitDistill with a hidden-state
 term), Taylor pruning + KD recovery, the FFN Fusion search, int8 inference. Synthetic tokens; each
 training must lower the validation loss on the GPU. Without a GPU it is a dry run on the CPU.
 
@@ -34,9 +34,11 @@ V = 512
 # a learnable stream: a repeated random "vocabulary" of 64-token phrases
 phrases = rng.integers(0, V, size=(200, 64))
 stream = phrases[rng.integers(0, 200, size=4000)].ravel().astype(np.uint16)
-stream[: len(stream) * 9 // 10].tofile(prep / "train.bin")
-stream[len(stream) * 9 // 10:].tofile(prep / "val.bin")
-(prep / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": V}))
+split = len(stream) * 9 // 10
+stream[:split].tofile(prep / "train.bin")
+stream[split:].tofile(prep / "val.bin")
+(prep / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": V, "train_tokens": split,
+                                            "val_tokens": len(stream) - split}))
 val = np.memmap(prep / "val.bin", dtype=np.uint16, mode="r")
 report = {}
 
@@ -58,6 +60,35 @@ def fit(name, lit, steps, precision=PRECISION):
     assert curve.rows[-1]["val_loss"] < curve.rows[0]["val_loss"], curve.rows
     return lit.model
 
+
+# MoE dispatch: grouped matmuls (archflow's choice on a GPU) against the loop over experts, fp32 and bf16
+from components import model as model_mod                    # noqa: E402
+L.seed_everything(0)
+moe_model = TransformerLM(ModelConfig(vocab_size=V, block_size=64, n_layer=2, n_head=4, n_embd=128, block="parallel",
+                                      ffn="swiglu", n_expert=4, top_k=2)).to(DEV)
+tokens = torch.randint(0, V, (8, 64), device=DEV)
+model_mod.GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16)   # fp32 too, for this check (torch's own loop)
+for precision in ("fp32", "bf16"):
+    got = {}
+    for dispatch, devices in (("grouped", (DEV,)), ("loop", ())):
+        model_mod.GROUPED_MM_DEVICES = devices
+        moe_model.zero_grad()
+        with torch.profiler.profile() as prof:                # which kernels, how many copies to the host
+            with torch.autocast(DEV, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                logits = moe_model(tokens)
+            logits.float().square().mean().backward()
+        names = [e.name for e in prof.events()]
+        report[f"moe_{dispatch}_{precision}"] = {
+            "device_to_host_copies": sum("DtoH" in n for n in names),
+            "grouped_kernels": sorted({n[:80] for n in names if "group" in n.lower() or "cutlass" in n.lower()})[:6]}
+        got[dispatch] = (logits.float(), moe_model.blocks[0].mlp.experts[1].fc.weight.grad.clone())
+    diffs = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got["grouped"], got["loop"])]
+    report[f"moe_grouped_vs_loop_{precision}_rel_diff"] = {"logits": diffs[0], "expert_grad": diffs[1]}
+    print(precision, "grouped vs loop, relative max diff (logits, an expert's grad):", diffs,
+          {k: v for k, v in report.items() if k.endswith(precision)}, flush=True)
+    assert max(diffs) < (1e-4 if precision == "fp32" else 5e-2), diffs
+model_mod.GROUPED_MM_DEVICES, model_mod.GROUPED_MM_DTYPES = ("cuda",), (torch.bfloat16,)
+report["grouped_mm"] = model_mod.GROUPED_MM
 
 L.seed_everything(0)
 cfg = ModelConfig(vocab_size=V, block_size=64, n_layer=4, n_head=4, n_embd=128, block="parallel", ffn="swiglu",

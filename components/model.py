@@ -18,7 +18,8 @@ MoE (docs/methods.md#moe): router logits s = W_r x (fp32), two conventions:
     topk-softmax (Mixtral): w = softmax(top-k of s), weights sum to 1;
     softmax-topk (Switch, ST-MoE): p = softmax(s), w_i = p_i for i in the top k, not renormalised.
 y = sum_i w_i FFN_i(x) (+ a shared dense FFN). Dispatch is dropless: the (token, slot) pairs are
-sorted by expert, each expert runs once on its gathered tokens, index_add_ scatters back.
+sorted by expert, each expert runs once on its gathered tokens (in bf16 on a GPU: one grouped matmul
+per projection for all of them), index_add_ scatters back.
 In training mode each MoE layer keeps its last Switch load-balancing loss E * sum_i f_i P_i, its
 router z-loss mean_t logsumexp(s_t)^2 and its expert load f (`moe_layers`, `moe_losses`).
 
@@ -236,9 +237,16 @@ def route(logits: torch.Tensor, k: int, router: str) -> tuple[torch.Tensor, torc
     return F.softmax(logits, dim=-1).topk(k, dim=-1)
 
 
+def expert_counts(idx: torch.Tensor, n_expert: int) -> torch.Tensor:
+    """(E,) int64: the token slots routed to each expert. A scatter into E counters, not bincount, whose
+    output size depends on the data (a graph break for torch.compile)."""
+    flat = idx.flatten()
+    return flat.new_zeros(n_expert).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def expert_load(idx: torch.Tensor, n_expert: int) -> torch.Tensor:
     """f_i: the fraction of the N x k token slots routed to expert i, (E,), sums to 1."""
-    return torch.bincount(idx.flatten(), minlength=n_expert).float() / idx.numel()
+    return expert_counts(idx, n_expert).float() / idx.numel()
 
 
 def load_balancing_loss(probs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -253,17 +261,62 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 
+# torch._grouped_mm: one matmul over jagged groups (torch >= 2.10). Its fused kernel is for bf16 on
+# Hopper/Blackwell GPUs; elsewhere it loops over the groups itself (on a GPU after copying the group
+# sizes to the host), and torch.compile traces it in bf16 only. So the experts run as grouped matmuls
+# where they compute in bf16 on a GPU (bf16-mixed training, bf16 inference); a loop over experts runs
+# them everywhere else (on a CPU it is as fast in training and faster in decoding: no copy of every
+# expert's weights into one stack per call).
+GROUPED_MM = torch.torch_version.TorchVersion(torch.__version__) >= "2.10"
+GROUPED_MM_DEVICES, GROUPED_MM_DTYPES = ("cuda",), (torch.bfloat16,)
+
+
 def dispatch(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
-    """y_t = sum_j weights[t, j] * experts[idx[t, j]](x_t), x (N, C) -> (N, C); each expert runs once
-    on the tokens routed to it (slots grouped by a stable sort), no token is dropped."""
-    k = idx.size(1)
-    order = idx.flatten().argsort(stable=True)              # (N*k,) slots grouped by expert
-    counts = torch.bincount(idx.flatten(), minlength=len(experts)).tolist()
+    """y_t = sum_j weights[t, j] * experts[idx[t, j]](x_t), x (N, C) -> (N, C); no token is dropped.
+    The N*k slots are sorted by expert (a stable sort), so expert e's tokens are rows ends[e-1]:ends[e]
+    of one gathered batch. In bf16 on a GPU, float experts run as one grouped matmul per projection (no
+    kernels per expert, no sync with the host: what made an MoE step launch-bound there); elsewhere, and
+    for int8 experts, a loop runs each expert on its rows."""
+    k, flat = idx.size(1), idx.flatten()
+    order = flat.argsort(stable=True)                       # (N*k,) slots grouped by expert
     token = order // k                                      # (N*k,) the token of each sorted slot
-    groups = x[token].split(counts)                         # E x (n_e, C), one gather
-    out = torch.cat([experts[e](g) for e, g in enumerate(groups) if len(g)])   # (N*k, C)
+    counts = expert_counts(flat, len(experts))              # (E,) slots per expert
+    if use_grouped_mm(x, experts):
+        out = grouped_experts(x[token], flat[order], counts, experts)
+    else:
+        groups = x[token].split(counts.tolist())            # E x (n_e, C), one gather
+        out = torch.cat([experts[e](g) for e, g in enumerate(groups) if len(g)])   # (N*k, C)
     out = out * weights.flatten()[order, None].to(out.dtype)
     return x.new_zeros(x.shape).index_add_(0, token, out.to(x.dtype))  # sum each token's k slots
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a Linear computes x in: autocast's where it is on, else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def use_grouped_mm(x: torch.Tensor, experts: nn.ModuleList) -> bool:
+    return (GROUPED_MM and x.device.type in GROUPED_MM_DEVICES and compute_dtype(x) in GROUPED_MM_DTYPES
+            and all(type(e.fc) is nn.Linear and type(e.proj) is nn.Linear for e in experts))
+
+
+def grouped_experts(xs: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
+    """Every expert's MLP (fc -> act -> proj -> dropout) on its rows of xs (N*k, C), sorted by expert
+    (`expert`: each row's expert id), as torch._grouped_mm over the experts' stacked weights. The
+    operands are cast as autocast casts F.linear's (grouped_mm is not on its lists)."""
+    dtype = compute_dtype(xs)
+    ends = counts.cumsum(0).to(torch.int32)                 # group e is rows ends[e-1]:ends[e]
+
+    def linear(h, name):
+        layers = [getattr(e, name) for e in experts]
+        w = torch.stack([m.weight for m in layers]).to(dtype)               # (E, out, in)
+        y = torch._grouped_mm(h.to(dtype), w.transpose(1, 2), offs=ends)   # (N*k, out)
+        if layers[0].bias is not None:
+            y = y + torch.stack([m.bias for m in layers]).to(dtype)[expert]
+        return y
+    first = experts[0]
+    return first.drop(linear(first.act(linear(xs, "fc")), "proj"))
 
 
 class MoE(nn.Module):

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 
 from components.artifacts import load_model_dir, save_model_dir
 from components.config import ModelConfig
+from components import model as model_mod
+from components.quant import quantize_int8_
 from components.model import (
     MLP,
     CausalSelfAttention,
@@ -118,6 +120,85 @@ def test_dispatch_with_an_idle_expert():
     w = torch.ones(5, 1)
     expected = torch.stack([experts[int(i)](x[t]) for t, i in enumerate(idx[:, 0])])
     assert max_diff(dispatch(x, w, idx, experts), expected) < 1e-6
+
+
+@pytest.mark.skipif(not model_mod.GROUPED_MM, reason="torch without _grouped_mm: only the loop exists")
+@pytest.mark.parametrize("ffn,bias", [("swiglu", True), ("gelu", False)])
+def test_grouped_experts_match_the_loop_in_values_and_gradients(ffn, bias, monkeypatch):
+    cfg = cfg_of(n_expert=4, top_k=2, ffn=ffn, bias=bias)
+    torch.manual_seed(0)
+    moe = perturb_(MoE(cfg), scale=0.3)
+    x = torch.randn(40, cfg.n_embd, generator=torch.Generator().manual_seed(3))
+    weights = torch.rand(40, 2)
+    idx = torch.randint(0, 3, (40, 2), generator=torch.Generator().manual_seed(4))   # expert 3 idle
+    results = {}
+    for grouped in (True, False):
+        monkeypatch.setattr(model_mod, "GROUPED_MM_DEVICES", ("cpu",) if grouped else ())
+        monkeypatch.setattr(model_mod, "GROUPED_MM_DTYPES", (torch.float32,))
+        moe.zero_grad()
+        xg = x.clone().requires_grad_()
+        y = dispatch(xg, weights, idx, moe.experts)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results[grouped] = [y, xg.grad] + [p.grad.clone() for p in moe.experts[:3].parameters()]
+    assert moe.experts[3].fc.weight.grad is None or not moe.experts[3].fc.weight.grad.any()
+    assert max(max_diff(a, b) for a, b in zip(results[True], results[False])) < 1e-5
+
+
+@pytest.mark.skipif(not model_mod.GROUPED_MM, reason="torch without _grouped_mm: only the loop exists")
+def test_grouped_experts_under_autocast_compute_in_bf16_as_the_loop_does(monkeypatch):
+    cfg = cfg_of(n_expert=4, top_k=2, ffn="swiglu")
+    torch.manual_seed(0)
+    moe = perturb_(MoE(cfg), scale=0.3)
+    x = torch.randn(2, 16, cfg.n_embd)
+    outs = {}
+    for grouped in (True, False):
+        monkeypatch.setattr(model_mod, "GROUPED_MM_DEVICES", ("cpu",) if grouped else ())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[grouped] = moe(x)
+    assert max_diff(outs[True], outs[False]) < 2e-2           # bf16 rounding, same casts
+    assert max_diff(outs[True], moe(x)) > 1e-6                # (it did run in bf16)
+
+
+def test_grouped_matmuls_only_in_bf16_on_a_gpu(monkeypatch):
+    experts = MoE(cfg_of(n_expert=4, top_k=2)).experts
+    x = torch.randn(4, 32)
+    assert not model_mod.use_grouped_mm(x, experts)             # the CPU: the loop
+    monkeypatch.setattr(model_mod, "GROUPED_MM_DEVICES", ("cpu",))   # (this CPU standing in for a GPU)
+    assert not model_mod.use_grouped_mm(x, experts) and not model_mod.use_grouped_mm(x.double(), experts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model_mod.use_grouped_mm(x, experts) == model_mod.GROUPED_MM
+    assert model_mod.use_grouped_mm(x.bfloat16(), experts) == model_mod.GROUPED_MM
+
+
+def test_expert_counts_match_bincount():
+    idx = torch.randint(0, 5, (37, 2), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model_mod.expert_counts(idx, 6), torch.bincount(idx.flatten(), minlength=6))
+
+
+@pytest.mark.skipif(not model_mod.GROUPED_MM, reason="torch without _grouped_mm: only the loop exists")
+def test_a_grouped_moe_model_compiles_to_one_graph(monkeypatch):
+    """torch.compile traces the whole MoE forward (routing, counts, grouped matmuls, scatter): no
+    data-dependent shapes, no sync with the host, so no graph break."""
+    monkeypatch.setattr(model_mod, "GROUPED_MM_DEVICES", ("cpu",))
+    model = TransformerLM(cfg_of(block="parallel", ffn="swiglu", n_expert=4, top_k=2)).train()
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(model)(torch.randint(0, 64, (2, 24)))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_int8_experts_run_in_the_loop(monkeypatch):
+    monkeypatch.setattr(model_mod, "GROUPED_MM_DEVICES", ("cpu",))
+    monkeypatch.setattr(model_mod, "GROUPED_MM_DTYPES", (torch.float32,))
+    cfg = cfg_of(n_expert=4, top_k=2, ffn="swiglu")
+    torch.manual_seed(0)
+    q = quantize_int8_(perturb_(MoE(cfg), scale=0.3), embeddings=False)
+    assert type(q.experts[0].fc).__name__ == "Int8Linear"
+    h = torch.randn(12, cfg.n_embd)
+    weights, idx = route(q.router(h).float(), 2, cfg.router)
+    naive = torch.stack([sum(weights[t, j] * q.experts[int(idx[t, j])](h[t:t + 1])[0] for j in range(2))
+                         for t in range(12)])
+    assert max_diff(dispatch(h, weights, idx, q.experts), naive) < 1e-5
 
 
 def test_moe_with_identical_experts_is_the_dense_ffn():
