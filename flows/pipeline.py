@@ -11,7 +11,9 @@ dvc.yaml stays the only DAG and DVC alone decides what reruns: each task runs
 dvc.lock and every output end up as `dvc repro` leaves them, and a second run executes nothing.
 On a Dask or Ray cluster each task does the same in a working copy of its own on its worker, with
 no shared disk: git at the flow's commit, inputs and outputs through the DVC remote (flows/travel.py,
-class Away here). Stages DVC reports up to date (with nothing stale upstream) finish at once as "Skipped".
+class Away here). Stages DVC reports up to date (with nothing that ran upstream) get no task run: the
+flow's log names them in one line and its summary artifact lists them as skipped (a task run each cost
+~0.1 s of Prefect's bookkeeping: half of a no-op flow over the smoke study's 65 stages).
 Prefect adds concurrency, retries, live logs, schedules and the UI; its result caching is off.
 Without PREFECT_API_URL the flow runs against a temporary local server (ephemeral mode), given
 TEMP_SERVER_STARTUP_S to start. A server that stops answering mid-flow ends the flow with one message
@@ -39,7 +41,6 @@ import httpx
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
-from prefect.states import Completed
 
 from components import tracking
 from components.errors import ParamsError
@@ -146,11 +147,8 @@ def one_flow_per_project():
 
 
 @task(cache_policy=NONE, persist_result=False)
-def run_stage(name: str, root: str, stale: bool, env: dict[str, str]):
+def run_stage(name: str, root: str, env: dict[str, str]):
     """One DVC stage in its own process in the project, its output streamed line by line into the task's log."""
-    if not stale:
-        get_run_logger().info("skipped: up to date")
-        return Completed(name="Skipped", message="skipped: up to date", data="skipped")
     return travel.finished(travel.stream(name, travel.repro_command(name), root, env))
 
 
@@ -248,7 +246,7 @@ def run_stages(runner, plan: Plan, max_parallel: int, retries: int, env: dict, a
     """
     log = get_run_logger()
     done: queue.Queue = queue.Queue()          # futures land here as they finish
-    futures, running, started, outcomes = {}, {}, {}, {}
+    futures, running, started, outcomes, skipped = {}, {}, {}, {}, []
     waiting = list(plan.order)                 # topological: a stage's upstream comes before it
     while waiting or running:
         for name in list(waiting):
@@ -258,20 +256,21 @@ def run_stages(runner, plan: Plan, max_parallel: int, retries: int, env: dict, a
                 waiting.remove(name)
                 outcomes[name] = Outcome("not run", note=f"upstream stage '{blocked[0]}' did not complete")
                 log.warning(f"{name}: not run: {outcomes[name].note}")
+            elif all(u in outcomes for u in ups) and not stale(name, plan, outcomes):
+                waiting.remove(name)
+                outcomes[name] = Outcome("skipped", note="up to date")
+                skipped.append(name)
             elif all(u in outcomes for u in ups) and len(running) < max_parallel:
                 waiting.remove(name)
                 need = study.resources_of(name) if study else None
                 stage = (travel.run_stage_away if away else run_stage).with_options(
                     task_run_name=name, retries=retries, retry_delay_seconds=RETRY_DELAY_S,
                     tags=["gpu"] if need and need.gpus else [])
-                # Stale: changed itself, or an upstream stage ran (its outputs may differ). A stage marked
-                # always_changed (corpus) runs each time, but what it leaves unchanged reruns nothing.
-                stale = name in plan.changed or any(outcomes[u].status in ("ran", "restored") for u in ups)
-                parameters = {"name": name, "stale": stale,
+                parameters = {"name": name,
                               "env": env | ({"OMP_NUM_THREADS": str(need.cpus)} if need and need.cpus else {}),
                               **({"job": away.job(plan, name)} if away else {"root": str(Path.cwd())})}
                 with requesting(kind, need):
-                    futures[name] = running[name] = runner.submit(stage, parameters, wait_for=[futures[u] for u in ups])
+                    futures[name] = running[name] = runner.submit(stage, parameters, wait_for=[futures[u] for u in ups if u in futures])
                 started[name] = time.perf_counter()
                 futures[name].add_done_callback(done.put)
         assert running or not waiting, f"no stage can start among {waiting}"
@@ -285,7 +284,16 @@ def run_stages(runner, plan: Plan, max_parallel: int, retries: int, env: dict, a
             if away:                           # the stage's own log is in its task run, on the worker's side
                 log.info(f"{name}: {outcomes[name].status} ({outcomes[name].seconds:.1f} s"
                          + (f", {outcomes[name].note.splitlines()[0]})" if outcomes[name].note else ")"))
+    if skipped:
+        log.info(f"up to date, not run: {len(skipped)} stage(s): {' '.join(skipped)}")
     return {name: outcomes[name] for name in plan.order}
+
+
+def stale(name: str, plan: Plan, outcomes: dict[str, Outcome]) -> bool:
+    """Whether the stage may need a rerun: DVC found it changed, or an upstream stage ran (its outputs may
+    differ). A stage marked always_changed (corpus) runs each time, but what it leaves unchanged reruns
+    nothing: its downstream stages run `dvc repro`, which finds them up to date."""
+    return name in plan.changed or any(outcomes[u].status in ("ran", "restored") for u in plan.upstream[name])
 
 
 def outcome_of(future, seconds: float, away=None) -> Outcome:
@@ -460,7 +468,11 @@ def check_workers(runner, kind: str, plan: Plan, study) -> None:
                           "install archflow's dependencies on every worker (`pip install torch==2.13.0 && pip install "
                           "-e .` in a clone of the project) and start the workers from that environment")
     if kind == "dask":
-        workers = [w.get("resources", {}) for w in runner.client.scheduler_info()["workers"].values()]
+        # asked of the scheduler now: Client.scheduler_info() can answer from a cache with no workers in it
+        # (it keeps the last answer when the scheduler does not reply in time, as on a loaded machine)
+        client = runner.client
+        identity = client.sync(client.scheduler.identity, n_workers=-1)
+        workers = [w.get("resources", {}) for w in identity["workers"].values()]
     else:
         import ray
         workers = [n["Resources"] for n in ray.nodes() if n["Alive"]]

@@ -107,12 +107,9 @@ def finished(outcome: str, data=None, where: str = ""):
 
 
 @task(cache_policy=NONE, persist_result=False)
-def run_stage_away(name: str, job: Job, stale: bool, env: dict[str, str]):
+def run_stage_away(name: str, job: Job, env: dict[str, str]):
     """The stage in a fresh working copy on this worker. Its result: {"outcome", "lock" (its dvc.lock
     entry), "files" (to write into the project), "setup_s"}; the state's message says where it ran."""
-    if not stale:
-        get_run_logger().info("skipped: up to date")
-        return finished("skipped", {"outcome": "skipped"})
     if missing := missing_packages():
         raise StageFailed(f"stage '{name}': the worker lacks {', '.join(missing)} (Python {sys.executable}): "
                           "install archflow's dependencies there (`pip install torch==2.13.0 && pip install -e .` "
