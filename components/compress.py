@@ -26,8 +26,7 @@ import torch
 import torch.nn as nn
 
 from components.config import ModelConfig
-from components.lit import lm_loss
-from components.model import FUSED_NAMES, TransformerLM, ffn_in_dim, fused_split
+from components.model import FUSED_NAMES, TransformerLM, ffn_in_dim, fused_split, lm_loss
 from components.quant import quantize_int8_
 
 CRITERIA = ("magnitude", "wanda", "taylor")

@@ -8,6 +8,8 @@ on the accelerator it trained on.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from components.errors import ParamsError
@@ -78,3 +80,15 @@ def resolve_precision(precision: str, accelerator: str, n_embd: int) -> tuple[st
     if n_embd < BF16_MIN_WIDTH:
         return "32-true", f"n_embd {n_embd} < {BF16_MIN_WIDTH}, below which bf16-mixed measured no faster"
     return "bf16-mixed", f"{device.type} has native bf16 and n_embd {n_embd} >= {BF16_MIN_WIDTH}"
+
+
+# Lightning's order (lightning.fabric.utilities.rank_zero._get_rank): a launcher's variable for the
+# process's rank; none set means a single process, rank 0
+RANK_ENV = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+
+
+def global_rank0() -> bool:
+    """Whether this process is global rank 0, the one that writes outputs and talks to MLflow. DDP
+    runs the stage once per rank; a rank's environment says which it is before the Trainer starts
+    (the rank Lightning's rank_zero_only reads; here without importing Lightning)."""
+    return int(next((os.environ[k] for k in RANK_ENV if k in os.environ), 0)) == 0

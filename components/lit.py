@@ -20,29 +20,23 @@ from typing import TYPE_CHECKING
 
 import lightning.pytorch as L
 import numpy as np
-import pandas as pd
 import torch
-import torch.nn.functional as F
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
 from components.config import ModelConfig
-from components.data import StepBatches, StepsFrom, eval_offsets, load_tokens, window_batch
-from components.device import device_name, resolve_precision
+from components.curve import Curve
+from components.data import StepBatches, StepsFrom, load_tokens
+from components.device import device_name, global_rank0, resolve_precision  # noqa: F401 (global_rank0: re-exported)
 from components.errors import ParamsError
-from components.model import TransformerLM, moe_layers, moe_losses
+from components.model import TransformerLM, lm_loss, moe_layers, moe_losses  # noqa: F401 (lm_loss: re-exported)
 
 # Lightning 2.6's own code calls a torch API that torch 2.13 deprecates, once a stage: nothing for a user to act on.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 if TYPE_CHECKING:                     # only the type: the schema is not needed to train
     from components.params import TrainParams
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
 FUSED_ADAMW = ("cpu", "cuda")     # devices whose fused AdamW kernel torch has (CPU: torch 2.4+)
@@ -141,44 +135,11 @@ class StepCheckpoint(L.Callback):
 COMPILE_REF_STEPS = 3            # train.compile: the steps after the first that compile_s compares it with
 
 
-class TrainingCurve(L.Callback):
-    """Every `eval_every` steps and at the last step: one row of the training curve with the
-    validation loss on fixed windows, the mean train loss since the previous row and the lr. The
-    rows (curve.csv, in the DVC-hashed model directory) are a pure function of the stage's inputs;
-    the training time is not: tokens/s goes to the logger with each row, and `timing()` (for
-    metrics/train/<name>.json) sums it up. Rows, partial sums and train seconds survive resume."""
-
-    def __init__(self, val_tokens: np.ndarray, block_size: int, batch_size: int, eval_batches: int,
-                 eval_every: int, max_steps: int):
-        self.val_tokens, self.block_size, self.batch_size = val_tokens, block_size, batch_size
-        self.offsets = eval_offsets(len(val_tokens), block_size, eval_batches * batch_size)
-        self.eval_every, self.max_steps = eval_every, max_steps
-        self.tokens_per_step = batch_size * block_size
-        self.rows, self.seconds = [], 0.0
-        self._loss_sum, self._steps, self._t0 = 0.0, 0, None
-        self.compile_s, self._compiled, self._first_steps, self._step_t0 = 0.0, False, [], None
-        self._rows_at_first = 0
-        self.ran_on = {"device": None, "world_size": None, "precision": None}   # what trained: none yet
-        self.fit_seconds = 0.0      # fit()'s wall time in this process: steps, validation points, checkpoints
-
-    def start(self, val_loss: float) -> None:
-        """The step-0 row: the validation loss of the model training starts from. Stages that start
-        from trained weights (branch, upcycle, compress, distill from its teacher's layers) write it,
-        and so does one that trains no steps (its only row); a model trained from its random init
-        (pretrain, distill init scratch) starts at step eval_every."""
-        self.rows = [{"step": 0, "tokens": 0, "train_loss": math.nan, "val_loss": val_loss, "lr": 0.0}]
-
-    def csv(self) -> str:
-        """curve.csv: one line per row (NaN: no value, e.g. the step-0 row's train loss)."""
-        return pd.DataFrame(self.rows).to_csv(index=False)
-
-    def timing(self) -> dict:
-        """metrics/train/<name>.json: seconds of training steps (summed over resumes), the mean training
-        tokens/s over them, and what trained (device, world size, precision: None if no step ran)."""
-        return {"train_seconds": round(self.seconds, 3),
-                "tokens_per_s": round(self.rows[-1]["tokens"] / self.seconds, 1) if self.seconds else None,
-                **self.ran_on, "threads": torch.get_num_threads(),
-                "compile_s": round(self.compile_s, 3) if self._compiled else None}
+class TrainingCurve(Curve, L.Callback):
+    """The Curve (components/curve.py) as Lightning callback: every `eval_every` steps and at the last
+    step one row with the validation loss on fixed windows, the mean train loss since the previous row
+    and the lr; tokens/s goes to the logger with each row. Rows, partial sums and train seconds survive
+    resume (state_dict)."""
 
     def on_train_start(self, trainer, pl_module):
         self.ran_on = {"device": device_name(pl_module.device), "world_size": trainer.world_size,
@@ -231,18 +192,6 @@ class TrainingCurve(L.Callback):
             print(f"  step {step:>{len(str(self.max_steps))}}/{self.max_steps}  train_loss {row['train_loss']:.4f}  "
                   f"val_loss {row['val_loss']:.4f}  lr {row['lr']:.2e}  {tokens_per_s:,.0f} tokens/s", flush=True)
         self._loss_sum, self._steps, self._t0 = 0.0, 0, time.perf_counter()
-
-    @torch.no_grad()
-    def val_loss(self, model: TransformerLM) -> float:
-        was_training = model.training
-        model.eval()
-        losses = []
-        for i in range(0, len(self.offsets), self.batch_size):
-            x, y = window_batch(self.val_tokens, self.offsets[i:i + self.batch_size], self.block_size)
-            device = next(model.parameters()).device
-            losses.append(lm_loss(model(x.to(device)), y.to(device)).item())
-        model.train(was_training)
-        return float(np.mean(losses))
 
     def state_dict(self):     # seconds include the steps since the last row, whose partial sums travel too
         partial = time.perf_counter() - self._t0 if self._t0 is not None else 0.0
@@ -362,12 +311,6 @@ def make_trainer(train: TrainParams, ckpt_dir: Path, callbacks: list, logger, n_
         log_every_n_steps=min(50, train.ckpt_every))
     check_launcher(train, trainer.num_nodes * trainer.num_devices)   # devices "auto" resolved; no processes yet
     return trainer
-
-
-def global_rank0() -> bool:
-    """Whether this process is global rank 0, the one that writes outputs and talks to MLflow. DDP
-    runs the stage once per rank; a rank's environment says which it is before the Trainer starts."""
-    return rank_zero_only.rank == 0
 
 
 def fit(lit: LitLM, data: LMDataModule, curve: TrainingCurve, train: TrainParams, ckpt_dir: Path,

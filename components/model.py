@@ -52,6 +52,11 @@ KV = tuple[torch.Tensor, ...]               # one block application's cache slot
 # norms, positions, activations
 
 
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, in fp32 whatever the logits' dtype: logits (B, T, V), targets (B, T)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "layernorm":
         return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias or cfg.norm_bias)

@@ -21,18 +21,16 @@ import shutil
 import time
 from pathlib import Path
 
-import lightning.pytorch as L
-
 from components import tracking
 from components.artifacts import PREPARED, dumps, load_input, prepared_meta, save_model_dir, short_hash
 from components.compress import (FUSIONS, drop_attention, importance, keep_by_score, mean_loss, prune, quantize,
                                   search_drops, search_runs)
 from components.data import StepBatches, load_tokens
-from components.distill import LitDistill
+from components.device import global_rank0
 from components.errors import ParamsError, cli, stage_clock
 from components.files import write_atomic
 from components.flops import flops_meta, inherited_flops
-from components.lit import LitLM, LMDataModule, TrainingCurve, fit, global_rank0
+from components.curve import Curve
 from components.params import AttentionDrop, FfnFusion, Identity, Int8, Prune, Recovery, load_study
 from components.quant import int8_path
 
@@ -85,14 +83,22 @@ def main(argv: list[str]) -> None:
     params_hash = short_hash({"source": src_meta["params_hash"], "compress": entry.model_dump(),
                               "train": train.model_dump(), "seed": seed, "data": data_meta["sha256"]})
 
-    # 1. The transform (deterministic: every DDP rank computes the same model). A method that recovers
-    #    (even max_steps 0) has a curve, from step 0: the compressed model; int8 never trains, so has none.
-    L.seed_everything(seed, verbose=False)
+    # Lightning only where the stage trains (its import is most of a stage's start-up): int8 and
+    # max_steps 0 compute, evaluate and write without it
+    if train.max_steps:
+        import lightning.pytorch as L
+        from components.distill import LitDistill
+        from components.lit import LitLM, LMDataModule, TrainingCurve, fit
+        L.seed_everything(seed, verbose=False)
+
+    # 1. The transform (deterministic, no global RNG: every DDP rank computes the same model). A method
+    #    that recovers (even max_steps 0) has a curve, from step 0: the compressed model; int8 never
+    #    trains, so has none.
     t0 = time.perf_counter()
     calib = StepBatches(load_tokens(PREPARED, "train"), block_size, train.batch_size, seed + 1)
     model, settings = compress(entry, source, calib)
-    curve = TrainingCurve(load_tokens(PREPARED, "val"), block_size, train.batch_size,
-                          train.eval_batches, train.eval_every, train.max_steps)
+    curve = (TrainingCurve if train.max_steps else Curve)(load_tokens(PREPARED, "val"), block_size, train.batch_size,
+                                                          train.eval_batches, train.eval_every, train.max_steps)
     settings |= {"val_loss_source": curve.val_loss(source), "val_loss_compressed": curve.val_loss(model)}
     compress_seconds = round(time.perf_counter() - t0, 3)
     if isinstance(entry, Recovery):
