@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import statistics
 
-import torch
-
 from benchmarks.common import batches, device_line, median_ratio, plain_trainer, shape_parser, timed_steps
 from components.config import ModelConfig
 

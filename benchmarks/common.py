@@ -17,8 +17,8 @@ import torch
 from components.config import ModelConfig
 from components.data import StepBatches
 from components.device import cpu_flags
-from components.lit import LitLM, lm_loss
-from components.model import moe_losses
+from components.lit import LitLM
+from components.model import lm_loss, moe_losses
 from components.params import TrainParams
 
 TRAIN = TrainParams(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=10_000, weight_decay=0.1,

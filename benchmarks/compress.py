@@ -28,8 +28,7 @@ from components.compress import (drop_attention, fuse_ffns, importance, keep_by_
 from components.config import ModelConfig
 from components.data import StepBatches, eval_offsets, load_tokens, window_batch
 from components.distill import kd_loss
-from components.lit import lm_loss
-from components.model import TransformerLM
+from components.model import TransformerLM, lm_loss
 
 
 def source_and_tokens(args):

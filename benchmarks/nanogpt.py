@@ -49,7 +49,8 @@ from benchmarks.common import host_line
 from components.config import ModelConfig
 from components.corpus import read_texts, select_files
 from components.data import StepBatches, eval_offsets, load_tokens, window_batch
-from components.lit import LitLM, LMDataModule, TrainingCurve, lm_loss, make_trainer
+from components.lit import LitLM, LMDataModule, TrainingCurve, make_trainer
+from components.model import lm_loss
 from components.params import DataParams, TrainParams
 from components.tokenizer import train_tokenizer
 

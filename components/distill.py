@@ -20,9 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from components.lit import LitLM, lm_loss
+from components.lit import LitLM
 from components.errors import ParamsError
-from components.model import TransformerLM, moe_losses
+from components.model import TransformerLM, lm_loss, moe_losses
 
 if TYPE_CHECKING:                     # only the type: the schema is not needed to train
     from components.params import TrainParams

@@ -28,9 +28,9 @@ from torch.utils.data import DataLoader
 from components.config import ModelConfig
 from components.curve import Curve
 from components.data import StepBatches, StepsFrom, load_tokens
-from components.device import device_name, global_rank0, resolve_precision  # noqa: F401 (global_rank0: re-exported)
+from components.device import device_name, global_rank0, resolve_precision
 from components.errors import ParamsError
-from components.model import TransformerLM, lm_loss, moe_layers, moe_losses  # noqa: F401 (lm_loss: re-exported)
+from components.model import TransformerLM, lm_loss, moe_layers, moe_losses
 
 # Lightning 2.6's own code calls a torch API that torch 2.13 deprecates, once a stage: nothing for a user to act on.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")

@@ -21,10 +21,11 @@ import lightning.pytorch as L
 from components import tracking
 from components.artifacts import PREPARED, dumps, load_input, prepared_meta, save_model_dir, short_hash
 from components.data import load_tokens
+from components.device import global_rank0
 from components.errors import cli, stage_clock
 from components.files import write_atomic
 from components.flops import flops_meta, inherited_flops
-from components.lit import LitLM, LMDataModule, TrainingCurve, fit, global_rank0
+from components.lit import LitLM, LMDataModule, TrainingCurve, fit
 from components.params import load_study
 
 

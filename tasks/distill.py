@@ -22,10 +22,11 @@ from components import tracking
 from components.artifacts import PREPARED, dumps, load_input, prepared_meta, save_model_dir, short_hash
 from components.data import load_tokens
 from components.distill import LitDistill, init_from_teacher, method_name
+from components.device import global_rank0
 from components.errors import ParamsError, cli, stage_clock
 from components.files import write_atomic
 from components.flops import flops_meta, inherited_flops
-from components.lit import LMDataModule, TrainingCurve, fit, global_rank0
+from components.lit import LMDataModule, TrainingCurve, fit
 from components.model import TransformerLM
 from components.params import load_study, teacher_init_problems
 

@@ -20,10 +20,11 @@ import lightning.pytorch as L
 from components import tracking
 from components.artifacts import PREPARED, dumps, prepared_meta, save_model_dir, short_hash
 from components.data import load_tokens
+from components.device import global_rank0
 from components.errors import cli, stage_clock
 from components.files import write_atomic
 from components.flops import flops_meta
-from components.lit import LitLM, LMDataModule, TrainingCurve, check_launcher, fit, global_rank0
+from components.lit import LitLM, LMDataModule, TrainingCurve, check_launcher, fit
 from components.params import load_study
 
 

@@ -25,10 +25,11 @@ from components import tracking
 from components.artifacts import (PREPARED, dumps, input_problems, load_model_dir, prepared_meta, read_json,
                                   save_model_dir, short_hash)
 from components.data import load_tokens
+from components.device import global_rank0
 from components.errors import ParamsError, cli, stage_clock
 from components.files import write_atomic
 from components.flops import flops_meta, inherited_flops
-from components.lit import LitLM, LMDataModule, TrainingCurve, fit, global_rank0
+from components.lit import LitLM, LMDataModule, TrainingCurve, fit
 from components.model import TransformerLM
 from components.params import Bam, Btx, Continue, Sparse, StageTrainParams, load_study, upcycle_parent_problems
 from components.upcycle import upcycle_state_dict

@@ -19,8 +19,7 @@ from components.compress import (drop_attention, fuse_ffns, importance, keep_by_
 from components.config import PRESETS, ModelConfig
 from components.errors import ParamsError
 from components.hf import hf_family
-from components.lit import lm_loss
-from components.model import TransformerLM
+from components.model import TransformerLM, lm_loss
 from components.params import attention_layer_problems, fusion_run_problems, teacher_init_problems
 from components.params import compress_shape_problems as shape_problems
 

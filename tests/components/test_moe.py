@@ -137,6 +137,7 @@ def test_grouped_experts_match_the_loop_in_values_and_gradients(ffn, bias, monke
         monkeypatch.setattr(model_mod, "GROUPED_MM_DTYPES", (torch.float32,))
         moe.zero_grad()
         xg = x.clone().requires_grad_()
+        assert model_mod.use_grouped_mm(xg, moe.experts) == grouped      # each path is the one compared
         y = dispatch(xg, weights, idx, moe.experts)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         results[grouped] = [y, xg.grad] + [p.grad.clone() for p in moe.experts[:3].parameters()]
@@ -154,6 +155,7 @@ def test_grouped_experts_under_autocast_compute_in_bf16_as_the_loop_does(monkeyp
     for grouped in (True, False):
         monkeypatch.setattr(model_mod, "GROUPED_MM_DEVICES", ("cpu",) if grouped else ())
         with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model_mod.use_grouped_mm(x, moe.experts) == grouped
             outs[grouped] = moe(x)
     assert max_diff(outs[True], outs[False]) < 2e-2           # bf16 rounding, same casts
     assert max_diff(outs[True], moe(x)) > 1e-6                # (it did run in bf16)
