@@ -3,6 +3,7 @@
     python -m benchmarks.decode [--n-embd 128] [--n-layer 4] [--rounds 5] [--prompt-tokens 64]
                                 [--decode-tokens 32] [--batch 16] [--presets serial mqa ...]
     python -m benchmarks.decode --against DIR [--rounds 7] [--step-batch 1] [--step-kv-heads 4]   # this code vs DIR's
+    python -m benchmarks.decode --compiled [--device cuda] [--presets serial hybrid]   # eager vs compiled steps
 
 Models: the default study's shape (vocab 4096, block 128, swiglu, rmsnorm, rope) at matched parameter
 counts as in benchmarks/presets.py, plus `mqa` and `gqa` (serial with 1 and 2 of its 4 heads' k/v). Per
@@ -18,6 +19,12 @@ the cached decode step of the default serial model (64 tokens of context; `--ste
 `--step-kv-heads` k/v heads of its 4, 1 for MQA) runs alternately in a fresh process of each code base (PYTHONPATH=DIR, then this checkout), `--rounds` times; each process
 prints its median wall and CPU (process) time per step over 7 blocks of 100 steps. CPU time is the steadier
 of the two on a shared machine when one thread runs (OMP_NUM_THREADS=1); with more threads it adds theirs.
+
+`--compiled`: batch-1 (and `--step-batch`) decode of each of `--presets` (default serial) three ways, in
+interleaved rounds after a warm-up that compiles: the eager forward with the cache (what generate runs),
+the eager fixed-shape step (TransformerLM.step: every attention reads its whole cache under a mask) and
+that step compiled (TransformerLM.compiled_step: torch.compile; on a GPU "reduce-overhead", one CUDA graph
+per step). The compile seconds are printed apart; float32.
 """
 from __future__ import annotations
 
@@ -30,8 +37,9 @@ import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
-from benchmarks.common import decode_seconds, host_line, median_ratio
+from benchmarks.common import decode_seconds, device_line, host_line, median_ratio
 from benchmarks.presets import matched, n_params
 from components.config import PRESETS, ModelConfig
 from components.flops import cache_bytes
@@ -92,6 +100,68 @@ def batch_seconds(model, context: torch.Tensor, n: int) -> float:
     return time.perf_counter() - t0
 
 
+@torch.no_grad()
+def step_seconds(model, prompt: torch.Tensor, n: int, how: str) -> float:
+    """Seconds for n greedy cached steps of prompt.size(0) sequences after the prompt's prefill (not timed),
+    `how`: "eager" (the forward with the cache), "fixed" (model.step) or "compiled" (model.compiled_step())."""
+    cache = model.static_cache(prompt.size(0)) if how == "compiled" else model.new_cache(prompt.size(0))
+    logits = model(prompt, cache)
+    positions = torch.full((1,), cache.pos, device=prompt.device)
+    step = {"fixed": model.step, "compiled": model.compiled_step() if how == "compiled" else None}.get(how)
+    sync(prompt)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        token = logits[:, -1:].argmax(-1)
+        if step is None:
+            logits = model(token, cache)
+        else:
+            logits = step(token, cache, positions)
+            positions += 1
+    sync(prompt)
+    return time.perf_counter() - t0
+
+
+def sync(x: torch.Tensor) -> None:
+    if x.is_cuda:
+        torch.cuda.synchronize()
+
+
+def compiled(names: list[str], base: dict, target: int, args) -> None:
+    """Eager vs fixed-shape vs compiled decode steps (see the docstring)."""
+    ways = ("eager", "fixed", "compiled")
+    models, prompts, compile_s = {}, {}, {}
+    g = torch.Generator().manual_seed(0)
+    for n in names:
+        torch.manual_seed(0)
+        models[n] = TransformerLM(config(n, base, target)).to(args.device).eval()
+        prompts[n] = torch.randint(0, base["vocab_size"], (args.step_batch, args.prompt_tokens), generator=g).to(args.device)
+        t0 = time.perf_counter()
+        for _ in range(3):                                   # CUDA graphs: warm-up run, recording, replay
+            step_seconds(models[n], prompts[n], 4, "compiled")
+        compile_s[n] = time.perf_counter() - t0
+        for how in ("eager", "fixed"):
+            step_seconds(models[n], prompts[n], 4, how)
+        same = torch.equal(models[n].generate(prompts[n], 16, temperature=0, compile=True),
+                           models[n].generate(prompts[n], 16, temperature=0))
+        print(f"{n}: compiled greedy tokens == eager: {same}", flush=True)
+    t = {n: {w: [] for w in ways} for n in names}
+    for r in range(args.rounds):
+        for n in names:
+            for w in ways[r % 3:] + ways[:r % 3]:            # rotate the order each round
+                t[n][w].append(step_seconds(models[n], prompts[n], args.decode_tokens, w))
+    print(device_line(args.device))
+    print(f"n_embd={args.n_embd} n_layer={args.n_layer} batch={args.step_batch} prompt={args.prompt_tokens} "
+          f"decode={args.decode_tokens} rounds={args.rounds}; float32; ms per step (medians), speed-ups are medians "
+          f"of per-round ratios")
+    print("| model | eager ms | fixed-shape ms | compiled ms | compiled x eager | compile s |\n|---|---:|---:|---:|---:|---:|")
+    for n in names:
+        ms = {w: statistics.median(t[n][w]) / args.decode_tokens * 1e3 for w in ways}
+        print(f"| {n} | {ms['eager']:.3f} | {ms['fixed']:.3f} | {ms['compiled']:.3f} "
+              f"| {median_ratio(t[n]['eager'], t[n]['compiled']):.2f} | {compile_s[n]:.1f} |")
+    if args.device != "cpu":                                 # 0: every compiled step ran as a CUDA graph
+        print(f"CUDA graphs skipped: {counters['inductor']['cudagraph_skips']}")
+
+
 def against(other: Path, rounds: int, batch: int = 1, kv_heads: int = 4) -> None:
     """The decode step of this checkout vs the code in `other`, alternating fresh processes."""
     here = Path(__file__).resolve().parent.parent
@@ -106,7 +176,7 @@ def against(other: Path, rounds: int, batch: int = 1, kv_heads: int = 4) -> None
                   flush=True)
     print(host_line())
     print(f"serial, batch {batch}, {kv_heads} k/v heads of 4, 64 tokens of context")
-    print(f"| code | ms/step wall | ms/step CPU |\n|---|---:|---:|")
+    print("| code | ms/step wall | ms/step CPU |\n|---|---:|---:|")
     for who, label in (("other", str(other)), ("this", "this checkout")):
         print(f"| {label} | {statistics.median(t[0] for t in times[who]) * 1e3:.3f} "
               f"| {statistics.median(t[1] for t in times[who]) * 1e3:.3f} |")
@@ -127,18 +197,26 @@ def main():
     p.add_argument("--presets", nargs="+", default=names, choices=names)
     p.add_argument("--against", type=Path, help="a directory with other code of this project: compare the "
                                                 "decode step of the two (see the docstring)")
-    p.add_argument("--step-batch", type=int, default=1, help="--against: sequences decoded at once")
+    p.add_argument("--compiled", action="store_true", help="eager vs fixed-shape vs compiled decode steps of "
+                                                           "--presets (default serial; see the docstring)")
+    p.add_argument("--device", default="cpu", help="--compiled: cpu or cuda")
+    p.add_argument("--step-batch", type=int, default=1, help="--against, --compiled: sequences decoded at once")
     p.add_argument("--step-kv-heads", type=int, default=4, choices=[1, 2, 4], help="--against: k/v heads of 4")
     args = p.parse_args()
     if args.against is not None:
         return against(args.against.resolve(), args.rounds, args.step_batch, args.step_kv_heads)
-    names = ["serial"] + [n for n in args.presets if n != "serial"]
+    if args.compiled:
+        names = args.presets if args.presets != p.get_default("presets") else ["serial"]
+    else:
+        names = ["serial"] + [n for n in args.presets if n != "serial"]
     base = dict(vocab_size=4096, block_size=128, n_layer=args.n_layer, n_embd=args.n_embd,
                 n_head=args.n_embd // 32, ffn="swiglu", norm="rmsnorm", pos="rope")
     if args.prompt_tokens + args.decode_tokens > base["block_size"]:
         raise SystemExit(f"--prompt-tokens + --decode-tokens = {args.prompt_tokens + args.decode_tokens} exceeds "
                          f"the block size {base['block_size']}: lower them")
     target = n_params(ModelConfig(**base))
+    if args.compiled:
+        return compiled(names, base, target, args)
     models = {}
     for n in names:
         torch.manual_seed(0)

@@ -46,3 +46,8 @@ step moe-wide-bf16-compile 150 -m benchmarks.moe --device "$dev" --precision bf1
     --no-decode --n-embd "$wide" --batch-size 16 --block-size 1024 --rounds 5 --steps 10
 step block-bf16-eager 90 -m benchmarks.block_speed --device "$dev" --precision bf16-mixed \
     --n-embd "$wide" --n-layer 4 --batch-size 16 --block-size 1024 --rounds 5 --steps 10
+# batch-1 and batch-16 decode: the eager forward, the fixed-shape step, the step compiled (CUDA graphs)
+step decode-compiled 240 -m benchmarks.decode --compiled --device "$dev" --presets serial hybrid mqa --rounds 5 \
+    --decode-tokens 48
+step decode-compiled-b16 150 -m benchmarks.decode --compiled --device "$dev" --presets serial --step-batch 16 \
+    --rounds 5 --decode-tokens 48

@@ -46,6 +46,7 @@ from components.ssm import ssd_scan, ssd_step
 
 Rope = tuple[torch.Tensor, torch.Tensor]    # (cos, sin), each (T, hs), for this call's positions
 KV = tuple[torch.Tensor, ...]               # one block application's cache slot: k, v (B, nkv, max_len, hs)[, ssm state]
+Pos = int | torch.Tensor                    # where this call's tokens go: the first's position, or each one's (T,)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,14 +136,19 @@ def causal_mask(T: int, pos: int, device) -> torch.Tensor | None:
 
 
 def cached_heads(qkv: torch.Tensor, n_head: int, n_kv_head: int, rope: Rope | None = None,
-                 kv: KV | None = None, pos: int = 0):
+                 kv: KV | None = None, pos: Pos = 0):
     """q (B, nh, T, hs) and the keys/values so far, k and v (B, nkv, S, hs), from the flat
     projection qkv (B, T, q_dim + 2*kv_dim). With a cache `kv`, this call's keys/values are
-    written at pos..pos+T and S = pos+T; without, S = T."""
+    written at pos..pos+T and S = pos+T; without, S = T. With positions `pos` as a tensor (T,)
+    (TransformerLM.step), they are written there and k, v are the whole cache: S = max_len."""
     T = qkv.size(1)
     if qkv.stride(1) % 8:       # CUDA attention kernels fault on rows not 16-byte aligned: a fused w_in whose
         qkv = qkv.contiguous()  # width is odd (pruned FFN channels) leaves them so; found on an H200
     q, k, v = split_heads(qkv, n_head, n_kv_head, rope)     # (B, nh, T, hs), (B, nkv, T, hs) x2
+    if kv is not None and isinstance(pos, torch.Tensor):    # fixed shapes: causal_sdpa masks the unwritten rest
+        kv[0].index_copy_(2, pos, k.to(kv[0].dtype))
+        kv[1].index_copy_(2, pos, v.to(kv[1].dtype))
+        return q, kv[0].to(q.dtype), kv[1].to(q.dtype)      # (B, nkv, max_len, hs); no copy when dtypes match
     if kv is not None:
         kv[0][:, :, pos:pos + T] = k
         kv[1][:, :, pos:pos + T] = v
@@ -155,10 +161,15 @@ def cached_heads(qkv: torch.Tensor, n_head: int, n_kv_head: int, rope: Rope | No
 SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)   # SDPA's enable_gqa: torch 2.5+
 
 
-def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int = 0,
+def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Pos = 0,
                 dropout_p: float = 0.0) -> torch.Tensor:
-    """Causal attention of q (B, nh, T, hs) at positions pos.. over k, v (B, nkv, S, hs) -> (B, T, nh*hs)."""
+    """Causal attention of q (B, nh, T, hs) at positions pos.. (or at the positions of the tensor
+    pos (T,)) over k, v (B, nkv, S, hs) -> (B, T, nh*hs)."""
     B, n_head, T, _ = q.shape
+    if isinstance(pos, torch.Tensor):                       # query i sees the keys at positions <= pos[i]
+        mask, is_causal = torch.arange(k.size(2), device=q.device)[None, :] <= pos[:, None], False   # (T, S)
+    else:
+        mask, is_causal = causal_mask(T, pos, q.device), pos == 0
     gqa = {}
     if k.size(1) != n_head:                                 # GQA/MQA: each kv head serves a group
         if SDPA_GQA and not torch.is_grad_enabled():        # inference: SDPA reads the shared heads, no copy of the
@@ -166,13 +177,13 @@ def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int = 0,
         else:                                               # training keeps the copy: SDPA's own GQA rounds bf16
             k = k.repeat_interleave(n_head // k.size(1), dim=1)  # gradients of k, v differently; (B, nh, S, hs)
             v = v.repeat_interleave(n_head // v.size(1), dim=1)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, pos, q.device),
-                                       dropout_p=dropout_p, is_causal=pos == 0, **gqa)  # (B, nh, T, hs)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                       **gqa)               # (B, nh, T, hs)
     return y.transpose(1, 2).reshape(B, T, -1)              # (B, T, nh*hs)
 
 
 def attend(qkv: torch.Tensor, n_head: int, n_kv_head: int, rope: Rope | None = None,
-           kv: KV | None = None, pos: int = 0, dropout_p: float = 0.0) -> torch.Tensor:
+           kv: KV | None = None, pos: Pos = 0, dropout_p: float = 0.0) -> torch.Tensor:
     """Causal attention from the flat projection qkv (B, T, q_dim + 2*kv_dim) to (B, T, q_dim).
 
     With a cache `kv`, this call's keys/values are written at pos..pos+T and the queries
@@ -789,10 +800,24 @@ class TransformerLM(nn.Module):
         T = idx.size(1)
         pos = cache.pos if cache is not None else 0
         self.check_length(pos + T, cache)
+        x = self.stack(idx, torch.arange(pos, pos + T, device=idx.device), cache, pos)
+        if cache is not None:
+            cache.pos += T
+        return x
+
+    def step(self, idx: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
+        """A decode step whose shapes never change, for torch.compile and CUDA graphs (compiled_step):
+        idx (B, T) at `positions` (T,) (a long tensor on the model's device) -> logits (B, T, vocab).
+        Every attention writes its keys/values at `positions` and reads its whole cache slot, the
+        positions past each query masked. The caller checks the length and advances cache.pos."""
+        return self.lm_head(self.stack(idx, positions, cache, positions))
+
+    def stack(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, pos: Pos) -> torch.Tensor:
+        """Embeddings, every block application, the final norm: idx (B, T) -> (B, T, C)."""
         x = self.wte(idx)                                   # (B, T, C)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(pos, pos + T, device=idx.device))
-        rope = (self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]) if self.cfg.pos == "rope" else None
+            x = x + self.wpe(positions)
+        rope = (self.rope_cos[positions], self.rope_sin[positions]) if self.cfg.pos == "rope" else None
         x = self.drop(x)
         xs = [x]                                            # DWA: X_0, X_1, ... (block outputs)
         apps = self.applications()
@@ -802,8 +827,6 @@ class TransformerLM(nn.Module):
             if self.dwa is not None:
                 xs.append(x)
                 x = self.dwa(xs)
-        if cache is not None:
-            cache.pos += T
         return self.norm_f(x)                               # (B, T, C)
 
     def check_length(self, n: int, cache: KVCache | None):
@@ -814,13 +837,18 @@ class TransformerLM(nn.Module):
             raise ValueError(f"{n} tokens exceed the cache's max_len={cache.max_len}: "
                              f"create it with new_cache(batch_size, max_len={n}) or larger")
 
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int | None = None, static: bool = False) -> KVCache:
+        """static: the cache's tensors are marked as keeping their addresses, so the CUDA graphs of
+        compiled_step write into them in place (without, torch.compile skips the graphs)."""
         max_len = self.cfg.block_size if max_len is None else max_len
         if max_len > self.cfg.block_size:
             raise ValueError(f"max_len={max_len} exceeds block_size={self.cfg.block_size}: "
                              f"the model cannot attend further back; use max_len <= block_size")
         w = self.wte.weight                                 # slots take the embedding's device and dtype
-        return KVCache([b.new_slot(batch_size, max_len, w.device, w.dtype) for b in self.applications()], max_len)
+        cache = KVCache([b.new_slot(batch_size, max_len, w.device, w.dtype) for b in self.applications()], max_len)
+        for t in (t for slot in cache.slots if static and slot is not None for t in slot):
+            torch._dynamo.mark_static_address(t)
+        return cache
 
     def applications(self) -> list[nn.Module]:
         """The blocks in the order they run: the stack, n_loop times over (weights shared)."""
@@ -829,23 +857,58 @@ class TransformerLM(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  sample_top_k: int | None = None, generator: torch.Generator | None = None,
-                 use_cache: bool = True) -> torch.Tensor:
+                 use_cache: bool = True, compile: bool = False) -> torch.Tensor:
         """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy, sample_top_k
         keeps the k most likely tokens (not the MoE's cfg.top_k, the experts per token).
         Call model.eval() first, or dropout stays on. Without the cache the context slides
-        (cropped to block_size); with it, T + max_new_tokens - 1 must fit in block_size."""
+        (cropped to block_size); with it, T + max_new_tokens - 1 must fit in block_size.
+        compile: every token after the prompt by compiled_step (a cache of block_size)."""
         need = idx.size(1) + max_new_tokens - 1             # the last sampled token is never fed
         if use_cache and need > self.cfg.block_size:
             raise ValueError(f"generating to {need + 1} tokens needs a cache of {need} > "
                              f"block_size={self.cfg.block_size}: use use_cache=False to slide the context")
-        cache = self.new_cache(idx.size(0), max(need, 1)) if use_cache else None
+        if compile and not use_cache:
+            raise ValueError("compile=True decodes with the cache: drop use_cache=False")
+        if not use_cache:
+            cache = None
+        elif compile:
+            cache = self.static_cache(idx.size(0))
+        else:
+            cache = self.new_cache(idx.size(0), max(need, 1))
+        step = self.compiled_step() if compile else None
         for i in range(max_new_tokens):
             if not use_cache:
                 logits = self(idx[:, -self.cfg.block_size:])
-            else:
+            elif step is None or i == 0:
                 logits = self(idx if i == 0 else idx[:, -1:], cache)
+                positions = torch.full((1,), cache.pos, device=idx.device)   # where the next token goes
+            else:
+                logits = step(idx[:, -1:], cache, positions)
+                positions += 1                              # on the device: no sync with the host per token
+                cache.pos += 1
             idx = torch.cat([idx, sample(logits[:, -1], temperature, sample_top_k, generator)], dim=1)
         return idx
+
+    def static_cache(self, batch_size: int) -> KVCache:
+        """compiled_step's cache for batch_size sequences: block_size long, one per batch size for the
+        model's life (its CUDA graphs read and write fixed addresses; a new cache per call would record
+        them again), emptied on every call."""
+        caches = self.__dict__.setdefault("_static_caches", {})
+        if batch_size not in caches:
+            caches[batch_size] = self.new_cache(batch_size, static=True)
+        cache = caches[batch_size]
+        for t in (t for slot in cache.slots if slot is not None for t in slot):
+            t.zero_()                                       # an SSM state is read at the prefill
+        cache.pos = 0
+        return cache
+
+    def compiled_step(self):
+        """self.step compiled once per model (torch.compile; on a GPU in "reduce-overhead" mode, which
+        replays each step as one CUDA graph, given static_cache's cache). Its first
+        calls compile (seconds to a minute); a new batch size or cache length compiles again."""
+        if getattr(self, "_compiled_step", None) is None:
+            self._compiled_step = torch.compile(self.step, mode="reduce-overhead" if self.wte.weight.is_cuda else None)
+        return self._compiled_step
 
     def num_params(self) -> int:
         n = sum(p.numel() for p in self.parameters())      # parameters() yields a tied weight once

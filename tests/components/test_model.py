@@ -140,6 +140,30 @@ def test_kv_cache_matches_full_forward(block, ffn, norm, pos, heads):
     assert torch.equal(with_cache, without)
 
 
+def test_compiled_generate_is_eager_generate_and_compiles_once():
+    """generate(compile=True): the prompt by the eager forward, then every token by the compiled fixed-shape
+    step; a second call (another prompt length, a new cache) reuses the compiled step."""
+    model = tiny_model(block="parallel", pos="rope", n_kv_head=2)
+    prompt = tokens(2, 12)
+    assert torch.equal(model.generate(prompt[:, :5], 8, temperature=0, compile=True),
+                       model.generate(prompt[:, :5], 8, temperature=0))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = model.generate(prompt[:, :3], 12, temperature=0, compile=True)
+    assert torch.equal(again, model.generate(prompt[:, :3], 12, temperature=0))
+    with pytest.raises(ValueError, match="compile=True decodes with the cache"):
+        model.generate(prompt, 2, compile=True, use_cache=False)
+
+
+def test_static_cache_is_kept_per_batch_size_and_emptied_on_every_call():
+    model = tiny_model(block="hybrid")                       # k, v and an SSM state per layer
+    cache = model.static_cache(2)
+    model(tokens(2, 5), cache)
+    assert cache.pos == 5 and all(t.abs().sum() > 0 for slot in cache.slots for t in slot)
+    again = model.static_cache(2)
+    assert again is cache and again.pos == 0 and all(t.abs().sum() == 0 for slot in again.slots for t in slot)
+    assert again.max_len == model.cfg.block_size and model.static_cache(3) is not cache
+
+
 def test_generate_without_cache_slides_past_block_size():
     model = tiny_model()
     out = model.generate(tokens(1, 20), 10, temperature=0, use_cache=False)

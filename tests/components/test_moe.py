@@ -296,6 +296,11 @@ def test_cache_matches_full_forward_and_is_causal(name):
         steps = [model(idx[:, :5], cache), model(idx[:, 5:8], cache)]
         steps += [model(idx[:, t:t + 1], cache) for t in range(8, 12)]
     assert max_diff(torch.cat(steps, dim=1), full) < 1e-5
+    with torch.no_grad():   # the fixed-shape step (compiled_step's): the whole cache, masked
+        cache = model.new_cache(2)
+        steps = [model(idx[:, :5], cache), model.step(idx[:, 5:8], cache, torch.arange(5, 8))]
+        steps += [model.step(idx[:, t:t + 1], cache, torch.tensor([t])) for t in range(8, 12)]
+    assert max_diff(torch.cat(steps, dim=1), full) < 1e-5
     changed = idx.clone()
     changed[:, 7:] = (changed[:, 7:] + 1) % TINY["vocab_size"]
     assert max_diff(model(changed)[:, :7], full[:, :7]) < 1e-5   # not 0: experts batch other token sets

@@ -94,6 +94,11 @@ def test_causal_and_cache_matches_full_forward(name, knobs):
         steps += [model(idx[:, t:t + 1], cache) for t in range(8, 12)]
     assert cache.pos == 12
     assert max_diff(torch.cat(steps, dim=1), full) < 1e-5
+    with torch.no_grad():   # the fixed-shape step (compiled_step's): writes at its positions, reads the whole cache
+        cache = model.new_cache(2)                                      # block_size 24: half of it never written
+        steps = [model(idx[:, :5], cache), model.step(idx[:, 5:8], cache, torch.arange(5, 8))]
+        steps += [model.step(idx[:, t:t + 1], cache, torch.tensor([t])) for t in range(8, 12)]
+    assert max_diff(torch.cat(steps, dim=1), full) < 1e-5
     prompt = idx[:, :4]
     with_cache = model.generate(prompt, 10, temperature=0)
     assert with_cache.shape == (2, 14) and torch.equal(with_cache[:, :4], prompt)
