@@ -70,6 +70,7 @@ class Plan:
     uncached: dict[str, list[str]] # stage -> its outputs that DVC does not cache (metrics, data/corpus.json)
     sources: set[str]              # every other dep of the plan: files git must hold for a worker to see them
     every: list[str]               # every stage of dvc.yaml, planned or not
+    outs_before: dict[str, list]   # dvc.lock's record of each stage's outputs (paths, hashes) before the run
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Outcome:
     status: Literal["ran", "restored", "skipped", "failed", "not run"]
     seconds: float = 0.0
     note: str = ""
+    same_outputs: bool = False     # it ran and dvc.lock records the outputs it had before (bit-identical)
 
 
 @flow(name="pipeline", persist_result=False)
@@ -199,8 +201,9 @@ def plan_stages(targets: list[str]) -> Plan:
         outs = [rel(o) for s in repo.index.stages for o in s.outs]
         sources = {d for ds in deps.values() for d in ds if not any(within(d, o) or within(o, d) for o in outs)}
         every = [s.addressing for s in graph]
-    return Plan(order, upstream, {name for name in order if name in changed}, lock_entries(), inputs, uncached,
-                sources, every)
+    lock = read_lock()
+    return Plan(order, upstream, {name for name in order if name in changed}, list(lock), inputs, uncached,
+                sources, every, {name: entry.get("outs") for name, entry in lock.items()})
 
 
 def relative_to(root: Path, item) -> str:
@@ -279,6 +282,8 @@ def run_stages(runner, plan: Plan, max_parallel: int, retries: int, env: dict, a
             name = next(n for n, f in running.items() if f is finished)
             del running[name]
             outcomes[name] = outcome_of(finished, time.perf_counter() - started[name], away)
+            if not away and outcomes[name].status in ("ran", "restored"):
+                outcomes[name].same_outputs = outputs_unchanged(name, plan)
             if away and outcomes[name].status in ("ran", "restored"):
                 away.bring_back(name, finished.result())
             if away:                           # the stage's own log is in its task run, on the worker's side
@@ -290,10 +295,22 @@ def run_stages(runner, plan: Plan, max_parallel: int, retries: int, env: dict, a
 
 
 def stale(name: str, plan: Plan, outcomes: dict[str, Outcome]) -> bool:
-    """Whether the stage may need a rerun: DVC found it changed, or an upstream stage ran (its outputs may
-    differ). A stage marked always_changed (corpus) runs each time, but what it leaves unchanged reruns
-    nothing: its downstream stages run `dvc repro`, which finds them up to date."""
-    return name in plan.changed or any(outcomes[u].status in ("ran", "restored") for u in plan.upstream[name])
+    """Whether the stage may need a rerun: DVC found it changed, or an upstream stage ran and its outputs
+    are not the ones dvc.lock recorded before. A stage marked always_changed (corpus) runs each time;
+    what it leaves unchanged starts no task downstream (those would run `dvc repro`, which finds them
+    up to date)."""
+    return name in plan.changed or any(outcomes[u].status in ("ran", "restored") and not outcomes[u].same_outputs
+                                       for u in plan.upstream[name])
+
+
+def outputs_unchanged(name: str, plan: Plan) -> bool:
+    """Whether dvc.lock now records the outputs it recorded for the stage before the run. Any doubt (no
+    earlier record, a lock being rewritten by a parallel stage, a stage of another dvc.yaml) is a change."""
+    before = plan.outs_before.get(name)
+    try:
+        return before is not None and read_lock().get(name, {}).get("outs") == before
+    except Exception:                      # yaml.YAMLError, a half-written file: its downstream runs
+        return False
 
 
 def outcome_of(future, seconds: float, away=None) -> Outcome:
@@ -545,16 +562,17 @@ def stage_runner(kind: str, address: Optional[str], max_parallel: int):
     raise ParamsError(f"unknown task runner '{kind}': use thread, dask or ray")
 
 
-def lock_entries() -> list[str]:
-    """dvc.lock's stage names, in its order. Read with PyYAML's libyaml loader (0.04 s for the smoke
-    study's lock against ruamel's 0.4 s); its YAML 1.1 reads some plain scalars (on, no, 1e3) unlike
-    DVC's YAML 1.2, but a stage name is a fixed word or contains '@', which none of them does."""
+def read_lock() -> dict[str, dict]:
+    """dvc.lock's stages, name -> entry, in its order. Read with PyYAML's libyaml loader (0.04 s for the
+    smoke study's lock against ruamel's pure loader's 0.4 s); its YAML 1.1 reads some plain scalars (on,
+    no, 1e3) unlike DVC's YAML 1.2, but a stage name is a fixed word or contains '@', which none of them
+    does, and the entries are compared only with entries read the same way."""
     import yaml
     lock = Path("dvc.lock")
     if not lock.exists():
-        return []
+        return {}
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)     # libyaml, where PyYAML was built with it
-    return [str(name) for name in (yaml.load(lock.read_text(), Loader=loader) or {}).get("stages", {})]
+    return {str(name): entry for name, entry in ((yaml.load(lock.read_text(), Loader=loader) or {}).get("stages") or {}).items()}
 
 
 def keep_lock_order(plan: Plan) -> None:
@@ -565,7 +583,7 @@ def keep_lock_order(plan: Plan) -> None:
     by string hashes, which change with PYTHONHASHSEED from one process to the next; so dvc.lock
     is one that `dvc repro` could have written, with every stage after its upstream.
     """
-    current = lock_entries()
+    current = list(read_lock())
     want = [n for n in plan.lock_order if n in current] + [n for n in plan.order if n in current and n not in plan.lock_order]
     want += [n for n in current if n not in want]
     if current == want:

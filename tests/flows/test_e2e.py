@@ -104,17 +104,16 @@ def test_the_flow_builds_the_smoke_study_like_dvc_repro_and_a_rerun_executes_not
     assert sorted((r.data.tags["stage"], r.data.tags.get("model", "")) for r in children) == sorted(
         [("prepare", "")] + [(s, m) for s in ("pretrain", "evaluate") for m in ("serial", "parallel")])
 
-    # a second run executes nothing but the corpus check (always_changed): prepare's task run finishes
-    # as Skipped after DVC found the corpus manifest unchanged; the other stages get no task run, one
-    # log line names them
+    # a second run executes nothing but the corpus check (always_changed): dvc.lock records the corpus
+    # manifest it had, so no other stage gets a task run; one log line names them
     lock, weights = (repo / "dvc.lock").read_bytes(), sha(repo / "models/serial/model.safetensors")
     out = run_flow(repo, api, tmp_path)
     assert [line.split("Running stage ")[1] for line in out.splitlines() if "Running stage" in line] == ["'corpus':"]
     first, second = task_runs(api)
     assert sorted(t["name"] for t in first) == sorted(STAGES)
-    assert {t["name"]: t["state_name"] for t in second} == {"corpus": "Completed", "prepare": "Skipped"}
+    assert {t["name"]: t["state_name"] for t in second} == {"corpus": "Completed"}
     [line] = [line for line in out.splitlines() if "up to date, not run" in line]
-    assert sorted(line.split(": ")[-1].split()) == sorted(set(STAGES) - {"corpus", "prepare"})
+    assert sorted(line.split(": ")[-1].split()) == sorted(set(STAGES) - {"corpus"})
     assert (repo / "dvc.lock").read_bytes() == lock
 
     # plain `dvc repro` rebuilds the same model directory byte for byte, so its hash in dvc.lock stays
