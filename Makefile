@@ -26,7 +26,7 @@ repro: install          # validate first: it lists the models of replicate seeds
 	dvc repro
 
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=8 $(PYTEST_ARGS)   # a file's tests share one worker (and its fixtures)
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=8 $(PYTEST_ARGS)   # a file's tests share one worker (and its fixtures), longest files first (tests/conftest.py)
 
 clean:                  # models/dvc.yaml and models/replicas.yaml are tracked by git: they stay
 	rm -rf data/prepared data/params.ok metrics reports checkpoints mlflow.db mlruns branches

@@ -17,10 +17,21 @@ def _mlflow_in_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
-# The longest file first: its module fixture builds the whole smoke study (minutes). `make test` gives each
-# pytest-xdist worker whole files in collection order, so a worker starts it at once and the other
-# worker takes the many short files meanwhile, instead of one worker starting it near the end.
-LONGEST_FIRST = ("tests/test_pipeline.py",)
+# The longest files first, longest first (measured 2026-12-04: seconds of one `make test`): `make test`
+# gives each pytest-xdist worker whole files, in this order (the Makefile turns off xdist's own reordering
+# by test count, which put the smoke study's file in the middle). One worker starts the smoke study's
+# file (its module fixture builds the whole study) and holds it for minutes, the other takes the next
+# long ones; the many short files come last, where they even out the two workers' ends.
+LONGEST_FIRST = ("tests/test_pipeline.py",          # 675
+                 "tests/faults/test_sigkill.py",    # 149
+                 "tests/flows/test_cluster.py",     # 136
+                 "tests/test_dvc_study.py",         # 106
+                 "tests/faults/test_bad_files.py",  # 91
+                 "tests/faults/test_prefect_faults.py",  # 66
+                 "tests/flows/test_e2e.py",         # 62
+                 "tests/flows/test_pipeline.py",    # 60
+                 "tests/tasks/test_pretrain.py",    # 51
+                 "tests/tasks/test_multinode.py")   # 49
 
 
 def pytest_collection_modifyitems(config, items):
