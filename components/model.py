@@ -890,13 +890,14 @@ class TransformerLM(nn.Module):
         return idx
 
     def static_cache(self, batch_size: int) -> KVCache:
-        """compiled_step's cache for batch_size sequences: block_size long, one per batch size for the
-        model's life (its CUDA graphs read and write fixed addresses; a new cache per call would record
-        them again), emptied on every call."""
+        """compiled_step's cache for batch_size sequences: block_size long, one per batch size (and the
+        model's device and dtype) for the model's life (its CUDA graphs read and write fixed addresses; a
+        new cache per call would record them again), emptied on every call."""
         caches = self.__dict__.setdefault("_static_caches", {})
-        if batch_size not in caches:
-            caches[batch_size] = self.new_cache(batch_size, static=True)
-        cache = caches[batch_size]
+        key = (batch_size, self.wte.weight.device, self.wte.weight.dtype)   # the model may have moved since
+        if key not in caches:
+            caches[key] = self.new_cache(batch_size, static=True)
+        cache = caches[key]
         for t in (t for slot in cache.slots if slot is not None for t in slot):
             t.zero_()                                       # an SSM state is read at the prefill
         cache.pos = 0

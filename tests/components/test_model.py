@@ -162,6 +162,7 @@ def test_static_cache_is_kept_per_batch_size_and_emptied_on_every_call():
     again = model.static_cache(2)
     assert again is cache and again.pos == 0 and all(t.abs().sum() == 0 for slot in again.slots for t in slot)
     assert again.max_len == model.cfg.block_size and model.static_cache(3) is not cache
+    assert model.double().static_cache(2).slots[0][0].dtype == torch.float64     # a moved model: a new cache
 
 
 def test_generate_without_cache_slides_past_block_size():
