@@ -107,16 +107,16 @@ def step_seconds(model, prompt: torch.Tensor, n: int, how: str) -> float:
     cache = model.static_cache(prompt.size(0)) if how == "compiled" else model.new_cache(prompt.size(0))
     logits = model(prompt, cache)
     positions = torch.full((1,), cache.pos, device=prompt.device)
-    step = {"fixed": model.step, "compiled": model.compiled_step() if how == "compiled" else None}.get(how)
+
+    def fixed(token):                                        # the step compiled_step compiles, run eagerly
+        logits = model.step(token, cache, positions)
+        positions.add_(1)
+        return logits
+    advance = fixed if how == "fixed" else model.stepper(cache, compile=how == "compiled")
     sync(prompt)
     t0 = time.perf_counter()
     for _ in range(n):
-        token = logits[:, -1:].argmax(-1)
-        if step is None:
-            logits = model(token, cache)
-        else:
-            logits = step(token, cache, positions)
-            positions += 1
+        logits = advance(logits[:, -1:].argmax(-1))
     sync(prompt)
     return time.perf_counter() - t0
 

@@ -875,19 +875,31 @@ class TransformerLM(nn.Module):
             cache = self.static_cache(idx.size(0))
         else:
             cache = self.new_cache(idx.size(0), max(need, 1))
-        step = self.compiled_step() if compile else None
         for i in range(max_new_tokens):
             if not use_cache:
                 logits = self(idx[:, -self.cfg.block_size:])
-            elif step is None or i == 0:
-                logits = self(idx if i == 0 else idx[:, -1:], cache)
-                positions = torch.full((1,), cache.pos, device=idx.device)   # where the next token goes
+            elif i == 0:
+                logits = self(idx, cache)                   # the prompt: eager, any length
+                advance = self.stepper(cache, compile)
             else:
-                logits = step(idx[:, -1:], cache, positions)
-                positions += 1                              # on the device: no sync with the host per token
-                cache.pos += 1
+                logits = advance(idx[:, -1:])
             idx = torch.cat([idx, sample(logits[:, -1], temperature, sample_top_k, generator)], dim=1)
         return idx
+
+    def stepper(self, cache: KVCache, compile: bool = False):
+        """A function token (B, 1) -> logits (B, 1, vocab) that decodes one token into `cache`: the eager
+        forward, or (compile) compiled_step at a position counter kept on the device (no sync with the
+        host per token); compile needs static_cache's cache."""
+        if not compile:
+            return lambda token: self(token, cache)
+        step, positions = self.compiled_step(), torch.full((1,), cache.pos, device=self.wte.weight.device)
+
+        def advance(token: torch.Tensor) -> torch.Tensor:
+            logits = step(token, cache, positions)
+            positions.add_(1)
+            cache.pos += 1
+            return logits
+        return advance
 
     def static_cache(self, batch_size: int) -> KVCache:
         """compiled_step's cache for batch_size sequences: block_size long, one per batch size (and the
@@ -896,7 +908,8 @@ class TransformerLM(nn.Module):
         caches = self.__dict__.setdefault("_static_caches", {})
         key = (batch_size, self.wte.weight.device, self.wte.weight.dtype)   # the model may have moved since
         if key not in caches:
-            caches[key] = self.new_cache(batch_size, static=True)
+            with torch.inference_mode(False):               # kept past this call: no inference-mode tensors
+                caches[key] = self.new_cache(batch_size, static=True)
         cache = caches[key]
         for t in (t for slot in cache.slots if slot is not None for t in slot):
             t.zero_()                                       # an SSM state is read at the prefill

@@ -343,6 +343,9 @@ class EvaluateParams(Strict):
     speed_warmup: int = Field(1, ge=0, le=MAX_RUNS)
     speed_runs: int = Field(5, ge=1, le=MAX_RUNS)   # the median is reported
     threads: int = Field(0, ge=0, le=MAX_THREADS)   # 0: torch's default
+    # decode speeds by TransformerLM.compiled_step (torch.compile; on a GPU one CUDA graph a token): what the
+    # architecture costs without Python's and the launches' share; its compilation (seconds) is not timed
+    compile: bool = False
     # lm-evaluation-harness tasks scored with components/harness.py (pip install -e '.[eval]'): names as
     # `lm-eval ls tasks` lists them; checked at the evaluate stage's start (lm-eval is too slow to import here)
     tasks: list[Annotated[str, Field(min_length=1)]] = []

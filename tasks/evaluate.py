@@ -10,7 +10,9 @@ same for each data.domains entry's own validation split (domain.<d>.val_loss, ..
 token count, byte count and summed loss go to metrics/windows/<model>.csv, for resampling. Speed: batch-1
 prefill and KV-cached decode tokens/s (latency), and batched decode tokens/s (`decode_batch` sequences with
 `decode_context` tokens cached: throughput, where the cache's size shows), each the median of `speed_runs`
-timed runs after `speed_warmup` untimed ones, with the thread count recorded; and the generation cache's bytes
+timed runs after `speed_warmup` untimed ones, with the thread count recorded (`evaluate.compile`: the
+decode steps by the compiled fixed-shape step, CUDA graphs on a GPU, recorded as `decode_compiled`; its
+compilation in one more untimed run); and the generation cache's bytes
 per token of context and per sequence (components/flops.py cache_bytes).
 lm-eval tasks (`evaluate.tasks`, needs `pip install -e '.[eval]'`): scored through components/harness.py
 on the model already loaded, as flat numbers `lm_eval.<task>.<metric>` (acc, acc_norm, their stderr, ...);
@@ -88,33 +90,35 @@ def clock(device: torch.device) -> float:
 
 
 @torch.inference_mode()
-def speed(model, prompt: torch.Tensor, decode_tokens: int, warmup: int, runs: int) -> dict:
+def speed(model, prompt: torch.Tensor, decode_tokens: int, warmup: int, runs: int, compile: bool = False) -> dict:
     """Batch-1 tokens/s: prefill of `prompt` (on the model's device), then `decode_tokens` single-token
-    cached steps."""
+    cached steps (compile: by the compiled fixed-shape step, its compilation in an untimed first run)."""
     P = prompt.shape[1]
     if P + decode_tokens > model.cfg.block_size:
         raise ParamsError(f"evaluate.prompt_tokens + evaluate.decode_tokens = {P + decode_tokens} exceeds the "
                           f"model's block_size {model.cfg.block_size}: lower them")
 
-    def prefill():
-        cache = model.new_cache(1, P + decode_tokens)
+    def prefill(cache=None):
+        cache = model.new_cache(1, P + decode_tokens) if cache is None else cache
         t0 = clock(prompt.device)
         logits = model(prompt, cache)
         return clock(prompt.device) - t0, logits, cache
 
     def decode():
-        _, logits, cache = prefill()
+        _, logits, cache = prefill(model.static_cache(1) if compile else None)
+        advance = model.stepper(cache, compile)
         t0 = clock(prompt.device)
         for _ in range(decode_tokens):
-            logits = model(logits[:, -1:].argmax(-1), cache)
+            logits = advance(logits[:, -1:].argmax(-1))
         return clock(prompt.device) - t0
 
     return {"prefill_tokens_per_s": P / median_seconds(lambda: prefill()[0], warmup, runs),
-            "decode_tokens_per_s": decode_tokens / median_seconds(decode, warmup, runs)}
+            "decode_tokens_per_s": decode_tokens / median_seconds(decode, warmup + int(compile), runs)}
 
 
 @torch.inference_mode()
-def batch_decode_speed(model, context: torch.Tensor, decode_tokens: int, warmup: int, runs: int) -> dict:
+def batch_decode_speed(model, context: torch.Tensor, decode_tokens: int, warmup: int, runs: int,
+                       compile: bool = False) -> dict:
     """Batched decode tokens/s: `context` (B, C) prefilled into a cache (not timed), then `decode_tokens` cached
     steps of all B sequences at once, B x decode_tokens tokens over their time. Where batch-1 decode pays
     per-call overheads, this is where keys/values read (GQA/MQA), SSM state and looped applications show."""
@@ -125,14 +129,15 @@ def batch_decode_speed(model, context: torch.Tensor, decode_tokens: int, warmup:
                           f"or decode_tokens")
 
     def decode() -> float:
-        cache = model.new_cache(B, C + decode_tokens)
+        cache = model.static_cache(B) if compile else model.new_cache(B, C + decode_tokens)
         logits = model(context, cache)
+        advance = model.stepper(cache, compile)
         t0 = clock(device)
         for _ in range(decode_tokens):
-            logits = model(logits[:, -1:].argmax(-1), cache)
+            logits = advance(logits[:, -1:].argmax(-1))
         return clock(device) - t0
 
-    return {"decode_batch_tokens_per_s": B * decode_tokens / median_seconds(decode, warmup, runs)}
+    return {"decode_batch_tokens_per_s": B * decode_tokens / median_seconds(decode, warmup + int(compile), runs)}
 
 
 def batch_context(val: np.ndarray, batch: int, length: int) -> torch.Tensor:
@@ -229,15 +234,15 @@ def main(argv: list[str]) -> None:
                     if k in ("val_loss", "val_bpb", "val_tokens")}
         rows += [(domain, i, *w) for i, w in enumerate(windows)]
     prompt = torch.from_numpy(np.asarray(val[:ev.prompt_tokens], dtype=np.int64))[None].to(device)
-    metrics |= speed(model, prompt, ev.decode_tokens, ev.speed_warmup, ev.speed_runs)
+    metrics |= speed(model, prompt, ev.decode_tokens, ev.speed_warmup, ev.speed_runs, ev.compile)
     context = batch_context(val, ev.decode_batch, ev.batch_context).to(device)
-    metrics |= batch_decode_speed(model, context, ev.decode_tokens, ev.speed_warmup, ev.speed_runs)
+    metrics |= batch_decode_speed(model, context, ev.decode_tokens, ev.speed_warmup, ev.speed_runs, ev.compile)
     from components.flops import cache_bytes
     metrics |= cache_bytes(model.cfg, model.wte.weight.element_size())   # what generation's cache holds
     metrics |= {"params": model.num_params(), "active_params": model.num_active_params(),
                 "size_bytes": (model_dir / "model.safetensors").stat().st_size,
                 "train_tokens": meta["tokens_seen"], "device": device_name(device),
-                "threads": torch.get_num_threads()}
+                "threads": torch.get_num_threads(), "decode_compiled": ev.compile}
     # what training cost in compute, where the model's stage recorded it (models trained before it did: absent)
     metrics |= {k: meta[k] for k in ("flops_per_token", "train_flops", "total_train_flops") if k in meta}
     if lm_eval_manager is not None:

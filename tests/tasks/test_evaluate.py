@@ -22,7 +22,7 @@ from components.errors import ParamsError
 from components.model import TransformerLM
 from components.tokenizer import Tokenizer
 from tasks import evaluate, prepare
-from tasks.evaluate import batch_context, batch_decode_speed, quality, window_losses
+from tasks.evaluate import batch_context, batch_decode_speed, quality, speed, window_losses
 from tests.tasks.tiny_corpus import write_domain_corpus
 
 PARAMS = """\
@@ -128,6 +128,7 @@ def test_evaluate_scores_the_whole_split_and_each_domain(project):
     # the generation cache: 1 layer x 2 kv heads x head size 8 x (k, v) x 4 bytes a token; no SSM state
     assert (metrics["kv_cache_bytes_per_token"], metrics["state_bytes_per_sequence"]) == (1 * 2 * 8 * 2 * 4, 0)
     assert metrics["decode_batch_tokens_per_s"] > 0 and metrics["decode_tokens_per_s"] > 0
+    assert metrics["decode_compiled"] is False                                  # evaluate.compile's default
     # the windows file holds every scored window, and its sums give the metrics bit for bit
     windows = read_windows(root, "m")
     assert list(windows) == list(splits)
@@ -173,6 +174,20 @@ def test_a_domain_named_all_is_refused_before_any_compute(tmp_path, monkeypatch)
     with pytest.raises(ParamsError, match="data.domains.all: .* rename it"):
         evaluate.main(["m"])
     assert not (tmp_path / "metrics").exists()
+
+
+def test_compiled_decode_speeds_step_through_the_compiled_step():
+    """evaluate.compile: both decode measurements take every token through compiled_step (stood in for by the
+    eager step it compiles: tests/components/test_model.py compiles it), its compilation run untimed."""
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(vocab_size=16, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
+    batches = []
+    model._compiled_step = lambda idx, cache, positions: batches.append(idx.size(0)) or model.step(idx, cache, positions)
+    metrics = speed(model, torch.zeros(1, 4, dtype=torch.long), 3, warmup=0, runs=2, compile=True)
+    metrics |= batch_decode_speed(model, torch.zeros(3, 5, dtype=torch.long), 3, warmup=1, runs=1, compile=True)
+    assert list(metrics) == ["prefill_tokens_per_s", "decode_tokens_per_s", "decode_batch_tokens_per_s"]
+    assert all(v > 0 for v in metrics.values())
+    assert batches == [1] * 3 * (1 + 2) + [3] * 3 * (1 + 1 + 1)   # 3 tokens a run: compile + warm-up + timed runs
 
 
 def test_batch_decode_takes_distinct_windows_and_must_fit_the_context():
