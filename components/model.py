@@ -846,8 +846,9 @@ class TransformerLM(nn.Module):
                              f"the model cannot attend further back; use max_len <= block_size")
         w = self.wte.weight                                 # slots take the embedding's device and dtype
         cache = KVCache([b.new_slot(batch_size, max_len, w.device, w.dtype) for b in self.applications()], max_len)
-        for t in (t for slot in cache.slots if static and slot is not None for t in slot):
-            torch._dynamo.mark_static_address(t)
+        for slot in cache.slots if static else []:
+            for t in slot or ():
+                torch._dynamo.mark_static_address(t)
         return cache
 
     def applications(self) -> list[nn.Module]:
@@ -911,15 +912,16 @@ class TransformerLM(nn.Module):
             with torch.inference_mode(False):               # kept past this call: no inference-mode tensors
                 caches[key] = self.new_cache(batch_size, static=True)
         cache = caches[key]
-        for t in (t for slot in cache.slots if slot is not None for t in slot):
-            t.zero_()                                       # an SSM state is read at the prefill
+        for slot in cache.slots:
+            for t in slot or ():
+                t.zero_()                                   # an SSM state is read at the prefill
         cache.pos = 0
         return cache
 
     def compiled_step(self):
         """self.step compiled once per model (torch.compile; on a GPU in "reduce-overhead" mode, which
-        replays each step as one CUDA graph, given static_cache's cache). Its first
-        calls compile (seconds to a minute); a new batch size or cache length compiles again."""
+        replays each step as one CUDA graph, given static_cache's cache). Its first calls compile
+        (seconds to a minute); a new batch size or cache length compiles again."""
         if getattr(self, "_compiled_step", None) is None:
             self._compiled_step = torch.compile(self.step, mode="reduce-overhead" if self.wte.weight.is_cuda else None)
         return self._compiled_step
