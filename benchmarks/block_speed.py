@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 
-from benchmarks.common import batches, device_line, median_ratio, plain_trainer, shape_parser, timed_steps
+from benchmarks.common import batches, compiled, device_line, median_ratio, plain_trainer, shape_parser, timed_steps
 from components.config import ModelConfig
 
 
@@ -36,7 +36,7 @@ def main():
         for b in blocks[r % len(blocks):] + blocks[:r % len(blocks)]:   # rotate the order each round
             seconds[b].append(timed_steps(steps[b], data, 5 + r * args.steps, args.steps)[0])
     tokens = args.steps * args.batch_size * args.block_size
-    print(f"{device_line(args.device)}; {args.precision}{', compiled' if args.compile else ''}")
+    print(f"{device_line(args.device)}; {args.precision}{compiled(args.compile)}")
     print(f"n_embd={args.n_embd} n_layer={args.n_layer} n_head={cfgs['serial'].n_head} "
           f"batch={args.batch_size}x{args.block_size}, {args.rounds} rounds x {args.steps} steps")
     for b in blocks:

@@ -32,15 +32,16 @@ def batches(cfg: ModelConfig, batch_size: int, seed: int = 0) -> StepBatches:
 
 
 def plain_trainer(cfg: ModelConfig, precision: str = "32-true", seed: int = 0, device: str = "cpu",
-                  compile: bool = False):
+                  compile: bool | str = False):
     """A plain PyTorch loop with the same model, optimizer, schedule, clipping and MoE aux losses as
-    LitLM (and, with `compile`, the same torch.compile'd view of the model for the step)."""
+    LitLM (and, with `compile`, the same torch.compile'd view of the model for the step; a string is
+    torch.compile's mode: "reduce-overhead" replays forward and backward as CUDA graphs on a GPU)."""
     torch.manual_seed(seed)
     lit = LitLM(cfg, TRAIN).to(device)
     opt_cfg = lit.configure_optimizers()
     opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
-    forward = torch.compile(lit.model) if compile else lit.model
+    forward = torch.compile(lit.model, mode=compile if isinstance(compile, str) else None) if compile else lit.model
 
     def step(x, y):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -55,6 +56,11 @@ def plain_trainer(cfg: ModelConfig, precision: str = "32-true", seed: int = 0, d
         opt.zero_grad(set_to_none=True)
         return loss.item()                                 # waits for the device, as logging would
     return lit.model, step
+
+
+def compiled(compile: bool | str) -> str:
+    """How a benchmark's header names --compile: "", ", compiled" or ", compiled (MODE)"."""
+    return "" if not compile else ", compiled" if compile is True else f", compiled ({compile})"
 
 
 def timed_steps(step, data: StepBatches, start: int, n: int) -> tuple[float, float]:
@@ -81,7 +87,9 @@ def shape_parser(doc: str, rounds: int, steps: int) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (compilation in the warm-up)")
+    p.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                   help="torch.compile the model (compilation in the warm-up); MODE: torch.compile's mode, "
+                        "e.g. reduce-overhead (CUDA graphs on a GPU)")
     return p
 
 

@@ -35,6 +35,9 @@ step moe-bf16-compile 150 -m benchmarks.moe --device "$dev" --precision bf16-mix
 # fused parallel block vs serial at d=WIDE (PaLM's claim: >= 1.10x), bf16, compiled
 step block-bf16-compile 180 -m benchmarks.block_speed --device "$dev" --precision bf16-mixed --compile \
     --n-embd "$wide" --n-layer 4 --batch-size 16 --block-size 1024 --rounds 5 --steps 10 --blocks serial parallel
+# the same with forward and backward replayed as CUDA graphs (torch.compile's reduce-overhead mode)
+step moe-bf16-graphs 180 -m benchmarks.moe --device "$dev" --precision bf16-mixed --compile reduce-overhead \
+    --contenders sparse --no-decode --rounds 5 --steps 20
 # every upcycled kind vs dense, fp32 eager (training and batch-1 decode; the experts in a loop)
 step moe-fp32 90 -m benchmarks.moe --device "$dev" --rounds 5 --steps 20
 # the sparse one in bf16 eager: grouped matmuls (archflow's choice) and the loop over experts
@@ -44,6 +47,8 @@ step moe-bf16-loop 60 -m benchmarks.moe --device "$dev" --precision bf16-mixed -
 # MoE vs dense at d=WIDE, bf16, compiled; the blocks at d=WIDE in eager bf16
 step moe-wide-bf16-compile 150 -m benchmarks.moe --device "$dev" --precision bf16-mixed --compile --contenders sparse \
     --no-decode --n-embd "$wide" --batch-size 16 --block-size 1024 --rounds 5 --steps 10
+step moe-wide-bf16-graphs 180 -m benchmarks.moe --device "$dev" --precision bf16-mixed --compile reduce-overhead \
+    --contenders sparse --no-decode --n-embd "$wide" --batch-size 16 --block-size 1024 --rounds 5 --steps 10
 step block-bf16-eager 90 -m benchmarks.block_speed --device "$dev" --precision bf16-mixed \
     --n-embd "$wide" --n-layer 4 --batch-size 16 --block-size 1024 --rounds 5 --steps 10
 # batch-1 and batch-16 decode: the eager forward, the fixed-shape step, the step compiled (CUDA graphs)

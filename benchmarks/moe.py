@@ -25,7 +25,7 @@ import statistics
 
 import torch
 
-from benchmarks.common import batches, decode_seconds, device_line, median_ratio, plain_trainer, shape_parser, timed_steps
+from benchmarks.common import batches, compiled, decode_seconds, device_line, median_ratio, plain_trainer, shape_parser, timed_steps
 from components import model as model_mod
 from components.config import ModelConfig
 
@@ -74,7 +74,7 @@ def main():
             decode_s[n].append(decode_seconds(model, prompt, 32))
             model.train()
     grouped = model_mod.GROUPED_MM and torch.device(args.device).type in model_mod.GROUPED_MM_DEVICES
-    print(f"{device_line(args.device)}; {args.precision}{', compiled' if args.compile else ''}; experts "
+    print(f"{device_line(args.device)}; {args.precision}{compiled(args.compile)}; experts "
           f"{'as grouped matmuls' if grouped else 'in a loop'}")
     print(f"parallel block, n_embd={args.n_embd} n_layer={args.n_layer} batch={args.batch_size}x{args.block_size} "
           f"rounds={args.rounds} x {args.steps} steps")
