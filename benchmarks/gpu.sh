@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements of benchmarks/README.md in one run (about 6-8 minutes on one H200, most of
+# The GPU measurements of benchmarks/README.md in one run (about 8-10 minutes on one H200, most of
 # it torch.compile's first compilations):
 #
 #     bash benchmarks/gpu.sh [LOG_DIR]          # LOG_DIR default /tmp/archflow-gpu
