@@ -73,6 +73,9 @@ def quality(windows: list[tuple[int, int, float]], available: int) -> dict:
             "val_tokens": n, "val_bytes": n_bytes, "val_share": len(windows) / available}
 
 
+NOT_MEASURED = ("device", "decode_compiled")   # in metrics/<model>.json, not MLflow metrics: a tag and a param
+
+
 def median_seconds(timed_fn, warmup: int, runs: int) -> float:
     """Median of `runs` calls of timed_fn (which returns the seconds it measured) after `warmup`."""
     for _ in range(warmup):
@@ -254,13 +257,13 @@ def main(argv: list[str]) -> None:
     write_atomic(Path("metrics/windows") / f"{args.name}.csv", "split,window,tokens,bytes,loss\n" + table)
     write_atomic(Path("metrics") / f"{args.name}.json", dumps(metrics))
 
-    # MLflow mirrors the metrics file exactly (its one text value, the device, as a tag), with the
-    # config, lineage and a few samples.
+    # MLflow mirrors the metrics file exactly (what is not a measurement: the device as a tag, whether decode
+    # was compiled as the param evaluate.compile), with the config, lineage and a few samples.
     params = {"model": model.cfg.to_dict(), "evaluate": ev.model_dump()}
     tags = {k: meta[k] for k in ("variant", "method") if k in meta} | {"device": metrics["device"]}
     with tracking.stage_run(study, "evaluate", model=args.name, parents=meta["parents"], params=params,
                             tags=tags) as run_id:
-        tracking.log_metrics({k: v for k, v in metrics.items() if k != "device"})
+        tracking.log_metrics({k: v for k, v in metrics.items() if k not in NOT_MEASURED})
         tracking.log_model_dir(model_dir, study.tracking.log_models, curve=False)   # the training run has it
         if run_id:
             tracking.mlflow.log_text(samples(model, tokenizer, val, ev.prompt_tokens, ev.decode_tokens), "samples.txt")
