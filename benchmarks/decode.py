@@ -89,34 +89,23 @@ def recompute_seconds(model, prompt: torch.Tensor, n: int) -> float:
     return time.perf_counter() - t0
 
 
-@torch.inference_mode()
-def batch_seconds(model, context: torch.Tensor, n: int) -> float:
-    """Seconds for n greedy cached steps of all context.size(0) sequences at once (the prefill not timed)."""
-    cache = model.new_cache(context.size(0), context.size(1) + n)
-    logits = model(context, cache)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        logits = model(logits[:, -1:].argmax(-1), cache)
-    return time.perf_counter() - t0
-
-
 @torch.no_grad()
-def step_seconds(model, prompt: torch.Tensor, n: int, how: str) -> float:
+def step_seconds(model, prompt: torch.Tensor, n: int, how: str = "eager") -> float:
     """Seconds for n greedy cached steps of prompt.size(0) sequences after the prompt's prefill (not timed),
-    `how`: "eager" (the forward with the cache), "fixed" (model.step) or "compiled" (model.compiled_step())."""
-    cache = model.static_cache(prompt.size(0)) if how == "compiled" else model.new_cache(prompt.size(0))
+    `how`: "eager" (the forward with the cache), "compiled" (model.compiled_step) or "fixed" (model.step,
+    the fixed-shape step compiled_step compiles, run eagerly)."""
+    cache, advance = model.decoder(prompt.size(0), compile=how == "compiled")
     logits = model(prompt, cache)
-    positions = torch.full((1,), cache.pos, device=prompt.device)
-
-    def fixed(token):                                        # the step compiled_step compiles, run eagerly
-        logits = model.step(token, cache, positions)
-        positions.add_(1)
-        return logits
-    advance = fixed if how == "fixed" else model.stepper(cache, compile=how == "compiled")
+    positions = torch.full((1,), cache.pos, device=prompt.device)     # "fixed": where the next token goes
     sync(prompt)
     t0 = time.perf_counter()
     for _ in range(n):
-        logits = advance(logits[:, -1:].argmax(-1))
+        token = logits[:, -1:].argmax(-1)
+        if how == "fixed":
+            logits = model.step(token, cache, positions)
+            positions += 1
+        else:
+            logits = advance(token)
     sync(prompt)
     return time.perf_counter() - t0
 
@@ -126,7 +115,7 @@ def sync(x: torch.Tensor) -> None:
         torch.cuda.synchronize()
 
 
-def compiled(names: list[str], base: dict, target: int, args) -> None:
+def compare_compiled(names: list[str], base: dict, target: int, args) -> None:
     """Eager vs fixed-shape vs compiled decode steps (see the docstring)."""
     ways = ("eager", "fixed", "compiled")
     models, prompts, compile_s = {}, {}, {}
@@ -216,7 +205,7 @@ def main():
                          f"the block size {base['block_size']}: lower them")
     target = n_params(ModelConfig(**base))
     if args.compiled:
-        return compiled(names, base, target, args)
+        return compare_compiled(names, base, target, args)
     models = {}
     for n in names:
         torch.manual_seed(0)
@@ -226,7 +215,7 @@ def main():
     context = torch.randint(0, base["vocab_size"], (args.batch, args.prompt_tokens), generator=g)
     runs = {"one": lambda m: decode_seconds(m, prompt, args.decode_tokens),
             "nocache": lambda m: recompute_seconds(m, prompt, args.decode_tokens),
-            "batch": lambda m: batch_seconds(m, context, args.decode_tokens)}
+            "batch": lambda m: step_seconds(m, context, args.decode_tokens)}
     for n in names:                                          # warm-up
         for run in runs.values():
             run(models[n])

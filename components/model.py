@@ -837,19 +837,13 @@ class TransformerLM(nn.Module):
             raise ValueError(f"{n} tokens exceed the cache's max_len={cache.max_len}: "
                              f"create it with new_cache(batch_size, max_len={n}) or larger")
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, static: bool = False) -> KVCache:
-        """static: the cache's tensors are marked as keeping their addresses, so the CUDA graphs of
-        compiled_step write into them in place (without, torch.compile skips the graphs)."""
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         max_len = self.cfg.block_size if max_len is None else max_len
         if max_len > self.cfg.block_size:
             raise ValueError(f"max_len={max_len} exceeds block_size={self.cfg.block_size}: "
                              f"the model cannot attend further back; use max_len <= block_size")
         w = self.wte.weight                                 # slots take the embedding's device and dtype
-        cache = KVCache([b.new_slot(batch_size, max_len, w.device, w.dtype) for b in self.applications()], max_len)
-        for slot in cache.slots if static else []:
-            for t in slot or ():
-                torch._dynamo.mark_static_address(t)
-        return cache
+        return KVCache([b.new_slot(batch_size, max_len, w.device, w.dtype) for b in self.applications()], max_len)
 
     def applications(self) -> list[nn.Module]:
         """The blocks in the order they run: the stack, n_loop times over (weights shared)."""
@@ -870,47 +864,52 @@ class TransformerLM(nn.Module):
                              f"block_size={self.cfg.block_size}: use use_cache=False to slide the context")
         if compile and not use_cache:
             raise ValueError("compile=True decodes with the cache: drop use_cache=False")
-        if not use_cache:
-            cache = None
-        elif compile:
-            cache = self.static_cache(idx.size(0))
-        else:
-            cache = self.new_cache(idx.size(0), max(need, 1))
+        if use_cache:
+            cache, advance = self.decoder(idx.size(0), max(need, 1), compile)
         for i in range(max_new_tokens):
             if not use_cache:
                 logits = self(idx[:, -self.cfg.block_size:])
             elif i == 0:
                 logits = self(idx, cache)                   # the prompt: eager, any length
-                advance = self.stepper(cache, compile)
             else:
                 logits = advance(idx[:, -1:])
             idx = torch.cat([idx, sample(logits[:, -1], temperature, sample_top_k, generator)], dim=1)
         return idx
 
-    def stepper(self, cache: KVCache, compile: bool = False):
-        """A function token (B, 1) -> logits (B, 1, vocab) that decodes one token into `cache`: the eager
-        forward, or (compile) compiled_step at a position counter kept on the device (no sync with the
-        host per token); compile needs static_cache's cache."""
+    def decoder(self, batch_size: int, max_len: int | None = None, compile: bool = False):
+        """(cache, advance) to decode batch_size sequences: the prompt goes into the cache by the forward,
+        model(prompt, cache), then advance(token (B, 1)) -> logits (B, 1, vocab) decodes one token into it.
+        Eager: a new cache of max_len (default block_size) and the forward. compile: static_cache's cache
+        (block_size long) and compiled_step, at a position counter kept on the device (no sync with the
+        host per token)."""
         if not compile:
-            return lambda token: self(token, cache)
-        step, positions = self.compiled_step(), torch.full((1,), cache.pos, device=self.wte.weight.device)
+            cache = self.new_cache(batch_size, max_len)
+            return cache, lambda token: self(token, cache)
+        cache, step, positions = self.static_cache(batch_size), self.compiled_step(), None
 
         def advance(token: torch.Tensor) -> torch.Tensor:
+            nonlocal positions
+            if positions is None:                           # where the first decoded token goes: after the prompt
+                positions = torch.full((1,), cache.pos, device=token.device)
             logits = step(token, cache, positions)
             positions.add_(1)
             cache.pos += 1
             return logits
-        return advance
+        return cache, advance
 
     def static_cache(self, batch_size: int) -> KVCache:
         """compiled_step's cache for batch_size sequences: block_size long, one per batch size (and the
-        model's device and dtype) for the model's life (its CUDA graphs read and write fixed addresses; a
-        new cache per call would record them again), emptied on every call."""
+        model's device and dtype) for the model's life, emptied on every call. Its tensors are marked as
+        keeping their addresses: CUDA graphs write into them in place (unmarked, torch.compile skips the
+        graphs; a new cache per call would record them again)."""
         caches = self.__dict__.setdefault("_static_caches", {})
         key = (batch_size, self.wte.weight.device, self.wte.weight.dtype)   # the model may have moved since
         if key not in caches:
             with torch.inference_mode(False):               # kept past this call: no inference-mode tensors
-                caches[key] = self.new_cache(batch_size, static=True)
+                caches[key] = self.new_cache(batch_size)
+            for slot in caches[key].slots:
+                for t in slot or ():
+                    torch._dynamo.mark_static_address(t)
         cache = caches[key]
         for slot in cache.slots:
             for t in slot or ():

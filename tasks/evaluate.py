@@ -105,11 +105,11 @@ def speed(model, prompt: torch.Tensor, decode_tokens: int, warmup: int, runs: in
         cache = model.new_cache(1, P + decode_tokens) if cache is None else cache
         t0 = clock(prompt.device)
         logits = model(prompt, cache)
-        return clock(prompt.device) - t0, logits, cache
+        return clock(prompt.device) - t0, logits
 
     def decode():
-        _, logits, cache = prefill(model.static_cache(1) if compile else None)
-        advance = model.stepper(cache, compile)
+        cache, advance = model.decoder(1, P + decode_tokens, compile)
+        _, logits = prefill(cache)
         t0 = clock(prompt.device)
         for _ in range(decode_tokens):
             logits = advance(logits[:, -1:].argmax(-1))
@@ -132,9 +132,8 @@ def batch_decode_speed(model, context: torch.Tensor, decode_tokens: int, warmup:
                           f"or decode_tokens")
 
     def decode() -> float:
-        cache = model.static_cache(B) if compile else model.new_cache(B, C + decode_tokens)
+        cache, advance = model.decoder(B, C + decode_tokens, compile)
         logits = model(context, cache)
-        advance = model.stepper(cache, compile)
         t0 = clock(device)
         for _ in range(decode_tokens):
             logits = advance(logits[:, -1:].argmax(-1))

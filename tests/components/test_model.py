@@ -142,8 +142,9 @@ def test_kv_cache_matches_full_forward(block, ffn, norm, pos, heads):
 
 def test_compiled_generate_is_eager_generate_and_compiles_once():
     """generate(compile=True): the prompt by the eager forward, then every token by the compiled fixed-shape
-    step; a second call (another prompt length, a new cache) reuses the compiled step."""
-    model = tiny_model(block="parallel", pos="rope", n_kv_head=2)
+    step; a second call (another prompt length, the same cache emptied: a hybrid block's SSM state too)
+    reuses the compiled step."""
+    model = tiny_model(block="hybrid", pos="rope", n_kv_head=2)
     prompt = tokens(2, 12)
     assert torch.equal(model.generate(prompt[:, :5], 8, temperature=0, compile=True),
                        model.generate(prompt[:, :5], 8, temperature=0))
