@@ -45,6 +45,11 @@ def copy_project(dest: Path, params: str | None = None) -> Path:
 
 
 def timed(cmd: list[str], cwd: Path) -> float:
+    return timed_run(cmd, cwd)[0]
+
+
+def timed_run(cmd: list[str], cwd: Path) -> tuple[float, str]:
+    """The command's wall seconds and stdout; a failure exits with its output."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -54,7 +59,7 @@ def timed(cmd: list[str], cwd: Path) -> float:
     seconds = time.perf_counter() - t0
     if r.returncode:
         sys.exit(f"{' '.join(cmd)} failed in {cwd}:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    return seconds
+    return seconds, r.stdout
 
 
 def main() -> None:

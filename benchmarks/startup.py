@@ -24,7 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from benchmarks.common import host_line
-from benchmarks.flow_vs_dvc import ROOT, copy_project, timed
+from benchmarks.flow_vs_dvc import ROOT, copy_project, timed, timed_run
 
 STAGE_MODULES = ("corpus", "prepare", "validate", "pretrain", "branch", "upcycle", "distill", "compress",
                  "evaluate", "report", "hf_import", "export")
@@ -61,9 +61,14 @@ def main() -> None:
         total = time.perf_counter() - t0
         if r.returncode:
             sys.exit(f"dvc repro failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    n_stages = r.stdout.count("Running stage '")
+        report_build(r.stdout, total)
+        exits(project, args.rounds)
+
+
+def report_build(stdout: str, total: float) -> None:
+    n_stages = stdout.count("Running stage '")
     by_kind = defaultdict(list)
-    for line in r.stdout.splitlines():
+    for line in stdout.splitlines():
         if m := CLOCK.match(line.strip()):
             by_kind[m["stage"]].append((float(m["wall"]), float(m["fixed"])))
     print(f"\nsmoke study: `dvc repro` of {n_stages} stages in {total:.0f} s ({total / max(1, n_stages):.1f} s per stage)")
@@ -73,7 +78,25 @@ def main() -> None:
         print(f"| {kind} | {len(rows)} | {wall / len(rows):.1f} | {fixed / len(rows):.1f} | {fixed / wall:.0%} |")
     timed_wall = sum(w for rows in by_kind.values() for w, _ in rows)
     print(f"\nstages with a clock: {sum(map(len, by_kind.values()))} of {n_stages}, {timed_wall:.0f} s of the "
-          f"{total:.0f} s build; the rest is DVC (hashing, locks) and stages without one (corpus, validate, report)")
+          f"{total:.0f} s build; the rest is DVC (hashing, locks), the stages' exits (below) and stages "
+          "without a clock (corpus, validate, report)")
+
+
+def exits(project: Path, rounds: int) -> None:
+    """A stage's exit: its process's whole wall time minus its summary line's clock, as components.errors.cli
+    runs it (the garbage collector frozen) and with gc.freeze made a no-op, interleaved."""
+    print("\n| stage | exit s (cli) | exit s (without gc.freeze) |\n|---|---:|---:|")
+    for stage, model in (("pretrain", "serial"), ("evaluate", "serial")):
+        plain = f"import gc, runpy, sys; gc.freeze = lambda: None; sys.argv = ['{stage}', '{model}']; " \
+                f"runpy.run_module('tasks.{stage}', run_name='__main__')"
+        seconds = {"cli": [], "plain": []}
+        for _ in range(rounds):
+            for how, cmd in (("cli", ["-m", f"tasks.{stage}", model]), ("plain", ["-c", plain])):
+                whole, out = timed_run([sys.executable, *cmd], project)
+                clock = [m for line in out.splitlines() if (m := CLOCK.match(line.strip()))]
+                seconds[how].append(whole - float(clock[-1]["wall"]))
+        print(f"| {stage}@{model} | {statistics.median(seconds['cli']):.2f} | {statistics.median(seconds['plain']):.2f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

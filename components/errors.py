@@ -5,6 +5,7 @@ from the project, so any module may raise ParamsError without depending on the s
 """
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import time
@@ -17,12 +18,19 @@ class ParamsError(ValueError):
 
 
 def cli(main) -> None:
-    """Run a stage's main(argv); a user error prints one clear message and exits 2."""
+    """Run a program's main(argv) and exit with its return value (None: 0); a user error prints one
+    clear message and exits 2."""
     try:
-        main(sys.argv[1:])
+        status = main(sys.argv[1:])
     except ParamsError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        status = 2
+    # The interpreter's shutdown runs the garbage collector over every object torch, Lightning, MLflow
+    # and DVC created: 1.7 s after a training stage's last line, 0.7 s after an evaluation's (2 cores).
+    # Frozen, they are left to the exit. Everything the program wrote is closed by now, and atexit
+    # handlers (logging, MLflow, Prefect) and thread joins still run.
+    gc.freeze()
+    sys.exit(status)
 
 
 def process_seconds() -> float:
