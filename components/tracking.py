@@ -142,8 +142,8 @@ def first_use_lock(db: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def connect(study) -> bool:
-    """Point MLflow at the backend and the study's experiment. Unreachable: with
+def reachable(study) -> bool:
+    """Whether the tracking backend answers, without importing MLflow. Unreachable: with
     tracking.required (default) raise a clear error before any work; else warn once, return False."""
     global _warned
     uri = tracking_uri()
@@ -157,6 +157,14 @@ def connect(study) -> bool:
             print(f"warning: {msg}; continuing without MLflow", file=sys.stderr)
             _warned = True
         return False
+    return True
+
+
+def connect(study) -> bool:
+    """Point MLflow at the backend and the study's experiment (False: unreachable, see reachable)."""
+    if not reachable(study):
+        return False
+    uri = tracking_uri()
     import mlflow
     mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:///"):         # local: artifacts next to the database, both movable

@@ -43,7 +43,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from components import tracking
-from components.errors import ParamsError
+from components.errors import ParamsError, cli
 from components.files import write_atomic
 from components.params import load_study
 from flows import travel
@@ -71,6 +71,7 @@ class Plan:
     sources: set[str]              # every other dep of the plan: files git must hold for a worker to see them
     every: list[str]               # every stage of dvc.yaml, planned or not
     outs_before: dict[str, list]   # dvc.lock's record of each stage's outputs (paths, hashes) before the run
+    always: set[str]               # stages DVC runs every time (always_changed: corpus): checks that track nothing
 
 
 @dataclass
@@ -96,24 +97,43 @@ def run_pipeline(targets: list[str], max_parallel: int, retries: int, task_runne
     study, plan, away = _checked.pop(key, None) or preflight(targets, task_runner, address, git_url)
     params = {"targets": " ".join(targets) or "all", "max_parallel": max_parallel, "retries": retries,
               "task_runner": task_runner}
-    with tracking.stage_run(study, "pipeline", params=params, tags={"prefect_flow_run_id": flow_run_id()}) as parent_run:
-        # every stage's MLflow run nests under this one (none: tracking is off, see tracking.required)
-        env = {tracking.PARENT_RUN_ENV: parent_run, "MLFLOW_TRACKING_URI": tracking.tracking_uri()} if parent_run else {}
+    with contextlib.ExitStack() as stack:
+        parent = ParentRun(stack, study, params, plan.always)
         with stage_runner(task_runner, address, max_parallel) as runner:
             if away:
                 check_workers(runner, task_runner, plan, study)
-            outcomes = run_stages(runner, plan, max_parallel, retries, env, away, study, task_runner)
+            outcomes = run_stages(runner, plan, max_parallel, retries, parent.env, away, study, task_runner)
         ran = [name for name, o in outcomes.items() if o.status in ("ran", "restored")]
         if away and ran:                       # their cached outputs are in the remote: here too, as after dvc repro
             away.pull_here([] if not targets else ran)
         if ran:
             keep_lock_order(plan)
         try:
-            publish_artifacts(outcomes, study.experiment, parent_run)
+            publish_artifacts(outcomes, study.experiment, parent)
         except httpx.TransportError as e:      # the server is gone: main() reports it once the flow ends
             get_run_logger().warning(f"no Prefect artifacts for this run ({type(e).__name__}: {e})")
         raise_if_failed(outcomes)              # inside the MLflow run: it ends FAILED
     return {name: o.status for name, o in outcomes.items()}
+
+
+class ParentRun:
+    """The flow's MLflow run, under which every stage's run nests. It opens when the first stage that is
+    not always_changed starts: those (corpus) rerun on every flow and track nothing, so a flow in which
+    only they ran (nothing else was out of date) records no run and skips MLflow's start-up (~2 s)."""
+
+    def __init__(self, stack: contextlib.ExitStack, study, params: dict, always: set[str]):
+        self.stack, self.study, self.params, self.always = stack, study, params, always
+        self.opened, self.run_id = False, None    # opened with run_id None: tracking is off (tracking.required)
+
+    def env(self, stage: str) -> dict[str, str]:
+        """What stage's process needs to nest its run under this one."""
+        if stage in self.always:
+            return {}
+        if not self.opened:                       # in the stack: an exception through the flow ends it FAILED
+            self.run_id = self.stack.enter_context(tracking.stage_run(
+                self.study, "pipeline", params=self.params, tags={"prefect_flow_run_id": flow_run_id()}))
+            self.opened = True
+        return {tracking.PARENT_RUN_ENV: self.run_id, "MLFLOW_TRACKING_URI": tracking.tracking_uri()} if self.run_id else {}
 
 
 @contextlib.contextmanager
@@ -163,7 +183,7 @@ def preflight(targets: list[str], task_runner: str = "thread", address: Optional
     if REPLICAS.exists():                      # an archflow project: its replicate-seed stages as params.yaml has them now
         write_atomic(REPLICAS, replicas(study))
     plan = plan_stages(targets)
-    tracking.connect(study)                    # an unreachable MLflow backend (tracking.required: true)
+    tracking.reachable(study)                  # an unreachable MLflow backend (tracking.required: true)
     names = plan.every + sorted({n.split("@")[0] for n in plan.every}) + ["default"]
     for key in study.resources:
         if key not in names:
@@ -185,25 +205,29 @@ def plan_stages(targets: list[str]) -> Plan:
             graph = get_active_graph(repo.index.graph)       # nx.DiGraph, edge A -> B: A depends on B
         except DvcException as e:
             raise ParamsError(f"dvc.yaml can't be read: {e}{f' ({e.__cause__})' if e.__cause__ else ''}") from None
-        stages = plan_repro(graph, [s for t in targets or ["dvc.yaml"] for s in collect_target(repo, graph, t)])
+        # no targets: dvc.yaml's stages, as `dvc repro` collects them (from the graph: collecting reads dvc.yaml again)
+        wanted = ([s for t in targets for s in collect_target(repo, graph, t)] if targets else
+                  [s for s in graph if s.path == os.path.join(repo.root_dir, "dvc.yaml")])
+        stages = plan_repro(graph, wanted)
         # one status pass over the whole project (~2 s), not one per target stage (~0.5 s each: 35 s
         # for the smoke study); a stage's own status does not depend on what else is asked
-        changed = set(repo.status()) & {s.addressing for s in stages}
+        changed = set(repo.status()) & {s.addressing for s in stages}   # (it resets repo.index: the graph has every stage)
         order = [s.addressing for s in stages]
         planned = set(order)
         upstream = {s.addressing: [u.addressing for u in graph.successors(s) if u.addressing in planned] for s in stages}
         rel = functools.partial(relative_to, Path(repo.root_dir))
-        cached = [rel(o) for s in repo.index.stages for o in s.outs if o.use_cache]
+        cached = [rel(o) for s in graph for o in s.outs if o.use_cache]
         deps = {s.addressing: [rel(d) for d in s.deps] for s in stages}        # each path worked out once
         # a dep is an output, inside one, or a directory of outputs (upcycle's branches/<parent>)
         inputs = {name: sorted({o for d in ds for o in cached if within(d, o) or within(o, d)}) for name, ds in deps.items()}
         uncached = {s.addressing: [rel(o) for o in s.outs if not o.use_cache] for s in stages}
-        outs = [rel(o) for s in repo.index.stages for o in s.outs]
+        outs = [rel(o) for s in graph for o in s.outs]
         sources = {d for ds in deps.values() for d in ds if not any(within(d, o) or within(o, d) for o in outs)}
         every = [s.addressing for s in graph]
+        always = {s.addressing for s in stages if s.always_changed}
     lock = read_lock()
     return Plan(order, upstream, {name for name in order if name in changed}, list(lock), inputs, uncached,
-                sources, every, {name: entry.get("outs") for name, entry in lock.items()})
+                sources, every, {name: entry.get("outs") for name, entry in lock.items()}, always)
 
 
 def relative_to(root: Path, item) -> str:
@@ -240,7 +264,7 @@ def check_dvc_project() -> None:
         raise ParamsError(f"no dvc.yaml in {here}: run from the project root, where the pipeline is declared")
 
 
-def run_stages(runner, plan: Plan, max_parallel: int, retries: int, env: dict, away=None, study=None,
+def run_stages(runner, plan: Plan, max_parallel: int, retries: int, env, away=None, study=None,
                kind: str = "thread") -> dict[str, Outcome]:
     """Submit each stage once its upstream stages are done, at most `max_parallel` at a time.
 
@@ -270,7 +294,7 @@ def run_stages(runner, plan: Plan, max_parallel: int, retries: int, env: dict, a
                     task_run_name=name, retries=retries, retry_delay_seconds=RETRY_DELAY_S,
                     tags=["gpu"] if need and need.gpus else [])
                 parameters = {"name": name,
-                              "env": env | ({"OMP_NUM_THREADS": str(need.cpus)} if need and need.cpus else {}),
+                              "env": env(name) | ({"OMP_NUM_THREADS": str(need.cpus)} if need and need.cpus else {}),
                               **({"job": away.job(plan, name)} if away else {"root": str(Path.cwd())})}
                 with requesting(kind, need):
                     futures[name] = running[name] = runner.submit(stage, parameters, wait_for=[futures[u] for u in ups if u in futures])
@@ -596,7 +620,7 @@ def keep_lock_order(plan: Plan) -> None:
             lock["stages"].move_to_end(name)
 
 
-def publish_artifacts(outcomes: dict[str, Outcome], experiment: str, parent_run: Optional[str]) -> None:
+def publish_artifacts(outcomes: dict[str, Outcome], experiment: str, parent: ParentRun) -> None:
     """The report's summary table and a note on where the MLflow runs are, in the Prefect UI."""
     summary = Path("reports/summary.csv")
     if summary.exists():
@@ -605,9 +629,11 @@ def publish_artifacts(outcomes: dict[str, Outcome], experiment: str, parent_run:
                                   description="reports/summary.csv: one row per model")
     uri = tracking.tracking_uri()
     browse = f"open {uri}" if uri.startswith("http") else f"`mlflow ui --backend-store-uri {uri}`, then open http://127.0.0.1:5000"
-    mlflow_note = (f"MLflow experiment **{experiment}** at `{uri}`: this execution is the run `{parent_run}`, "
+    mlflow_note = (f"MLflow experiment **{experiment}** at `{uri}`: this execution is the run `{parent.run_id}`, "
                    f"every stage's run is nested under it. To browse: {browse}, select the experiment and "
-                   f"the runs to compare." if parent_run else f"MLflow tracking was off (`{uri}` unreachable).")
+                   f"the runs to compare." if parent.run_id else
+                   f"MLflow tracking was off (`{uri}` unreachable)." if parent.opened else
+                   "No stage that tracks ran: this execution has no MLflow run.")
     rows = "\n".join(f"| `{n}` | {o.status} | {o.seconds:.1f} | {o.note.splitlines()[0] if o.note else ''} |"
                      for n, o in outcomes.items())
     create_markdown_artifact(
@@ -763,8 +789,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except ParamsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main)

@@ -115,6 +115,9 @@ def test_the_flow_builds_the_smoke_study_like_dvc_repro_and_a_rerun_executes_not
     [line] = [line for line in out.splitlines() if "up to date, not run" in line]
     assert sorted(line.split(": ")[-1].split()) == sorted(set(STAGES) - {"corpus"})
     assert (repo / "dvc.lock").read_bytes() == lock
+    # and opens no MLflow run: corpus, the only stage that ran, tracks nothing
+    assert [r.info.run_id for r in mlflow.search_runs(experiment_names=["archflow-smoke"], output_format="list")
+            if r.data.tags["stage"] == "pipeline"] == [parent.info.run_id]
 
     # plain `dvc repro` rebuilds the same model directory byte for byte, so its hash in dvc.lock stays
     # (the training time goes to metrics/train/serial.json, outside it)

@@ -61,12 +61,24 @@ def test_an_always_changed_stage_that_changes_nothing_reruns_nothing_downstream(
     root = project(stage("root").replace("    cmd:", "    always_changed: true\n    cmd:")    # like `corpus`
                    + stage("left", ["out/root.txt"]) + stage("join", ["out/left.txt"]))
     pipeline()
+    flow_runs = pipeline_runs()
     tasks = []                                  # the stages that got a task (each runs `dvc repro` on it)
     monkeypatch.setattr(travel, "repro_command", lambda name, real=travel.repro_command: tasks.append(name) or real(name))
     assert pipeline() == {"root": "ran", "left": "skipped", "join": "skipped"}
     assert tasks == ["root"]                    # dvc.lock records root's output as before: no task downstream
-    assert [line.split()[0] for line in (root / "log/runs.txt").read_text().splitlines()] == ["root", "left", "join",
-                                                                                            "root"]
+    ran = [line.split() for line in (root / "log/runs.txt").read_text().splitlines()]
+    assert [r[0] for r in ran] == ["root", "left", "join", "root"]
+    # root tracks nothing (as corpus): the first flow's MLflow run opened for left, the second opened none
+    assert [r[3] for r in ran] == ["-", flow_runs[0], flow_runs[0], "-"]
+    assert pipeline_runs() == flow_runs
+    assert "No stage that tracks ran: this execution has no MLflow run." in latest_artifact("archflow-run")["data"]
+
+
+def pipeline_runs() -> list[str]:
+    """The flows' MLflow runs in the tests' database, newest first."""
+    return [r.info.run_id for r in mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                                      filter_string="tags.stage = 'pipeline'",
+                                                      order_by=["attributes.start_time DESC"])]
 
 
 def test_dvc_lock_and_outputs_are_what_dvc_repro_writes(project, tmp_path):
