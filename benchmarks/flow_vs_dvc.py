@@ -2,11 +2,14 @@
 
     python -m benchmarks.flow_vs_dvc [targets ...] [--rounds 2] [--max-parallel 2]
     python -m benchmarks.flow_vs_dvc validate --rounds 1      # a quick check that it runs (seconds)
+    python -m benchmarks.flow_vs_dvc --built DIR --rounds 4   # no-op reruns only, in a built copy
 
 Each round copies the project (its files as git sees them, tests/smoke/params.yaml as
 params.yaml) twice, builds one copy with `dvc repro <targets>` and the other with
 `python -m flows.pipeline <targets> --max-parallel N`, then times a no-op rerun of each. Rounds
 interleave the two; ratios are medians of per-round ratios. Run it on an otherwise idle machine.
+With --built DIR (a copy `python -m benchmarks.startup --keep DIR` built), each round times only a
+no-op `dvc repro` and a no-op flow there, alternating which goes first.
 
 The flow runs in whatever Prefect mode the shell is in: without PREFECT_API_URL each run starts
 a temporary server (~5 s more per run than against `prefect server start`).
@@ -67,11 +70,20 @@ def main() -> None:
     p.add_argument("targets", nargs="*", default=[], help="stages or groups (default: the whole smoke study)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-parallel", type=int, default=2)
+    p.add_argument("--built", type=Path, help="time no-op reruns only, in this already built copy")
     args = p.parse_args()
     dvc = [sys.executable, "-m", "dvc", "repro", *args.targets]
     flow = [sys.executable, "-m", "flows.pipeline", *args.targets, "--max-parallel", str(args.max_parallel)]
     mode = f"against {os.environ['PREFECT_API_URL']}" if os.environ.get("PREFECT_API_URL") else "ephemeral"
     print(f"targets: {' '.join(args.targets) or 'all'}; flow: --max-parallel {args.max_parallel}, Prefect {mode}")
+    if args.built:
+        noops = {"dvc": [], "flow": []}
+        for i in range(args.rounds):
+            for name, cmd in [("dvc", dvc), ("flow", flow)][::1 if i % 2 == 0 else -1]:
+                noops[name].append(timed(cmd, args.built))
+        print(" ".join(f"no-op {name}: {', '.join(f'{t:.1f}' for t in times)} s (median {statistics.median(times):.1f})"
+                       for name, times in noops.items()))
+        return
     rows = []
     for i in range(args.rounds):
         with tempfile.TemporaryDirectory(prefix="flow-vs-dvc-") as tmp:
