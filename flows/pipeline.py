@@ -197,10 +197,18 @@ def preflight(targets: list[str], task_runner: str = "thread", address: Optional
 def plan_stages(targets: list[str]) -> Plan:
     """What `dvc repro <targets>` would visit, in its order, and which stages may need a rerun."""
     from dvc.exceptions import DvcException
-    from dvc.repo import Repo
+    from dvc.lock import LockError
+    from dvc.repo import Repo, lock_repo
     from dvc.repo.reproduce import get_active_graph, plan_repro
 
-    with Repo(".") as repo:
+    # under DVC's repo lock throughout: status() takes it too, and taking it resets the index, which
+    # would then be built twice (~0.4 s)
+    with Repo(".") as repo, contextlib.ExitStack() as held:
+        try:
+            held.enter_context(lock_repo(repo))
+        except LockError as e:
+            raise ParamsError(f"{e} (is a `dvc repro` running in this project?): run the flow again once it "
+                              "is done") from None
         try:
             graph = get_active_graph(repo.index.graph)       # nx.DiGraph, edge A -> B: A depends on B
         except DvcException as e:
@@ -211,7 +219,7 @@ def plan_stages(targets: list[str]) -> Plan:
         stages = plan_repro(graph, wanted)
         # one status pass over the whole project (~2 s), not one per target stage (~0.5 s each: 35 s
         # for the smoke study); a stage's own status does not depend on what else is asked
-        changed = set(repo.status()) & {s.addressing for s in stages}   # (it resets repo.index: the graph has every stage)
+        changed = set(repo.status()) & {s.addressing for s in stages}
         order = [s.addressing for s in stages]
         planned = set(order)
         upstream = {s.addressing: [u.addressing for u in graph.successors(s) if u.addressing in planned] for s in stages}

@@ -165,6 +165,18 @@ def test_bad_input_is_named_before_any_stage_runs(project, tmp_path, monkeypatch
     assert not (root / "out").exists()
 
 
+def test_a_dvc_process_holding_the_project_is_one_message(project):
+    """The plan is made under DVC's repo lock (as `dvc status` is): a `dvc repro` holding it stops the flow
+    with DVC's own explanation and no traceback."""
+    from dvc.repo import Repo
+    root = project(DIAMOND)
+    with Repo(str(root)) as repo, repo.lock:
+        with pytest.raises(ParamsError, match=r"Unable to acquire lock.*is a `dvc repro` running in this project\?"):
+            main([])
+    assert not (root / "out").exists()
+    assert main([]) == 0 and (root / "out/join.txt").exists()
+
+
 def test_the_command_plans_once_and_the_flow_body_reuses_it(project, monkeypatch):
     """main() checks every input before Prefect starts; the flow body, in the same process, does not
     load the study and ask DVC for the plan a second time (seconds of a no-op flow)."""
