@@ -14,7 +14,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 STAGE_PY = '''
 import os, pathlib, sys, time
@@ -50,6 +49,7 @@ PARAMS = "pretrain:\n  variants:\n    tiny: {}\n"     # the smallest valid study
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server():
     """One temporary Prefect server (sqlite in a temp dir) for every flow test of the run."""
+    from prefect.testing.utilities import prefect_test_harness   # here: its import is ~2.5 s (the server's API)
     with prefect_test_harness(server_startup_timeout=120):
         yield
 

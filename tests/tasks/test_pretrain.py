@@ -198,19 +198,17 @@ def test_a_checkpoint_holding_code_is_not_run(project):
     assert list(curve(project)["step"]) == [3, 6]              # trained from step 0, the file ignored
 
 
-def compile_unavailable() -> str:
-    """Why torch.compile cannot run here ('' if it can): it needs a C++ compiler on the CPU."""
+@pytest.fixture(scope="session")
+def needs_compile():
+    """Skips the test where torch.compile cannot run (it needs a C++ compiler on the CPU). Asked when a
+    test needs it, not at collection: the probe compiles a model (~3 s on 2 cores)."""
     try:
         torch.compile(torch.nn.Linear(2, 2))(torch.zeros(1, 2))
     except Exception as e:                       # no compiler, an unsupported Python, ...
-        return f"torch.compile does not work here: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    return ""
+        pytest.skip(f"torch.compile does not work here: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
 
-needs_compile = pytest.mark.skipif(bool(compile_unavailable()), reason=compile_unavailable() or "-")
-
-
-@needs_compile
+@pytest.mark.usefixtures("needs_compile")
 def test_compile_trains_and_saves_the_models_own_keys(project):
     """train.compile: true trains through torch.compile; model.safetensors keeps the model's keys (no
     `_orig_mod.`), compile_s is in metrics/train/ and out of train_seconds."""
@@ -254,7 +252,7 @@ class StopAt(lit.TrainingCurve):
             trainer.should_stop = True
 
 
-@needs_compile
+@pytest.mark.usefixtures("needs_compile")
 def test_compiled_training_resumes_to_the_same_weights(project):
     """A compiled run interrupted at step 2 resumes from its checkpoint (whose keys are the model's own)
     in a new LitLM, and ends where an uninterrupted compiled run ends."""
