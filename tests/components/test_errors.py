@@ -37,7 +37,6 @@ def test_a_user_error_is_one_line_and_exit_status_2():
     assert int(r.stdout.split()[1]) > 0
 
 
-
 def test_in_process_it_returns_and_leaves_the_collector_alone_until_exit(monkeypatch):
     """As tests call it (tests/faults/test_params_fuzz.py): success returns, the freeze waits for the exit."""
     from components.errors import cli
