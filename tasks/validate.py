@@ -22,6 +22,7 @@ again. `make repro` and the Prefect flow run `python -m tasks.validate` first, s
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import posixpath
 from pathlib import Path
@@ -104,13 +105,23 @@ def path_problems(study: Study) -> list[str]:
     return p
 
 
+def extra_problems(study: Study) -> list[str]:
+    """The optional packages the study's stages need and this environment lacks, each with the extra that
+    brings it (`make repro` installs none: README "Quick start"). Looked up, not imported."""
+    needs = [("evaluate.tasks", "lm_eval", "lm-evaluation-harness", "eval", study.evaluate.tasks),
+             ("import", "transformers", "transformers", "hf", study.imports)]
+    return [f"{key}: needs {package}, which is not installed here: `make repro EXTRAS={extra}` (or "
+            f"`pip install -e '.[{extra}]'`) installs it"
+            for key, module, package, extra, used in needs if used and importlib.util.find_spec(module) is None]
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", action="store_true",
                         help="as dvc.yaml's validate stage: stop when models/replicas.yaml was out of date")
     args = parser.parse_args(argv)
     study = load_study()
-    if problems := path_problems(study):
+    if problems := path_problems(study) + extra_problems(study):
         raise ParamsError(format_problems(Path("params.yaml"), problems))
     stale = write_atomic(REPLICAS, replicas(study))
     write_atomic(VIEWS, views(study))

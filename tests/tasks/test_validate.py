@@ -110,3 +110,23 @@ def test_committed_views_match_params_yaml():
     committed = (ROOT / "models/dvc.yaml").read_text()
     assert committed == validate.views(load_study(ROOT / "params.yaml")), \
         "models/dvc.yaml is stale: run `python -m tasks.validate` (or `dvc repro`) and commit models/dvc.yaml"
+
+
+def test_a_study_whose_stages_need_a_missing_extra_stops_before_any_stage(project, monkeypatch):
+    """`make repro` installs archflow without extras: the smoke study imports Hugging Face checkpoints
+    (transformers, the hf extra); with lm-eval tasks it also needs the eval extra. Validation names both
+    and writes nothing."""
+    params = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(params.replace("evaluate:\n", "evaluate:\n  tasks: [archflow_tiny_mc]\n", 1))
+    find_spec = validate.importlib.util.find_spec
+    monkeypatch.setattr(validate.importlib.util, "find_spec",
+                        lambda name: None if name in ("transformers", "lm_eval") else find_spec(name))
+    with pytest.raises(ParamsError) as e:
+        validate.main([])
+    assert "evaluate.tasks: needs lm-evaluation-harness, which is not installed here: `make repro EXTRAS=eval`" \
+        in str(e.value)
+    assert "import: needs transformers, which is not installed here: `make repro EXTRAS=hf`" in str(e.value)
+    assert not (project / "data/params.ok").exists() and not (project / "models").exists()
+    monkeypatch.setattr(validate.importlib.util, "find_spec", find_spec)   # installed (as with `make test`)
+    validate.main([])
+    assert (project / "data/params.ok").exists()
