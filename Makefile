@@ -14,18 +14,27 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
+# `make repro` installs archflow without extras: a study needs none unless it scores lm-eval tasks
+# (EXTRAS=eval) or imports Hugging Face checkpoints (EXTRAS=hf); tasks.validate says which. `make test`
+# installs the dev extras (tests and interop). Each set of extras has its own stamp file.
+EXTRAS ?=
+STAMP := $(VENV)/.installed$(if $(EXTRAS),-$(EXTRAS))
+
 .PHONY: install repro test clean
-install: $(VENV)/.installed
+install: $(STAMP)
 
 $(VENV)/.installed: pyproject.toml
-	scripts/install.sh $(VENV) dev
+	scripts/install.sh $(VENV)
+	touch $@
+$(VENV)/.installed-%: pyproject.toml
+	scripts/install.sh $(VENV) $*
 	touch $@
 
 repro: install          # validate first: it lists the models of replicate seeds that dvc.yaml reads
 	$(PY) -m tasks.validate
 	dvc repro
 
-test: install
+test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=8 $(PYTEST_ARGS)   # a file's tests share one worker (and its fixtures), longest files first (tests/conftest.py)
 
 clean:                  # models/dvc.yaml and models/replicas.yaml are tracked by git: they stay

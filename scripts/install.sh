@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create (or reuse) the virtualenv $VENV with torch and archflow's extras: what `make install` runs.
 #
-#   scripts/install.sh .venv dev            # the venv's folder, the extras ("dev": tests and interop)
+#   scripts/install.sh .venv                # the venv's folder: what a study needs (`make repro`)
+#   scripts/install.sh .venv dev            # and extras, comma-separated ("dev": tests and interop; "eval", "hf")
 #   TORCH_INDEX=https://download.pytorch.org/whl/cpu scripts/install.sh .venv dev   # force an index
 #
 # torch: a torch already in the venv is kept. Otherwise pip names (a dry run, no download) the
@@ -12,7 +13,7 @@
 # venv in seconds; it installs torch ~7x and the extras ~2x faster than pip), else through pip.
 set -euo pipefail
 VENV=${1:-.venv}
-EXTRAS=${2:-dev}
+EXTRAS=${2:-}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 PY=$VENV/bin/python
 
@@ -42,4 +43,4 @@ else
     install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-install -e ".[$EXTRAS]"
+install -e ".${EXTRAS:+[$EXTRAS]}"
