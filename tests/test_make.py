@@ -4,6 +4,7 @@ against an empty venv folder: nothing is installed.
 
     .venv/bin/python -m pytest tests/test_make.py -q
 """
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,7 +16,11 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make
 
 
 def dry_run(venv: Path, *args: str) -> list[str]:
-    out = subprocess.run(["make", "-n", f"VENV={venv}", *args], cwd=ROOT, capture_output=True, text=True, check=True)
+    """The commands `make -n` prints, as a top-level make (`make test` runs these tests: a make started
+    from it would inherit its flags and print the directories it enters)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+    out = subprocess.run(["make", "-n", f"VENV={venv}", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True)
     return out.stdout.splitlines()
 
 
