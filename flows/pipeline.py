@@ -48,7 +48,7 @@ from components.files import write_atomic
 from components.params import load_study
 from flows import travel
 from flows.travel import StageFailed
-from tasks.validate import REPLICAS, replicas
+from tasks import validate
 
 RETRY_DELAY_S = 2
 # Prefect's temporary server took 11-15 s to start on a fresh PREFECT_HOME (database migrations) on
@@ -180,8 +180,9 @@ def preflight(targets: list[str], task_runner: str = "thread", address: Optional
     None when stages run here (thread runner), else where cluster workers get the project."""
     check_dvc_project()
     study = load_study()                       # lists every problem of params.yaml with its fix
-    if REPLICAS.exists():                      # an archflow project: its replicate-seed stages as params.yaml has them now
-        write_atomic(REPLICAS, replicas(study))
+    validate.check(study)                      # the files it names, the extras its stages need
+    if validate.REPLICAS.exists():             # an archflow project: its replicate-seed stages as params.yaml has them now
+        write_atomic(validate.REPLICAS, validate.replicas(study))
     plan = plan_stages(targets)
     tracking.reachable(study)                  # an unreachable MLflow backend (tracking.required: true)
     names = plan.every + sorted({n.split("@")[0] for n in plan.every}) + ["default"]

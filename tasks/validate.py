@@ -115,14 +115,23 @@ def extra_problems(study: Study) -> list[str]:
             for key, module, package, extra, used in needs if used and importlib.util.find_spec(module) is None]
 
 
+def check(study: Study) -> None:
+    """What must hold before any stage runs besides params.yaml itself (load_study checks that): the
+    files it names and the extras its stages need. Raises one ParamsError; the Prefect flow checks it too."""
+    if problems := path_problems(study):
+        raise ParamsError(format_problems(Path("params.yaml"), problems))
+    if missing := extra_problems(study):
+        raise ParamsError("params.yaml is valid, but this environment lacks what its stages need; nothing was run:\n"
+                          + "\n".join(f"  - {m}" for m in missing))
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", action="store_true",
                         help="as dvc.yaml's validate stage: stop when models/replicas.yaml was out of date")
     args = parser.parse_args(argv)
     study = load_study()
-    if problems := path_problems(study) + extra_problems(study):
-        raise ParamsError(format_problems(Path("params.yaml"), problems))
+    check(study)
     stale = write_atomic(REPLICAS, replicas(study))
     write_atomic(VIEWS, views(study))
     if stale and args.stage:

@@ -16,7 +16,7 @@ from ruamel.yaml import YAML
 from components.errors import ParamsError
 from flows import travel
 from flows.pipeline import main, pipeline, plan_stages
-from tests.flows.conftest import make_project, runs, stage
+from tests.flows.conftest import PARAMS, make_project, runs, stage
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -161,6 +161,20 @@ def test_bad_input_is_named_before_any_stage_runs(project, tmp_path, monkeypatch
         main([])
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ParamsError, match="is not a DVC project"):
+        main([])
+    assert not (root / "out").exists()
+
+
+def test_a_missing_extra_is_named_before_prefect_starts(project, monkeypatch):
+    """As `python -m tasks.validate` does (tests/tasks/test_validate.py): a study scoring lm-eval tasks in
+    a venv without lm-eval stops the flow with the extra to install, before any stage."""
+    import importlib.util
+    root = project(DIAMOND)
+    (root / "params.yaml").write_text(PARAMS + "evaluate:\n  tasks: [archflow_tiny_mc]\n")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "lm_eval" else find_spec(name))
+    with pytest.raises(ParamsError, match=r"(?s)lacks what its stages need.*evaluate.tasks: needs "
+                                          r"lm-evaluation-harness, .*`make repro EXTRAS=eval`"):
         main([])
     assert not (root / "out").exists()
 

@@ -123,6 +123,7 @@ def test_a_study_whose_stages_need_a_missing_extra_stops_before_any_stage(projec
                         lambda name: None if name in ("transformers", "lm_eval") else find_spec(name))
     with pytest.raises(ParamsError) as e:
         validate.main([])
+    assert str(e.value).startswith("params.yaml is valid, but this environment lacks what its stages need")
     assert "evaluate.tasks: needs lm-evaluation-harness, which is not installed here: `make repro EXTRAS=eval`" \
         in str(e.value)
     assert "import: needs transformers, which is not installed here: `make repro EXTRAS=hf`" in str(e.value)
