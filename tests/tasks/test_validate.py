@@ -3,6 +3,7 @@ the committed file current with params.yaml. (Its checks of params.yaml: tests/c
 
     .venv/bin/python -m pytest tests/tasks/test_validate.py -q
 """
+import importlib.util
 import posixpath
 import shutil
 from pathlib import Path
@@ -118,8 +119,8 @@ def test_a_study_whose_stages_need_a_missing_extra_stops_before_any_stage(projec
     and writes nothing."""
     params = (project / "params.yaml").read_text()
     (project / "params.yaml").write_text(params.replace("evaluate:\n", "evaluate:\n  tasks: [archflow_tiny_mc]\n", 1))
-    find_spec = validate.importlib.util.find_spec
-    monkeypatch.setattr(validate.importlib.util, "find_spec",
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name: None if name in ("transformers", "lm_eval") else find_spec(name))
     with pytest.raises(ParamsError) as e:
         validate.main([])
@@ -128,6 +129,6 @@ def test_a_study_whose_stages_need_a_missing_extra_stops_before_any_stage(projec
         in str(e.value)
     assert "import: needs transformers, which is not installed here: `make repro EXTRAS=hf`" in str(e.value)
     assert not (project / "data/params.ok").exists() and not (project / "models").exists()
-    monkeypatch.setattr(validate.importlib.util, "find_spec", find_spec)   # installed (as with `make test`)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)   # installed (as with `make test`)
     validate.main([])
     assert (project / "data/params.ok").exists()
