@@ -17,7 +17,8 @@ It also writes models/replicas.yaml, the models of replicate seeds (study.replic
 *-replica stage groups iterate over: dvc.yaml cannot cross params.yaml's entries with their seeds
 itself. DVC reads that file when `dvc repro` starts, before this stage runs, so when params.yaml
 changed which replicas exist, the stage rewrites the file and stops the repro (`--stage`): run it
-again. `make repro` and the Prefect flow run `python -m tasks.validate` first, so they never stop there.
+again. `make repro` runs `python -m tasks.validate` first, and the Prefect flow checks params.yaml and
+rewrites the file before it plans (flows/pipeline.py, preflight), so neither stops there.
 """
 from __future__ import annotations
 
