@@ -38,7 +38,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
-from components.errors import ParamsError  # noqa: E402
+from components.errors import ParamsError, collector_paused  # noqa: E402
 
 for _name in ("mlflow.store.db.utils", "alembic.runtime.migration"):   # "Creating initial MLflow database
     logging.getLogger(_name).setLevel(logging.WARNING)                 # tables...": noise, every new store
@@ -165,15 +165,16 @@ def connect(study) -> bool:
     if not reachable(study):
         return False
     uri = tracking_uri()
-    import mlflow
-    mlflow.set_tracking_uri(uri)
-    if uri.startswith("sqlite:///"):         # local: artifacts next to the database, both movable
-        db = Path(uri.removeprefix("sqlite:///")).resolve()
-        with first_use_lock(db):
-            relocate(db, db.parent)
-            if mlflow.get_experiment_by_name(study.experiment) is None:
-                mlflow.create_experiment(study.experiment, artifact_location=str(db.parent / ARTIFACTS))
-    mlflow.set_experiment(study.experiment)
+    with collector_paused():                 # MLflow's import and its store's set-up: ~2 s of objects
+        import mlflow
+        mlflow.set_tracking_uri(uri)
+        if uri.startswith("sqlite:///"):     # local: artifacts next to the database, both movable
+            db = Path(uri.removeprefix("sqlite:///")).resolve()
+            with first_use_lock(db):
+                relocate(db, db.parent)
+                if mlflow.get_experiment_by_name(study.experiment) is None:
+                    mlflow.create_experiment(study.experiment, artifact_location=str(db.parent / ARTIFACTS))
+        mlflow.set_experiment(study.experiment)
     return True
 
 
