@@ -1,4 +1,5 @@
 """Test-wide settings: telemetry off, MLflow into a per-test sqlite file, never the project's."""
+import gc
 import os
 
 import pytest
@@ -10,6 +11,20 @@ os.environ.update(DO_NOT_TRACK="true", MLFLOW_DISABLE_TELEMETRY="true", DVC_NO_A
 # two threads each run several times slower than two of one). One thread per process; set
 # OMP_NUM_THREADS to override. (Stages a cluster test starts on Dask or Ray workers get the workers' own.)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session):
+    """Collection imports torch, Lightning, Prefect, MLflow and lm-eval: millions of objects that live as
+    long as the worker. The garbage collector, left on, walks them again and again as they come (14 s to
+    collect instead of 8) and at every full collection after; so it is off while collecting, and what
+    collection made is frozen (the collector skips it from then on)."""
+    gc.disable()
+    try:
+        return (yield)
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
 @pytest.fixture(autouse=True)
