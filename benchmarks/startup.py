@@ -2,13 +2,17 @@
 
     python -m benchmarks.startup                 # imports of every stage module, then `dvc repro` of the smoke study
     python -m benchmarks.startup --no-repro      # imports only (seconds)
+    python -m benchmarks.startup --built DIR     # the collector's table only, in a study built with --keep DIR
 
 1. Imports: `python -c "import tasks.<stage>"` for every stage module, the median of `--rounds`
-   runs, next to a bare `python -c "import torch"`: what a stage pays before it reads params.yaml.
+   runs, next to a bare `python -c "import torch"`, and the same with the garbage collector off, as
+   a stage's process imports: what a stage pays before it reads params.yaml.
 2. The smoke study: a fresh temp copy (benchmarks.flow_vs_dvc.copy_project) built with one
    `dvc repro`. Every stage ends its summary line with `[W s wall, F s fixed]`: W since its
    process started, F = W minus its own work (training, scoring). The table groups the stages by
    kind: count, mean wall, mean fixed, and the share of the build that was fixed cost.
+3. The garbage collector: a training and an evaluation stage of the built study as dvc.yaml starts
+   them, against the same stage with the collector on while it imports, and also never frozen.
 Run it on an otherwise idle machine; it prints the host line (CPU flags, load).
 """
 from __future__ import annotations
@@ -31,8 +35,11 @@ STAGE_MODULES = ("corpus", "prepare", "validate", "pretrain", "branch", "upcycle
 CLOCK = re.compile(r"^(?P<stage>[a-z_]+)(@\S+)?[ :].*\[(?P<wall>[\d.]+) s wall, (?P<fixed>[\d.]+) s fixed\]\s*$")
 
 
-def import_seconds(module: str, rounds: int) -> float:
-    return statistics.median(timed([sys.executable, "-c", f"import {module}"], ROOT) for _ in range(rounds))
+def import_seconds(module: str, rounds: int, paused: bool) -> float:
+    """`python -c "import <module>"`, the median of rounds; paused: with the garbage collector off, as a
+    stage started by `python -m` imports (components.errors)."""
+    code = "import gc; gc.disable(); " * paused + f"import {module}"
+    return statistics.median(timed([sys.executable, "-c", code], ROOT) for _ in range(rounds))
 
 
 def main() -> None:
@@ -41,12 +48,16 @@ def main() -> None:
     p.add_argument("--no-repro", action="store_true", help="only the imports")
     p.add_argument("--keep", type=Path, help="build the smoke study in this new directory and keep it "
                                              "(e.g. to time a no-op `python -m flows.pipeline` there)")
+    p.add_argument("--built", type=Path, help="only the last table (the collector), in a study built with --keep")
     args = p.parse_args()
     print(host_line())
+    if args.built:
+        return exits(args.built, args.rounds)
 
-    print("\n| import | seconds (median) |\n|---|---:|")
+    print("\n| import | seconds (median) | collector off (as a stage) |\n|---|---:|---:|")
     for module in ("torch", *(f"tasks.{m}" for m in STAGE_MODULES)):
-        print(f"| `{module}` | {import_seconds(module, args.rounds):.2f} |", flush=True)
+        print(f"| `{module}` | {import_seconds(module, args.rounds, False):.2f} | "
+              f"{import_seconds(module, args.rounds, True):.2f} |", flush=True)
     if args.no_repro:
         return
 
@@ -83,21 +94,26 @@ def report_build(stdout: str, total: float) -> None:
 
 
 def exits(project: Path, rounds: int) -> None:
-    """A stage's exit: its process's whole wall time minus its summary line's clock, as components.errors.cli
-    runs it (the garbage collector frozen) and with gc.freeze made a no-op, interleaved."""
-    print("\n| stage | exit s (cli) | exit s (without gc.freeze) |\n|---|---:|---:|")
+    """A training and an evaluation stage as dvc.yaml runs them (`python -m`: components.errors pauses the
+    garbage collector while the stage's imports run, freezes what they made, and freezes again at exit),
+    against the same stage started through runpy with the collector on while it imports, and with
+    gc.freeze also made a no-op (the code before both), interleaved. Medians of the process's wall time,
+    its summary line's fixed cost, and its exit (the process's wall time after the summary line)."""
+    print("\n| stage | collector | process s | fixed s | exit s |\n|---|---|---:|---:|---:|")
     for stage, model in (("pretrain", "serial"), ("evaluate", "serial")):
-        plain = f"import gc, runpy, sys; gc.freeze = lambda: None; sys.argv = ['{stage}', '{model}']; " \
-                f"runpy.run_module('tasks.{stage}', run_name='__main__')"
-        seconds = {"cli": [], "plain": []}
+        runpy = f"import sys, runpy; sys.argv = ['{stage}', '{model}']; runpy.run_module('tasks.{stage}', run_name='__main__')"
+        ways = {"paused while importing, frozen (`python -m`)": ["-m", f"tasks.{stage}", model],
+                "on while importing, frozen at exit": ["-c", runpy],
+                "on while importing, never frozen": ["-c", "import gc; gc.freeze = lambda: None; " + runpy]}
+        seconds = {how: [] for how in ways}
         for _ in range(rounds):
-            for how, cmd in (("cli", ["-m", f"tasks.{stage}", model]), ("plain", ["-c", plain])):
+            for how, cmd in ways.items():
                 whole, out = timed_run([sys.executable, *cmd], project)
-                clock = [m for line in out.splitlines() if (m := CLOCK.match(line.strip()))]
-                seconds[how].append(whole - float(clock[-1]["wall"]))
-        print(f"| {stage}@{model} | {statistics.median(seconds['cli']):.2f} | {statistics.median(seconds['plain']):.2f} |",
-              flush=True)
-
+                clock = [m for line in out.splitlines() if (m := CLOCK.match(line.strip()))][-1]
+                seconds[how].append((whole, float(clock["fixed"]), whole - float(clock["wall"])))
+        for how, rows in seconds.items():
+            whole, fixed, exit_s = (statistics.median(col) for col in zip(*rows))
+            print(f"| {stage}@{model} | {how} | {whole:.2f} | {fixed:.2f} | {exit_s:.2f} |", flush=True)
 
 if __name__ == "__main__":
     main()
