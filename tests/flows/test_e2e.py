@@ -20,7 +20,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from flows.pipeline import plan_stages
-from tests.test_pipeline import locked_md5, repo, sh, sha  # noqa: F401  (repo: the smoke study in a temp git repo)
+from tests.test_pipeline import locked_md5s, repo, sh, sha  # noqa: F401  (repo: the smoke study in a temp git repo)
 
 TARGETS = ["evaluate@serial", "evaluate@parallel"]
 STAGES = {"validate", "corpus", "prepare", "pretrain@serial", "pretrain@parallel", "evaluate@serial", "evaluate@parallel"}
@@ -121,7 +121,7 @@ def test_the_flow_builds_the_smoke_study_like_dvc_repro_and_a_rerun_executes_not
 
     # plain `dvc repro` rebuilds the same model directory byte for byte, so its hash in dvc.lock stays
     # (the training time goes to metrics/train/serial.json, outside it)
-    locked = locked_md5(repo, "pretrain@serial", "models/serial")
+    locked = locked_md5s(repo)["pretrain@serial", "models/serial"]
     sh(repo, "dvc", "repro", "--force", "--single-item", "pretrain@serial")
     assert sha(repo / "models/serial/model.safetensors") == weights
-    assert locked_md5(repo, "pretrain@serial", "models/serial") == locked
+    assert locked_md5s(repo)["pretrain@serial", "models/serial"] == locked
