@@ -88,3 +88,13 @@ def test_collector_paused_does_nothing_in_a_test_process():
     with collector_paused():
         assert gc.isenabled()
     assert gc.get_freeze_count() == frozen
+
+
+def test_every_program_in_the_paused_packages_runs_through_cli():
+    """A `python -m tasks.<stage>` or `python -m flows.<module>` that did not call cli(main) would run its
+    whole work with the collector off."""
+    programs = [p for package in ("tasks", "flows") for p in sorted((ROOT / package).glob("*.py"))
+                if 'if __name__ == "__main__":' in p.read_text()]
+    assert len(programs) >= 13
+    for path in programs:
+        assert path.read_text().rstrip().endswith('if __name__ == "__main__":\n    cli(main)'), path.name
