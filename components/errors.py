@@ -1,5 +1,6 @@
-"""The project's user-error type and the runner every stage's `__main__` uses. Imports nothing
-from the project, so any module may raise ParamsError without depending on the schema.
+"""The project's user-error type, the runner every stage's `__main__` uses, and when a program's garbage
+collector runs. Imports nothing from the project, so any module may raise ParamsError without depending
+on the schema.
 
     python -m tasks.pretrain serial         # a ParamsError prints `error: <the fix>` and exits 2
 """
