@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import textwrap
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -30,6 +31,10 @@ from components import tracking  # noqa: E402
 from components.errors import ParamsError, cli  # noqa: E402
 from components.params import Claim, claim_pairs, load_study  # noqa: E402
 from components.stats import Interval, bootstrap_interval, t_interval, verdict, verdict_text  # noqa: E402
+
+# MLflow 3's log_table asks pandas 3 for the "object" columns of each table, which warns (Pandas4Warning):
+# MLflow's code, nothing for a user to act on.
+warnings.filterwarnings("ignore", message="For backward compatibility, 'str' dtypes are included by select_dtypes")
 
 OUT = Path("reports")
 ARCH = ["block", "layout", "n_loop", "dwa", "n_layer", "n_embd", "n_head", "n_kv_head", "d_ff", "ffn", "norm", "pos",
@@ -353,7 +358,7 @@ def plot_claim_curves(study, path: Path) -> bool:
 def delta_curve(study, model: str, baseline: str) -> pd.DataFrame:
     """Indexed by step: the model's tokens and val_loss(model) - val_loss(baseline) at the steps both logged."""
     m, b = (pd.read_csv(study.model_dir(n) / "curve.csv").set_index("step") for n in (model, baseline))
-    both = m[["tokens", "val_loss"]].join(b[["val_loss"]], how="inner", rsuffix="_b")
+    both = m[["tokens", "val_loss"]].join(b["val_loss"].rename("val_loss_b"), how="inner")
     return pd.DataFrame({"tokens": both["tokens"], "delta": both["val_loss"] - both["val_loss_b"]})
 
 

@@ -7,8 +7,11 @@ rejected in params.yaml with their fix.
 """
 import json
 import math
+import os
 import re
 import shutil
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -22,6 +25,8 @@ from components.config import ModelConfig
 from components.errors import ParamsError
 from components.params import load_study
 from tasks import report
+
+ROOT = Path(__file__).resolve().parents[2]
 
 PARAMS = """\
 study: {name: claims, seed: 1337, replicas: [2, 3], replicas_of: {solo-a: [], solo-b: []}}
@@ -167,6 +172,14 @@ def test_the_window_bootstrap_is_deterministic(project, monkeypatch):
     monkeypatch.chdir(project)
     report.main([])
     assert (project / "reports/claims.csv").read_text() == before
+
+
+def test_the_stages_console_has_no_warnings(project):
+    """No deprecation noise where the user reads: pandas 3 warned about DataFrame.join's suffixes (ours) and
+    about what MLflow's log_table asks it (MLflow's, filtered)."""
+    r = subprocess.run([sys.executable, "-m", "tasks.report"], cwd=project, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and "Warning" not in r.stderr, r.stderr
 
 
 def test_an_import_pairs_with_every_seed(project):
