@@ -52,7 +52,7 @@ def main() -> None:
     args = p.parse_args()
     print(host_line())
     if args.built:
-        return exits(args.built, args.rounds)
+        return collector(args.built, args.rounds)
 
     print("\n| import | seconds (median) | collector off (as a stage) |\n|---|---:|---:|")
     for module in ("torch", *(f"tasks.{m}" for m in STAGE_MODULES)):
@@ -73,7 +73,7 @@ def main() -> None:
         if r.returncode:
             sys.exit(f"dvc repro failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
         report_build(r.stdout, total)
-        exits(project, args.rounds)
+        collector(project, args.rounds)
 
 
 def report_build(stdout: str, total: float) -> None:
@@ -93,7 +93,7 @@ def report_build(stdout: str, total: float) -> None:
           "without a clock (corpus, validate, report)")
 
 
-def exits(project: Path, rounds: int) -> None:
+def collector(project: Path, rounds: int) -> None:
     """A training and an evaluation stage as dvc.yaml runs them (`python -m`: components.errors pauses the
     garbage collector while the stage's imports run, freezes what they made, and freezes again at exit),
     against the same stage started through runpy with the collector on while it imports, and with
@@ -114,6 +114,7 @@ def exits(project: Path, rounds: int) -> None:
         for how, rows in seconds.items():
             whole, fixed, exit_s = (statistics.median(col) for col in zip(*rows))
             print(f"| {stage}@{model} | {how} | {whole:.2f} | {fixed:.2f} | {exit_s:.2f} |", flush=True)
+
 
 if __name__ == "__main__":
     main()
