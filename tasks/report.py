@@ -94,6 +94,11 @@ def train_timing(study, name: str) -> dict:
     return json.loads(path.read_text())
 
 
+def ratio(a: float, b: float) -> float:
+    """a / b, NaN where the baseline has none (an imported model trained no tokens here, nor FLOPs)."""
+    return a / b if b else math.nan
+
+
 def comparisons(df: pd.DataFrame, pairs: list[tuple[str, str]]) -> pd.DataFrame:
     """Each pair (model, baseline), single runs: quality deltas (model - baseline) and size/speed ratios."""
     rows = []
@@ -102,13 +107,14 @@ def comparisons(df: pd.DataFrame, pairs: list[tuple[str, str]]) -> pd.DataFrame:
         rows.append({"model": a, "baseline": b,
                      "d_val_loss": A.val_loss - B.val_loss, "d_val_bpb": A.val_bpb - B.val_bpb,
                      "model_d_val_loss_before_recovery": A.d_val_loss_before_recovery,   # compress: vs its source
-                     "params_ratio": A.params / B.params, "active_params_ratio": A.active_params / B.active_params,
-                     "size_ratio": A.size_bytes / B.size_bytes, "tokens_ratio": A.train_tokens / B.train_tokens,
+                     "params_ratio": ratio(A.params, B.params),
+                     "active_params_ratio": ratio(A.active_params, B.active_params),
+                     "size_ratio": ratio(A.size_bytes, B.size_bytes), "tokens_ratio": ratio(A.train_tokens, B.train_tokens),
                      # the lineage's training compute (components/flops.py): read a difference per FLOP too
-                     "train_flops_ratio": A.total_train_flops / B.total_train_flops if B.total_train_flops else math.nan,
-                     "train_speed_ratio": A.train_tokens_per_s / B.train_tokens_per_s,
-                     "prefill_speed_ratio": A.prefill_tokens_per_s / B.prefill_tokens_per_s,
-                     "decode_speed_ratio": A.decode_tokens_per_s / B.decode_tokens_per_s})
+                     "train_flops_ratio": ratio(A.total_train_flops, B.total_train_flops),
+                     "train_speed_ratio": ratio(A.train_tokens_per_s, B.train_tokens_per_s),
+                     "prefill_speed_ratio": ratio(A.prefill_tokens_per_s, B.prefill_tokens_per_s),
+                     "decode_speed_ratio": ratio(A.decode_tokens_per_s, B.decode_tokens_per_s)})
     return pd.DataFrame(rows)
 
 

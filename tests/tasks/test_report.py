@@ -46,7 +46,7 @@ distill:
 compress:
   serial-int8: {source: serial, method: int8}
 report:
-  comparisons: [[parallel, serial], [serial-int8, serial]]
+  comparisons: [[parallel, serial], [serial-int8, serial], [parallel, hub]]
   claims:
     - {question: Is parallel better?, model: parallel, baseline: serial, margin: 0.02}
     - {question: Is same the same?, model: same, baseline: serial, margin: 0.02}
@@ -111,6 +111,8 @@ def project(tmp_path_factory):
                                                     | before))
             windows = windows_of(name, m["entry"], m["seed"])
             metrics = metrics_of(windows) | ({"total_train_flops": 3.0e9} if name.startswith("parallel") else {})
+            if m["stage"] == "import":                     # trained elsewhere: no tokens nor FLOPs here
+                metrics |= {"train_tokens": 0, "total_train_flops": 0.0}
             if m["stage"] in ("pretrain", "distill"):     # a training curve ending at the final loss
                 pd.DataFrame({"step": [0, 10, 20], "tokens": [0, 320, 640],
                               "val_loss": metrics["val_loss"] + np.array([2.0, 0.5, 0.0])}).to_csv(d / "curve.csv", index=False)
@@ -207,6 +209,8 @@ def test_comparisons_read_a_difference_per_token_and_per_flop(project):
     assert math.isnan(row.model_d_val_loss_before_recovery)              # not compressed: no such step
     int8 = pd.read_csv(project / "reports/comparisons.csv").iloc[1]
     assert (int8.model, int8.model_d_val_loss_before_recovery) == ("serial-int8", 0.25)
+    hub = pd.read_csv(project / "reports/comparisons.csv").iloc[2]     # an import trained no tokens here
+    assert (hub.baseline, hub.params_ratio) == ("hub", pytest.approx(1.0)) and math.isnan(hub.tokens_ratio)
 
 
 def test_summary_rows_carry_entry_and_seed(project):
