@@ -267,7 +267,10 @@ def plot_curves(study, df: pd.DataFrame, path: Path) -> None:
                 labelled.add(entry)
         ax.set(ylabel="val loss (nats/token)", title=f"{kind}")
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small", frameon=False)
+        if labelled:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small", frameon=False)
+        else:                           # only imports and int8 copies: nothing trained here
+            ax.text(0.5, 0.5, "no model of this study was trained", ha="center", va="center", transform=ax.transAxes)
     axes[-1, 0].set_xlabel("tokens seen (parents' included)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

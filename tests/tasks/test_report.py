@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 import zlib
 from pathlib import Path
 
@@ -211,6 +212,16 @@ def test_comparisons_read_a_difference_per_token_and_per_flop(project):
     assert (int8.model, int8.model_d_val_loss_before_recovery) == ("serial-int8", 0.25)
     hub = pd.read_csv(project / "reports/comparisons.csv").iloc[2]     # an import trained no tokens here
     assert (hub.baseline, hub.params_ratio) == ("hub", pytest.approx(1.0)) and math.isnan(hub.tokens_ratio)
+
+
+def test_the_curves_of_a_study_that_trained_nothing(project, tmp_path):
+    """Only an import: the curves figure says so, without matplotlib's empty-legend warning."""
+    df = pd.read_csv(project / "reports/summary.csv", index_col="model").loc[["hub"]]
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        mp.chdir(project)
+        warnings.simplefilter("error")
+        report.plot_curves(load_study(), df, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 5_000
 
 
 def test_summary_rows_carry_entry_and_seed(project):
