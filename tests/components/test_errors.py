@@ -1,5 +1,6 @@
 """components.errors.cli, the runner of every stage's and the flow's `__main__`: exit status, the one-line
-user error, and an exit with the garbage collector frozen (in a subprocess: the freeze happens at exit)."""
+user error; and in a program (`python -m`), the collector off while it imports and the exit without the
+heap's teardown."""
 import gc
 import os
 import subprocess
@@ -12,34 +13,25 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(body: str) -> subprocess.CompletedProcess:
-    """`cli(main)` in a fresh interpreter, `main` defined by `body`; an atexit handler registered before
-    cli's (so it runs after it) writes the collector's frozen-object count to stdout."""
-    code = ("import atexit, gc, sys\n"
-            "from components.errors import ParamsError, cli\n"
-            "atexit.register(lambda: print('frozen', gc.get_freeze_count()))\n"
-            f"{body}\n"
-            "cli(main)\n")
+    """`cli(main)` in a fresh interpreter (`python -c`: not a program), `main` defined by `body`."""
+    code = f"from components.errors import ParamsError, cli\n{body}\ncli(main)\n"
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("returns, status", [("None", 0), ("0", 0), ("3", 3)])
-def test_exit_status_is_mains_return_value_and_the_collector_is_frozen_at_exit(returns, status):
+def test_exit_status_is_mains_return_value(returns, status):
     r = run_cli(f"def main(argv):\n    print('argv', argv)\n    return {returns}")
-    assert r.returncode == status, r.stderr
-    lines = r.stdout.splitlines()
-    assert lines[0] == "argv []" and lines[1].startswith("frozen ") and int(lines[1].split()[1]) > 0
-    assert r.stderr == ""
+    assert (r.returncode, r.stdout, r.stderr) == (status, "argv []\n", "")
 
 
 def test_a_user_error_is_one_line_and_exit_status_2():
     r = run_cli("def main(argv):\n    raise ParamsError('train.lr: must be > 0; set a positive learning rate')")
-    assert r.returncode == 2
+    assert (r.returncode, r.stdout) == (2, "")
     assert r.stderr == "error: train.lr: must be > 0; set a positive learning rate\n"
-    assert int(r.stdout.split()[1]) > 0
 
 
-def test_in_process_it_returns_and_leaves_the_collector_alone_until_exit(monkeypatch):
-    """As tests call it (tests/faults/test_params_fuzz.py): success returns, the freeze waits for the exit."""
+def test_in_process_it_returns_and_leaves_the_collector_alone(monkeypatch):
+    """As tests call it (tests/faults/test_params_fuzz.py): success returns, nothing frozen."""
     from components.errors import cli
     monkeypatch.setattr(sys, "argv", ["prog"])
     frozen = gc.get_freeze_count()           # tests/conftest.py froze what collection imported
@@ -72,6 +64,65 @@ def test_python_m_pauses_the_collector_while_the_program_imports(tmp_path):
     imported = subprocess.run([sys.executable, "-c", "import gc, pkg.prog; print(gc.isenabled())"], cwd=tmp_path,
                               env=env, capture_output=True, text=True)
     assert imported.stdout.splitlines() == ["loading True", "True"], imported.stderr
+
+
+PROGRAM = """\
+import atexit, os, sys, threading, time
+from components.errors import ParamsError, cli
+
+
+class Heap:
+    def __del__(self, write=os.write):
+        write(1, b"torn down\\n")
+
+
+def main(argv):
+    sys.heap = Heap()                       # freed by the interpreter's teardown, if it comes
+    atexit.register(lambda: print("atexit handler"))
+    threading.Thread(target=lambda: (time.sleep(0.2), print("thread done"))).start()
+    print("x" * 200_000)                    # buffered: stdout is a pipe
+    if argv == ["user-error"]:
+        raise ParamsError("the fix")
+    if argv == ["bug"]:
+        raise RuntimeError("a bug")
+    return int(argv[0]) if argv else None
+
+
+if __name__ == "__main__":
+    cli(main)
+"""
+
+
+def run_program(tmp_path: Path, *args: str, site_hook: bool = False) -> subprocess.CompletedProcess:
+    """`python -m pkg.prog ARGS`, pkg's __init__ calling pause_collector_while_starting (as tasks/ and
+    flows/ do); with site_hook, an atexit handler registered before the package loads (as coverage's)."""
+    (tmp_path / "pkg").mkdir(exist_ok=True)
+    (tmp_path / "pkg/__init__.py").write_text("from components.errors import pause_collector_while_starting\n"
+                                              "pause_collector_while_starting()\n")
+    (tmp_path / "pkg/prog.py").write_text(PROGRAM)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "pkg.prog", *args]
+    if site_hook:
+        command = [sys.executable, "-c", "import atexit, runpy, sys; atexit.register(lambda: print('site hook'));"
+                   f"sys.argv = ['-m', *{list(args)!r}]; runpy.run_module('pkg.prog', run_name='__main__', alter_sys=True)"]
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("args, status", [((), 0), (("3",), 3), (("user-error",), 2)])
+def test_a_program_ends_after_its_threads_and_atexit_handlers_without_the_teardown(tmp_path, args, status):
+    r = run_program(tmp_path, *args)
+    assert r.returncode == status, r.stderr
+    assert r.stdout.splitlines() == ["x" * 200_000, "thread done", "atexit handler"]      # no "torn down"
+    assert r.stderr == ("error: the fix\n" if status == 2 else "")
+
+
+def test_a_program_that_raised_or_has_an_earlier_handler_exits_as_python_does(tmp_path):
+    bug = run_program(tmp_path, "bug")
+    assert bug.returncode == 1 and bug.stderr.rstrip().endswith("RuntimeError: a bug")
+    assert bug.stdout.splitlines()[1:] == ["thread done", "atexit handler", "torn down"]
+    hooked = run_program(tmp_path, "3", site_hook=True)
+    assert hooked.returncode == 3, hooked.stderr
+    assert hooked.stdout.splitlines()[1:] == ["thread done", "atexit handler", "site hook", "torn down"]
 
 
 @pytest.mark.parametrize("package", ["tasks", "flows"])
