@@ -2,7 +2,7 @@
 
     python -m benchmarks.startup                 # imports of every stage module, then `dvc repro` of the smoke study
     python -m benchmarks.startup --no-repro      # imports only (seconds)
-    python -m benchmarks.startup --built DIR     # the collector's table only, in a study built with --keep DIR
+    python -m benchmarks.startup --built DIR     # the collector and exit table only, in a study built with --keep DIR
 
 1. Imports: `python -c "import tasks.<stage>"` for every stage module, the median of `--rounds`
    runs, next to a bare `python -c "import torch"`, and the same with the garbage collector off, as
@@ -11,8 +11,9 @@
    `dvc repro`. Every stage ends its summary line with `[W s wall, F s fixed]`: W since its
    process started, F = W minus its own work (training, scoring). The table groups the stages by
    kind: count, mean wall, mean fixed, and the share of the build that was fixed cost.
-3. The garbage collector: a training and an evaluation stage of the built study as dvc.yaml starts
-   them, against the same stage with the collector on while it imports, and also never frozen.
+3. The collector and the exit: a training and an evaluation stage of the built study as dvc.yaml
+   starts them, against the same stage with Python's own exit (the heap torn down), and also with
+   the collector on while it imports.
 Run it on an otherwise idle machine; it prints the host line (CPU flags, load).
 """
 from __future__ import annotations
@@ -48,7 +49,7 @@ def main() -> None:
     p.add_argument("--no-repro", action="store_true", help="only the imports")
     p.add_argument("--keep", type=Path, help="build the smoke study in this new directory and keep it "
                                              "(e.g. to time a no-op `python -m flows.pipeline` there)")
-    p.add_argument("--built", type=Path, help="only the last table (the collector), in a study built with --keep")
+    p.add_argument("--built", type=Path, help="only the last table (collector, exit), in a study built with --keep")
     args = p.parse_args()
     print(host_line())
     if args.built:
@@ -95,16 +96,18 @@ def report_build(stdout: str, total: float) -> None:
 
 def collector(project: Path, rounds: int) -> None:
     """A training and an evaluation stage as dvc.yaml runs them (`python -m`: components.errors pauses the
-    garbage collector while the stage's imports run, freezes what they made, and freezes again at exit),
-    against the same stage started through runpy with the collector on while it imports, and with
-    gc.freeze also made a no-op (the code before both), interleaved. Medians of the process's wall time,
-    its summary line's fixed cost, and its exit (the process's wall time after the summary line)."""
-    print("\n| stage | collector | process s | fixed s | exit s |\n|---|---|---:|---:|---:|")
+    garbage collector while the stage's imports run, freezes what they made, and ends the process
+    without the interpreter's teardown), against the same stage with Python's own exit (an atexit
+    handler registered before the stage's package, as a site hook would), and also with the collector
+    on while it imports (through runpy, not a `-m` program), interleaved. Medians of the process's wall
+    time, its summary line's fixed cost, and its exit (the process's wall time after the summary line)."""
+    print("\n| stage | collector, exit | process s | fixed s | exit s |\n|---|---|---:|---:|---:|")
     for stage, model in (("pretrain", "serial"), ("evaluate", "serial")):
-        runpy = f"import sys, runpy; sys.argv = ['{stage}', '{model}']; runpy.run_module('tasks.{stage}', run_name='__main__')"
-        ways = {"paused while importing, frozen (`python -m`)": ["-m", f"tasks.{stage}", model],
-                "on while importing, frozen at exit": ["-c", runpy],
-                "on while importing, never frozen": ["-c", "import gc; gc.freeze = lambda: None; " + runpy]}
+        run = f"runpy.run_module('tasks.{stage}', run_name='__main__', alter_sys=True)"
+        ways = {"paused while importing, no teardown (`python -m`)": ["-m", f"tasks.{stage}", model],
+                "paused while importing, Python's exit": [
+                    "-c", f"import atexit, runpy, sys; atexit.register(lambda: None); sys.argv = ['-m', '{model}']; {run}"],
+                "on while importing, Python's exit": ["-c", f"import runpy, sys; sys.argv = ['{stage}', '{model}']; {run}"]}
         seconds = {how: [] for how in ways}
         for _ in range(rounds):
             for how, cmd in ways.items():
@@ -114,7 +117,6 @@ def collector(project: Path, rounds: int) -> None:
         for how, rows in seconds.items():
             whole, fixed, exit_s = (statistics.median(col) for col in zip(*rows))
             print(f"| {stage}@{model} | {how} | {whole:.2f} | {fixed:.2f} | {exit_s:.2f} |", flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -13,20 +13,27 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(body: str) -> subprocess.CompletedProcess:
-    """`cli(main)` in a fresh interpreter (`python -c`: not a program), `main` defined by `body`."""
-    code = f"from components.errors import ParamsError, cli\n{body}\ncli(main)\n"
+    """`cli(main)` in a fresh interpreter (`python -c`: not a program, so Python's own exit), `main` defined
+    by `body`; an atexit handler registered before cli's (so it runs after it) prints the collector's
+    frozen-object count."""
+    code = ("import atexit, gc\n"
+            "from components.errors import ParamsError, cli\n"
+            "atexit.register(lambda: print('frozen', gc.get_freeze_count()))\n"
+            f"{body}\ncli(main)\n")
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("returns, status", [("None", 0), ("0", 0), ("3", 3)])
-def test_exit_status_is_mains_return_value(returns, status):
+def test_exit_status_is_mains_return_value_and_the_collector_is_frozen_for_pythons_exit(returns, status):
     r = run_cli(f"def main(argv):\n    print('argv', argv)\n    return {returns}")
-    assert (r.returncode, r.stdout, r.stderr) == (status, "argv []\n", "")
+    assert (r.returncode, r.stderr) == (status, "")
+    argv, frozen = r.stdout.splitlines()
+    assert argv == "argv []" and frozen.startswith("frozen ") and int(frozen.split()[1]) > 0
 
 
 def test_a_user_error_is_one_line_and_exit_status_2():
     r = run_cli("def main(argv):\n    raise ParamsError('train.lr: must be > 0; set a positive learning rate')")
-    assert (r.returncode, r.stdout) == (2, "")
+    assert r.returncode == 2 and r.stdout.startswith("frozen ")
     assert r.stderr == "error: train.lr: must be > 0; set a positive learning rate\n"
 
 
