@@ -118,5 +118,6 @@ def collector(project: Path, rounds: int) -> None:
             whole, fixed, exit_s = (statistics.median(col) for col in zip(*rows))
             print(f"| {stage}@{model} | {how} | {whole:.2f} | {fixed:.2f} | {exit_s:.2f} |", flush=True)
 
+
 if __name__ == "__main__":
     main()
