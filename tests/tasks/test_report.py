@@ -296,7 +296,7 @@ def test_lm_eval_claims_need_seeds_and_a_direction(tmp_path):
     assert "report.claims.0.higher_is_better: required for an lm-eval metric" in msg
     msg = problems(tmp_path, claim(metric="lm_eval.arc.acc", higher_is_better=True), study=one_seed)
     assert "report.claims.0.metric: lm_eval.arc.acc has no per-window scores" in msg and "has one seed" in msg
-    (tmp_path / "params.yaml").write_text(f"study: {{seed: 1337, replicas: [2]}}\nevaluate: {{tasks: [arc]}}\n"
+    (tmp_path / "params.yaml").write_text("study: {seed: 1337, replicas: [2]}\nevaluate: {tasks: [arc]}\n"
                                           "pretrain:\n  variants:\n    serial: {}\n    parallel: {block: parallel}\n"
                                           "report:\n  claims:\n" + claim(metric="lm_eval.arc.acc", higher_is_better=True))
     assert load_study(tmp_path / "params.yaml").report.claims[0].higher_is_better is True
