@@ -64,8 +64,13 @@ def collector_paused():
     try:
         yield
     finally:
-        gc.freeze()
-        gc.enable()
+        _resume_collector()
+
+
+def _resume_collector() -> None:
+    """Freeze what was made while the collector was off (it never walks that again), and turn it on."""
+    gc.freeze()
+    gc.enable()
 
 
 class ParamsError(ValueError):
@@ -79,9 +84,8 @@ def cli(main) -> None:
     # Where the teardown does come (a program outside tasks/ and flows/, as components.harness; a traceback),
     # the collector's last pass over every object torch and MLflow made is left out: 1-2 s (2 cores).
     atexit.register(gc.freeze)
-    if _program and not gc.isenabled():   # paused while the program imported: freeze what that made
-        gc.freeze()
-        gc.enable()
+    if _program and not gc.isenabled():   # paused while the program imported
+        _resume_collector()
     try:
         status = main(sys.argv[1:]) or 0
     except ParamsError as e:
