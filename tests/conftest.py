@@ -52,3 +52,27 @@ LONGEST_FIRST = ("tests/test_pipeline.py",          # 675
 def pytest_collection_modifyitems(config, items):
     rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))   # stable: the rest keep their order
+
+
+# The fault ledger (tests/faults/conftest.py): test id -> [faults injected, passed]. Reports reach this
+# hook in the process that prints the summary, from pytest-xdist's workers too; a test's teardown report
+# carries every fault its setup and call injected.
+FAULTS: dict[str, list] = {}
+
+
+def pytest_runtest_logreport(report):
+    injected = sum(key == "fault" for key, _ in report.user_properties)
+    if injected:
+        entry = FAULTS.setdefault(report.nodeid, [0, False])
+        entry[0] = max(entry[0], injected)
+        entry[1] = entry[1] or (report.when == "call" and report.passed)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not FAULTS:
+        return
+    injected = sum(n for n, _ in FAULTS.values())
+    survived = sum(n for n, passed in FAULTS.values() if passed)
+    terminalreporter.write_line(
+        f"faults: {injected} injected in {len(FAULTS)} tests, {survived} survived with nothing lost"
+        + ("" if survived == injected else f", {injected - survived} NOT survived (see the failures above)"))
