@@ -160,36 +160,6 @@ def test_second_repro_is_a_no_op(repo, built):
 
 
 @pytest.mark.slow
-def test_a_seed_added_trains_only_its_models_and_dropped_deletes_nothing(repo, built):
-    """A seed of looped: validate lists its models, then only they (and the report) run. (The claims'
-    models keep their seeds: a claim needs the same seeds on both sides.) serial-s2 is trained from
-    another init on other batches than serial."""
-    params = (repo / "params.yaml").read_text()
-    assert MODELS["serial-s2"]["seed"] == 2 and sha(repo / "models/serial-s2/model.safetensors") != \
-        sha(repo / "models/serial/model.safetensors")
-    try:
-        (repo / "params.yaml").write_text(params.replace("    serial-int8: [2]\n", "    serial-int8: [2]\n    looped: [3]\n"))
-        sh(repo, "python", "-m", "tasks.validate")                       # what make repro does first
-        ran = re.findall(r"Running stage '([^']+)'", sh(repo, "dvc", "repro").stdout)
-        assert sorted(ran) == ["corpus", "evaluate-replica@looped-s3", "pretrain-replica@looped-s3", "report",
-                               "validate"]
-        assert json.loads((repo / "models/looped-s3/meta.json").read_text())["seed"] == 3
-    finally:
-        (repo / "params.yaml").write_text(params)
-    sh(repo, "python", "-m", "tasks.validate")
-    ran = re.findall(r"Running stage '([^']+)'", sh(repo, "dvc", "repro").stdout)
-    assert sorted(ran) == ["corpus", "report", "validate"]               # the models of the other seeds stay
-    assert (repo / "models/looped-s3/model.safetensors").exists()         # DVC deletes no output of a dropped stage
-    assert "looped-s3" not in pd.read_csv(repo / "reports/summary.csv")["model"].tolist()
-    # leave the study as the later tests expect it: without the dropped seed's files (the report depends on
-    # the whole models/ and metrics/ directories, which a clone would not have them in)
-    shutil.rmtree(repo / "models/looped-s3")
-    for f in ("metrics/looped-s3.json", "metrics/windows/looped-s3.csv", "metrics/train/looped-s3.json"):
-        (repo / f).unlink()
-    assert re.findall(r"Running stage '([^']+)'", sh(repo, "dvc", "repro").stdout) == ["corpus", "report"]
-
-
-@pytest.mark.slow
 def test_bad_params_stop_repro_before_any_compute(repo, built):
     params = (repo / "params.yaml").read_text()
     before = {p: p.stat().st_mtime_ns for p in (repo / "models").rglob("*")}
@@ -327,3 +297,29 @@ def test_forced_repro_is_byte_identical(repo, built):
     assert hashes == {n: locked[stage_of(n), m["dir"]] for n, m in MODELS.items()}
     assert quality == {k: json.loads((repo / "metrics" / f"{first}.json").read_text())[k] for k in QUALITY}
     assert windows == locked[evaluate_stage(first), f"metrics/windows/{first}.csv"]
+
+
+@pytest.mark.slow
+def test_a_seed_added_trains_only_its_models_and_dropped_deletes_nothing(repo, built):
+    """A seed of looped: validate lists its models, then only they (and the report) run. (The claims'
+    models keep their seeds: a claim needs the same seeds on both sides.) serial-s2 is trained from
+    another init on other batches than serial. Last in this file: it leaves the dropped seed's files,
+    which no stage makes any more (a clone pulling the study would lack them, and the report depends on
+    the whole models/ and metrics/ directories: the clone test runs before it)."""
+    params = (repo / "params.yaml").read_text()
+    assert MODELS["serial-s2"]["seed"] == 2 and sha(repo / "models/serial-s2/model.safetensors") != \
+        sha(repo / "models/serial/model.safetensors")
+    try:
+        (repo / "params.yaml").write_text(params.replace("    serial-int8: [2]\n", "    serial-int8: [2]\n    looped: [3]\n"))
+        sh(repo, "python", "-m", "tasks.validate")                       # what make repro does first
+        ran = re.findall(r"Running stage '([^']+)'", sh(repo, "dvc", "repro").stdout)
+        assert sorted(ran) == ["corpus", "evaluate-replica@looped-s3", "pretrain-replica@looped-s3", "report",
+                               "validate"]
+        assert json.loads((repo / "models/looped-s3/meta.json").read_text())["seed"] == 3
+    finally:
+        (repo / "params.yaml").write_text(params)
+    sh(repo, "python", "-m", "tasks.validate")
+    ran = re.findall(r"Running stage '([^']+)'", sh(repo, "dvc", "repro").stdout)
+    assert sorted(ran) == ["corpus", "report", "validate"]               # the models of the other seeds stay
+    assert (repo / "models/looped-s3/model.safetensors").exists()         # DVC deletes no output of a dropped stage
+    assert "looped-s3" not in pd.read_csv(repo / "reports/summary.csv")["model"].tolist()
