@@ -4,6 +4,10 @@ from a bare git repository (the "git server"), pull inputs from a directory DVC 
 outputs there and track into a real `mlflow server` on loopback. The flow ends with the weights
 and metrics `dvc repro` gives, and a fresh clone that `dvc pull`s reproduces as a no-op.
 
+First, on each cluster (tests/flows/clusters.py), a Prefect task runs in a worker of its own whose
+cwd is that worker's empty directory (not the flow's), and a task asking for a GPU runs on the one
+worker that has one. (One cluster of each kind serves both checks: each costs ~10 s to start and stop.)
+
     .venv/bin/python -m pytest tests/flows/test_cluster.py -q        # a few minutes on 2 cores; CI runs it
 """
 import json
@@ -13,10 +17,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dask
 import pytest
+from prefect import flow, task
+from prefect_dask import DaskTaskRunner
+from prefect_ray import RayTaskRunner
+from prefect_ray.context import remote_options
 from ruamel.yaml import YAML
 
-from tests.flows.clusters import dask_cluster, ray_cluster
+from tests.flows.clusters import dask_cluster, ray_cluster, reachable
 from tests.flows.test_e2e import api, task_runs  # noqa: F401  (api: a real `prefect server`)
 from tests.test_mlflow_server import server  # noqa: F401  (a real `mlflow server`)
 from tests.test_pipeline import QUALITY, ROOT, make_repo, sh, sha
@@ -60,14 +69,56 @@ def lock(repo: Path) -> dict:
     return YAML(typ="safe").load((repo / "dvc.lock").read_text())["stages"]
 
 
+@task
+def where() -> dict:
+    # Only importable globals here: Prefect's task function is pickled by value, the modules it uses by reference.
+    import os
+    return {"pid": os.getpid(), "cwd": os.getcwd(), "files": sorted(os.listdir())}
+
+
+def on_dask(address: str) -> list[dict]:
+    @flow(task_runner=DaskTaskRunner(address=address))
+    def where_on_dask():
+        with dask.annotate(resources={"GPU": 1}):
+            gpu = where.submit()
+        return [gpu.result(), where.submit().result()]
+    return where_on_dask()
+
+
+def on_ray(address: str) -> list[dict]:
+    @flow(task_runner=RayTaskRunner(address=address, init_kwargs={"log_to_driver": False}))
+    def where_on_ray():
+        with remote_options(num_gpus=1):
+            gpu = where.submit()
+        return [gpu.result(), where.submit().result()]
+    return where_on_ray()
+
+
+def check_routing(runs: list[dict], cluster: Path) -> None:
+    """The GPU task ran on the second worker (the one with a GPU), the other on either; both in the
+    worker's own empty directory, neither in this process."""
+    gpu, plain = runs
+    assert gpu["cwd"] == str(cluster / "worker1"), gpu
+    assert plain["cwd"] in {str(cluster / "worker0"), str(cluster / "worker1")}, plain
+    assert gpu["files"] == [] and plain["files"] == []
+    assert os.getpid() not in {gpu["pid"], plain["pid"]}
+
+
 @pytest.mark.slow
 def test_the_smoke_study_on_dask_and_ray_workers_that_cannot_see_the_project(project, api, server, tmp_path,  # noqa: F811
                                                                                monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server)          # the stages `dvc repro` runs here track there too
-    with dask_cluster(tmp_path / "dask", workers=2, resources=[{"CPU": 1}] * 2) as address:
+    # each training stage asks for a CPU (params.yaml's resources); the second worker / node also has a GPU
+    with dask_cluster(tmp_path / "dask", workers=2, resources=[{"CPU": 1}, {"CPU": 1, "GPU": 1}]) as address:
+        assert reachable(address)
+        check_routing(on_dask(address), tmp_path / "dask")
         out = run_flow(project, api, server, "dask", address, DASK_TARGETS)
-    with ray_cluster(tmp_path / "ray") as address:
+    assert not reachable(address, timeout=0.5)                # the cluster is gone with its processes
+    with ray_cluster(tmp_path / "ray", nodes=2, gpus=[0, 1]) as address:
+        assert reachable(address)
+        check_routing(on_ray(address), tmp_path / "ray")
         out += run_flow(project, api, server, "ray", address, RAY_TARGETS)
+    assert not reachable(address, timeout=0.5)
     # every stage ran in a working copy of its own, none in the project
     done = [line for line in out.splitlines() if re.search(r"@?\w+: (ran|restored) \(", line)]
     assert len(done) >= 6 and all("archflow-work/" in line and str(project) not in line for line in done), out[-3000:]
