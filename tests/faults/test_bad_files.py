@@ -6,7 +6,7 @@ The first damage runs the stage as DVC does, a process of its own (its exit code
 others call its main in this process (the same ParamsError that `cli` prints; ~5 s of start-up less
 each). The checkpoint cases train, so they keep a process of their own (its thread count, its bytes).
 
-    .venv/bin/python -m pytest tests/faults/test_bad_files.py -q        # about a minute and a half
+    .venv/bin/python -m pytest tests/faults/test_bad_files.py -q        # about a minute
 """
 import hashlib
 import os
