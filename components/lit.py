@@ -18,10 +18,15 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from components.lean_torchmetrics import import_torchmetrics
+
+import_torchmetrics()   # before Lightning does: without the backends of metrics archflow never computes
+
 import lightning.pytorch as L
 import numpy as np
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from lightning.pytorch import seed_everything  # noqa: F401  (the training stages seed through here)
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 

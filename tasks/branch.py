@@ -16,8 +16,6 @@ import argparse
 import shutil
 from pathlib import Path
 
-import lightning.pytorch as L
-
 from components import tracking
 from components.artifacts import PREPARED, dumps, load_input, prepared_meta, save_model_dir, short_hash
 from components.data import load_tokens
@@ -25,7 +23,7 @@ from components.device import global_rank0
 from components.errors import cli, stage_clock
 from components.files import write_atomic
 from components.flops import flops_meta, inherited_flops
-from components.lit import LitLM, LMDataModule, TrainingCurve, fit
+from components.lit import LitLM, LMDataModule, TrainingCurve, fit, seed_everything
 from components.params import load_study
 
 
@@ -46,7 +44,7 @@ def main(argv: list[str]) -> None:
 
     # 1. The parent's copy, the domain's batches (by (data_seed, step)) and the curve on its val split,
     #    from step 0: the parent's loss on this domain.
-    L.seed_everything(seed, verbose=False)
+    seed_everything(seed, verbose=False)
     lit = LitLM(cfg, train, params_hash, model=model.train())
     data = LMDataModule(PREPARED, cfg.block_size, train.batch_size, data_seed, split=f"domains/{entry.domain}/train")
     curve = TrainingCurve(load_tokens(PREPARED, f"domains/{entry.domain}/val"), cfg.block_size, train.batch_size,

@@ -86,10 +86,9 @@ def main(argv: list[str]) -> None:
     # Lightning only where the stage trains (its import is most of a stage's start-up): int8 and
     # max_steps 0 compute, evaluate and write without it
     if train.max_steps:
-        import lightning.pytorch as L
         from components.distill import LitDistill
-        from components.lit import LitLM, LMDataModule, TrainingCurve, fit
-        L.seed_everything(seed, verbose=False)
+        from components.lit import LitLM, LMDataModule, TrainingCurve, fit, seed_everything
+        seed_everything(seed, verbose=False)
 
     # 1. The transform (deterministic, no global RNG: every DDP rank computes the same model). A method
     #    that recovers (even max_steps 0) has a curve, from step 0: the compressed model; int8 never

@@ -16,8 +16,6 @@ import argparse
 import shutil
 from pathlib import Path
 
-import lightning.pytorch as L
-
 from components import tracking
 from components.artifacts import PREPARED, dumps, load_input, prepared_meta, save_model_dir, short_hash
 from components.data import load_tokens
@@ -26,7 +24,7 @@ from components.device import global_rank0
 from components.errors import ParamsError, cli, stage_clock
 from components.files import write_atomic
 from components.flops import flops_meta, inherited_flops
-from components.lit import LMDataModule, TrainingCurve, fit
+from components.lit import LMDataModule, TrainingCurve, fit, seed_everything
 from components.model import TransformerLM
 from components.params import load_study, teacher_init_problems
 
@@ -52,7 +50,7 @@ def main(argv: list[str]) -> None:
 
     # 1. Student, data and the curve: all determined by (seed, step). The curve starts at step 0 (the
     #    student as initialised) when the student starts from its teacher's layers or trains no steps.
-    L.seed_everything(seed, verbose=False)
+    seed_everything(seed, verbose=False)
     student = TransformerLM(cfg)
     if entry.init == "teacher-every-other":
         init_from_teacher(student, teacher)

@@ -15,8 +15,6 @@ import argparse
 import shutil
 from pathlib import Path
 
-import lightning.pytorch as L
-
 from components import tracking
 from components.artifacts import PREPARED, dumps, prepared_meta, save_model_dir, short_hash
 from components.data import load_tokens
@@ -24,7 +22,7 @@ from components.device import global_rank0
 from components.errors import cli, stage_clock
 from components.files import write_atomic
 from components.flops import flops_meta
-from components.lit import LitLM, LMDataModule, TrainingCurve, check_launcher, fit
+from components.lit import LitLM, LMDataModule, TrainingCurve, check_launcher, fit, seed_everything
 from components.params import load_study
 
 
@@ -43,7 +41,7 @@ def main(argv: list[str]) -> None:
 
     # 1. Model, data and the curve: all determined by (seed, step). A new model's curve starts at
     #    step eval_every (its step-0 loss is that of a random init).
-    L.seed_everything(seed, verbose=False)
+    seed_everything(seed, verbose=False)
     lit = LitLM(cfg, train, params_hash)
     data = LMDataModule(PREPARED, cfg.block_size, train.batch_size, seed)
     curve = TrainingCurve(load_tokens(PREPARED, "val"), cfg.block_size, train.batch_size,

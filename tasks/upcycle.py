@@ -19,8 +19,6 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-import lightning.pytorch as L
-
 from components import tracking
 from components.artifacts import (PREPARED, dumps, input_problems, load_model_dir, prepared_meta, read_json,
                                   save_model_dir, short_hash)
@@ -29,7 +27,7 @@ from components.device import global_rank0
 from components.errors import ParamsError, cli, stage_clock
 from components.files import write_atomic
 from components.flops import flops_meta, inherited_flops
-from components.lit import LitLM, LMDataModule, TrainingCurve, fit
+from components.lit import LitLM, LMDataModule, TrainingCurve, fit, seed_everything
 from components.model import TransformerLM
 from components.params import Bam, Btx, Continue, Sparse, StageTrainParams, load_study, upcycle_parent_problems
 from components.upcycle import upcycle_state_dict
@@ -57,7 +55,7 @@ def main(argv: list[str]) -> None:
                               "seed": seed, "data_seed": data_seed, "data": data_meta["sha256"]})
 
     # 1. The transformed model, the mixed data's batches and the curve, from step 0: the transform's loss.
-    L.seed_everything(seed, verbose=False)
+    seed_everything(seed, verbose=False)
     lit = LitLM(cfg, train, params_hash, model=model.train())
     data = LMDataModule(PREPARED, cfg.block_size, train.batch_size, data_seed)
     curve = TrainingCurve(load_tokens(PREPARED, "val"), cfg.block_size, train.batch_size,

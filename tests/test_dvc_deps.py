@@ -13,9 +13,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("components", "tasks")
-# MLflow mirroring: it writes no DVC output, so editing it must not rerun the study (nor is what
-# it imports followed).
-NOT_DEPS = {Path("components/tracking.py")}
+# MLflow mirroring writes no DVC output, and lean_torchmetrics decides only what torchmetrics loads
+# at start-up: editing either must not rerun the study (nor is what they import followed).
+NOT_DEPS = {Path("components/tracking.py"), Path("components/lean_torchmetrics.py")}
 
 
 def imported_modules(path: Path) -> set[Path]:

@@ -1,7 +1,8 @@
 """The modules of components/ import each other without a cycle (a cycle forces imports inside
 functions and makes the order modules load in matter). Reads the import statements with ast,
 those inside functions included; imports nothing. And the stages that do not train import no
-Lightning and no MLflow (checked in a subprocess).
+Lightning and no MLflow, and the ones that train load torchmetrics without the backends of metrics
+archflow never computes (checked in subprocesses).
 
     .venv/bin/python -m pytest tests/components/test_imports.py -q
 """
@@ -75,7 +76,7 @@ HEAVY = ("lightning", "mlflow", "transformers", "torch._dynamo")   # seconds of 
 
 def test_stages_that_do_not_train_import_no_lightning_and_no_mlflow():
     """A stage pays only for what it uses: Lightning is the training stages' (and with it
-    torchmetrics, transformers and torch._dynamo), and MLflow is imported when a run is opened.
+    torchmetrics and torch._dynamo), and MLflow is imported when a run is opened.
     compress imports Lightning only when its method trains (max_steps > 0), inside main()."""
     stages = ["evaluate", "report", "prepare", "validate", "corpus", "export", "hf_import", "compress"]
     code = ("import importlib, sys\n"
@@ -84,3 +85,20 @@ def test_stages_that_do_not_train_import_no_lightning_and_no_mlflow():
             f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "", f"importing the stages {stages} imported {r.stdout.strip()}"
+
+
+def test_training_stages_load_torchmetrics_without_scipy_signal_or_transformers():
+    """torchmetrics, which Lightning imports, would import scipy.signal and transformers (both installed
+    here: MLflow brings scipy, the dev extras transformers) for metrics archflow never computes;
+    components/lean_torchmetrics.py has it load without them, and leaves lightning_utilities' checks
+    as they were, so a Hugging Face import in the same process still finds transformers."""
+    code = ("import importlib.util, sys\n"
+            "import tasks.pretrain, torchmetrics\n"
+            "print(','.join(m for m in ('scipy.signal', 'transformers', 'sklearn') if m in sys.modules))\n"
+            "from lightning_utilities.core.imports import RequirementCache, package_available\n"
+            "assert torchmetrics.Metric and package_available('scipy') and bool(RequirementCache('scipy'))\n"
+            "assert bool(RequirementCache('transformers>=4.4.0')) == bool(importlib.util.find_spec('transformers'))\n"
+            "import transformers; print(transformers.AutoConfig.__name__)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split("\n")[:2] == ["", "AutoConfig"], r.stdout
