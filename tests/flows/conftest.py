@@ -48,10 +48,19 @@ PARAMS = "pretrain:\n  variants:\n    tiny: {}\n"     # the smallest valid study
 
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server():
-    """One temporary Prefect server (sqlite in a temp dir) for every flow test of the run."""
+    """One temporary Prefect server (sqlite in a temp dir) for every flow test of the run: Prefect's
+    API served by uvicorn in a process of its own, as `prefect server start` serves it."""
     from prefect.testing.utilities import prefect_test_harness   # here: its import is ~2.5 s (the server's API)
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture
+def api(prefect_server) -> str:
+    """That server's API URL, for flows run as commands (PREFECT_API_URL). (A server of their own
+    would cost ~10 s to start; tests/faults/test_prefect_faults.py starts `prefect server start` itself.)"""
+    from prefect.settings import PREFECT_API_URL
+    return PREFECT_API_URL.value()
 
 
 @pytest.fixture(scope="session")

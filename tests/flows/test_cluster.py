@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import dask
@@ -26,7 +27,7 @@ from prefect_ray.context import remote_options
 from ruamel.yaml import YAML
 
 from tests.flows.clusters import dask_cluster, ray_cluster, reachable
-from tests.flows.test_e2e import api, task_runs  # noqa: F401  (api: a real `prefect server`)
+from tests.flows.test_e2e import task_runs
 from tests.test_mlflow_server import server  # noqa: F401  (a real `mlflow server`)
 from tests.test_pipeline import QUALITY, ROOT, make_repo, sh, sha
 
@@ -108,6 +109,7 @@ def check_routing(runs: list[dict], cluster: Path) -> None:
 def test_the_smoke_study_on_dask_and_ray_workers_that_cannot_see_the_project(project, api, server, tmp_path,  # noqa: F811
                                                                                monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server)          # the stages `dvc repro` runs here track there too
+    since = datetime.now(timezone.utc).isoformat()
     # each training stage asks for a CPU (params.yaml's resources); the second worker / node also has a GPU
     with dask_cluster(tmp_path / "dask", workers=2, resources=[{"CPU": 1}, {"CPU": 1, "GPU": 1}]) as address:
         assert reachable(address)
@@ -122,7 +124,7 @@ def test_the_smoke_study_on_dask_and_ray_workers_that_cannot_see_the_project(pro
     # every stage ran in a working copy of its own, none in the project
     done = [line for line in out.splitlines() if re.search(r"@?\w+: (ran|restored) \(", line)]
     assert len(done) >= 6 and all("archflow-work/" in line and str(project) not in line for line in done), out[-3000:]
-    assert {t["name"] for runs in task_runs(api) for t in runs} >= {"pretrain@serial", "pretrain@parallel"}
+    assert {t["name"] for runs in task_runs(api, since) for t in runs} >= {"pretrain@serial", "pretrain@parallel"}
 
     # what the workers built is here, as after `dvc repro`: outputs, uncached metrics, dvc.lock
     stages = lock(project)
