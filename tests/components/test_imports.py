@@ -71,6 +71,13 @@ def test_components_import_graph_has_no_cycle():
     assert cycle is None, "components/ imports in a circle: " + " -> ".join(cycle)
 
 
+def imported_names(path: Path) -> list[str]:
+    """Every module name the file imports (`import a.b`, `from a.b import c`), anywhere in it."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return ([a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names]
+            + [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module])
+
+
 HEAVY = ("lightning", "mlflow", "transformers", "torch._dynamo")   # seconds of start-up each
 
 
@@ -91,7 +98,12 @@ def test_training_stages_load_torchmetrics_without_scipy_signal_or_transformers(
     """torchmetrics, which Lightning imports, would import scipy.signal and transformers (both installed
     here: MLflow brings scipy, the dev extras transformers) for metrics archflow never computes;
     components/lean_torchmetrics.py has it load without them, and leaves lightning_utilities' checks
-    as they were, so a Hugging Face import in the same process still finds transformers."""
+    as they were, so a Hugging Face import in the same process still finds transformers. That holds
+    for every training stage as long as none imports Lightning before components/lit.py does: the
+    stages take it only through components.lit (read from their source)."""
+    direct = [f"{path.name}: {name}" for path in sorted((PACKAGE.parent / "tasks").glob("*.py"))
+              for name in imported_names(path) if name.split(".")[0] in ("lightning", "torchmetrics")]
+    assert direct == [], f"import Lightning through components.lit instead: {direct}"
     code = ("import importlib.util, sys\n"
             "import tasks.pretrain, torchmetrics\n"
             "print(','.join(m for m in ('scipy.signal', 'transformers', 'sklearn') if m in sys.modules))\n"
